@@ -1,0 +1,79 @@
+"""Developer and CI tasks for trio-runner.
+
+Sessions (``nox -l`` lists them; ``nox`` alone runs the first four):
+
+- ``tests``: the pytest suite, with the package installed editable plus ``[test]``.
+- ``lint``: ``ruff check`` and ``ruff format --check`` over the source trees that exist.
+- ``typing``: ``pyright`` in strict mode on ``trio_runner`` (configured in pyproject.toml).
+- ``docs``: ``mkdocs build --strict`` into ``build/site``.
+- ``demo``: the ``trio-runner demo`` command, end to end.
+- ``bench``: the timing benchmarks in ``benchmarks/run.py``; timing claims live
+  here, never in the test suite.
+
+Extra arguments after ``--`` go to pytest, the demo command or the benchmark
+runner, e.g. ``nox -s tests -- -k restart -x``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import nox
+
+nox.options.default_venv_backend = "venv"
+nox.options.reuse_existing_virtualenvs = True
+nox.options.sessions = ["tests", "lint", "typing", "docs"]
+
+# Directories that may not exist yet are skipped rather than failing ruff.
+LINT_PATHS = ["trio_runner", "tests", "benchmarks", "noxfile.py", "docs"]
+
+
+def _existing(paths: list[str]) -> list[str]:
+    return [path for path in paths if os.path.exists(path)]
+
+
+@nox.session
+def tests(session: nox.Session) -> None:
+    """Run the test suite."""
+    session.install("-e", ".[test]")
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """Check style and formatting with ruff."""
+    session.install("ruff")
+    paths = _existing(LINT_PATHS)
+    session.run("ruff", "check", *paths)
+    session.run("ruff", "format", "--check", *paths)
+
+
+@nox.session
+def typing(session: nox.Session) -> None:
+    """Type-check the package with pyright (strict)."""
+    session.install("-e", ".[test]", "pyright")
+    session.run("pyright", *session.posargs)
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation, failing on any warning."""
+    session.install("-e", ".[docs]")
+    session.run("mkdocs", "build", "--strict", "--site-dir", "build/site")
+
+
+@nox.session
+def demo(session: nox.Session) -> None:
+    """Run the ``trio-runner demo`` command."""
+    session.install("-e", ".")
+    session.run("trio-runner", "demo", *session.posargs)
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """Run the timing benchmarks."""
+    script = os.path.join("benchmarks", "run.py")
+    if not os.path.exists(script):
+        session.skip(f"{script} does not exist yet")
+    session.install("-e", ".[test]")
+    session.run("python", script, *session.posargs)

@@ -1,0 +1,84 @@
+"""Runners used by the tests. They live in a module so the child can import them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from typing import Any
+
+from trio_runner import Runner, TaskContext
+
+
+class EchoRunner(Runner[Any, Any, Any]):
+    """A small runner driven by the request: ``(command, *args)``."""
+
+    def __init__(self, setup_delay: float = 0.0, fail_setup: bool = False) -> None:
+        self.setup_delay = setup_delay
+        self.fail_setup = fail_setup
+
+    def setup(self) -> None:
+        if self.setup_delay:
+            time.sleep(self.setup_delay)
+        if self.fail_setup:
+            raise RuntimeError("setup failed on purpose")
+
+    def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
+        command, *args = request
+        if command == "echo":
+            return args[0]
+        if command == "pid":
+            return os.getpid()
+        if command == "count":
+            (n,) = args
+            for i in range(n):
+                ctx.emit(i)
+            return n
+        if command == "raise":
+            raise ValueError(args[0])
+        if command == "sleep":
+            time.sleep(args[0])
+            return "slept"
+        if command == "spin_until_cancelled":
+            emitted = 0
+            while True:
+                ctx.raise_if_cancelled()
+                if args and emitted < args[0]:
+                    ctx.emit(emitted)
+                    emitted += 1
+                time.sleep(0.0005)
+        if command == "signal":
+            # Emit first, so the parent has seen the task start streaming.
+            ctx.emit("about to die")
+            time.sleep(0.05)
+            os.kill(os.getpid(), args[0])
+            time.sleep(10)
+        if command == "exit":
+            ctx.emit("about to exit")
+            time.sleep(0.05)
+            os._exit(args[0])
+        if command == "result_then_die":
+            # Hand the result over, then die before the parent has read it.
+            return "last words"
+        if command == "stall_reader":
+            ctx._child.reader_stalled.set()  # pyright: ignore[reportPrivateUsage]
+            return "stalled"
+        if command == "stop_heartbeat":
+            ctx._child.heartbeat_paused = True  # pyright: ignore[reportPrivateUsage]
+            return "quiet"
+        if command == "ignore_sigterm_and_hang":
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            return "ignoring"
+        if command == "hang":
+            while True:
+                time.sleep(0.01)
+        if command == "grandchild":
+            proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+            return proc.pid
+        if command == "print":
+            print(args[0], flush=True)
+            print(args[1], file=sys.stderr, flush=True)
+            return None
+        raise ValueError(f"unknown command {command!r}")

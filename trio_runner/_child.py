@@ -1,0 +1,357 @@
+"""The child process: its main loop, reader and writer threads, and orphan guard.
+
+No trio and nothing heavy is imported here; every spawn pays for each import.
+
+Three threads share the work, so that a ``handle()`` stuck in native code can
+neither delay a cancel nor hide the parent's death:
+
+- the **main thread** runs ``setup``, then one task at a time, then ``teardown``;
+- the **reader thread** reads the control socket. A cancel sets the task's flag
+  the instant its frame arrives. End-of-file without a Shutdown message means
+  the parent is gone (even SIGKILLed): it kills the whole process group and
+  calls ``os._exit``;
+- the **writer thread** batches outgoing messages into frames and sends a
+  heartbeat whenever it has been idle for an interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import multiprocessing.reduction
+import os
+import pickle
+import queue
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from typing import Any
+
+from . import _protocol as proto
+from ._errors import TaskCancelled
+from ._runner import Runner, TaskContext
+
+
+def _format_exception(exc: BaseException) -> tuple[str, str, str]:
+    kind = type(exc)
+    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+    return name, str(exc), "".join(traceback.format_exception(exc))
+
+
+class Child:
+    """State shared by the child's three threads."""
+
+    def __init__(self, sock: socket.socket, max_frame: int, heartbeat_interval: float) -> None:
+        self.sock = sock
+        self.max_frame = max_frame
+        self.heartbeat_interval = heartbeat_interval
+        self.lock = threading.Lock()
+        self.credit_available = threading.Condition(self.lock)
+        self.outbox: list[Any] = []
+        self.wake = threading.Event()
+        self.wake_pending = False
+        self.closing = False
+        self.tasks: queue.SimpleQueue[TaskContext[Any] | None] = queue.SimpleQueue()
+        self.contexts: dict[int, TaskContext[Any]] = {}
+        self.shutdown_requested = False
+        self.requests: dict[int, bytes] = {}
+        # Fault hooks for trio_runner.testing: stop beating, or stop reading.
+        self.heartbeat_paused = False
+        self.reader_stalled = threading.Event()
+        self.writer = threading.Thread(target=self._write_loop, name="trio-runner-writer", daemon=True)
+        self.reader = threading.Thread(target=self._read_loop, name="trio-runner-reader", daemon=True)
+
+    # -- outgoing ---------------------------------------------------------
+
+    def send(self, message: tuple[Any, ...]) -> None:
+        with self.lock:
+            self.outbox.append(message)
+            self._wake_writer()
+
+    def _wake_writer(self) -> None:
+        # Called with the lock held. The writer clears ``wake`` before it resets
+        # ``wake_pending`` (under the lock), so a wake-up is never lost.
+        if not self.wake_pending:
+            self.wake_pending = True
+            self.wake.set()
+
+    def emit(self, ctx: TaskContext[Any], event: Any) -> None:
+        with self.lock:
+            while ctx._credits <= 0:  # pyright: ignore[reportPrivateUsage]
+                if ctx.cancelled:
+                    raise TaskCancelled(f"task {ctx.task_id} was cancelled while its consumer lagged")
+                self.credit_available.wait()
+            if ctx._failed:  # pyright: ignore[reportPrivateUsage]
+                return
+            ctx._credits -= 1  # pyright: ignore[reportPrivateUsage]
+            outbox = self.outbox
+            if outbox:
+                last = outbox[-1]
+                if last[0] == proto.EVENTS and last[1] == ctx.task_id:
+                    last[2].append(event)
+                    return
+            outbox.append((proto.EVENTS, ctx.task_id, [event]))
+            self._wake_writer()
+
+    def _write_loop(self) -> None:
+        last_sent = time.monotonic()
+        while True:
+            self.wake.wait(self.heartbeat_interval)
+            self.wake.clear()
+            with self.lock:
+                self.wake_pending = False
+                batch = self.outbox
+                self.outbox = []
+                closing = self.closing
+            if not batch:
+                if closing:
+                    return
+                if self.heartbeat_paused or time.monotonic() - last_sent < self.heartbeat_interval:
+                    continue
+                batch = [(proto.HEARTBEAT,)]
+            try:
+                self.sock.sendall(self._encode(batch))
+            except OSError:
+                return  # the parent is gone; the reader thread handles that
+            last_sent = time.monotonic()
+
+    def _encode(self, batch: list[Any]) -> bytes:
+        try:
+            frame = proto.encode(batch)
+        except Exception:
+            frame = b"".join(self._encode_one(message) for message in batch)
+        if len(frame) - proto.HEADER.size > self.max_frame:
+            frame = b"".join(self._encode_one(message) for message in batch)
+        return frame
+
+    def _encode_one(self, message: tuple[Any, ...]) -> bytes:
+        """Encode a message on its own; one that cannot be sent fails its task instead."""
+        try:
+            frame = proto.encode([message])
+            if len(frame) - proto.HEADER.size > self.max_frame:
+                raise ValueError(
+                    f"message of {len(frame)} bytes exceeds the maximum frame size of {self.max_frame} bytes"
+                )
+        except Exception as exc:
+            if len(message) < 2 or not isinstance(message[1], int):
+                raise
+            task_id: int = message[1]
+            with self.lock:
+                ctx = self.contexts.get(task_id)
+                if ctx is not None:
+                    ctx._failed = True  # pyright: ignore[reportPrivateUsage]
+                    ctx.cancelled = True
+            name, text, tb = _format_exception(exc)
+            return proto.encode([(proto.ERROR, task_id, name, f"could not send to the parent: {text}", tb)])
+        return frame
+
+    def close_writer(self, timeout: float) -> None:
+        """Flush what is queued, then stop the writer thread."""
+        with self.lock:
+            self.closing = True
+            self._wake_writer()
+        self.writer.join(timeout)
+
+    # -- incoming ---------------------------------------------------------
+
+    def _read_loop(self) -> None:
+        reader = proto.FrameReader(self.max_frame)
+        try:
+            while True:
+                if self.reader_stalled.is_set():
+                    threading.Event().wait()  # a fault injected by a test: never read again
+                data = self.sock.recv(65536)
+                if not data:
+                    break
+                for batch in reader.feed(data):
+                    for message in batch:
+                        self._dispatch(message)
+        except (OSError, proto.FrameError):
+            pass
+        if not self.shutdown_requested:
+            self._orphaned()
+
+    def _dispatch(self, message: tuple[Any, ...]) -> None:
+        tag = message[0]
+        if tag == proto.CANCEL:
+            self._cancel(message[1])
+        elif tag == proto.CREDIT:
+            with self.lock:
+                target = self.contexts.get(message[1])
+                if target is not None:
+                    target._credits += message[2]  # pyright: ignore[reportPrivateUsage]
+                    self.credit_available.notify_all()
+        elif tag == proto.TASK:
+            _, task_id, request, window = message
+            ctx: TaskContext[Any] = TaskContext(self, task_id, window)
+            with self.lock:
+                self.contexts[task_id] = ctx
+                self.requests[task_id] = request
+            self.tasks.put(ctx)
+        elif tag == proto.SHUTDOWN:
+            self.shutdown_requested = True
+            self._cancel(None)
+            self.tasks.put(None)
+
+    def _cancel(self, task_id: int | None) -> None:
+        with self.lock:
+            if task_id is None:
+                targets = list(self.contexts.values())
+            else:
+                ctx = self.contexts.get(task_id)
+                targets = [] if ctx is None else [ctx]
+            for ctx in targets:
+                ctx.cancelled = True
+            self.credit_available.notify_all()
+
+    def _orphaned(self) -> None:
+        """The parent is gone. Take the whole process group down, grandchildren too."""
+        with contextlib.suppress(OSError):
+            os.killpg(os.getpgid(0), signal.SIGKILL)
+        os._exit(1)
+
+    # -- tasks --------------------------------------------------------------
+
+    def run_task(self, runner: Runner[Any, Any, Any], ctx: TaskContext[Any]) -> None:
+        task_id = ctx.task_id
+        with self.lock:
+            request_bytes = self.requests.pop(task_id)
+        outcome: tuple[Any, ...]
+        if ctx.cancelled:
+            outcome = (proto.CANCELLED, task_id)
+        else:
+            self.send((proto.ACK, task_id))
+            try:
+                request = pickle.loads(request_bytes)
+                del request_bytes
+                result = runner.handle(request, ctx)
+            except TaskCancelled:
+                outcome = (proto.CANCELLED, task_id)
+            except Exception as exc:
+                if ctx.cancelled and isinstance(exc, TaskCancelled):
+                    outcome = (proto.CANCELLED, task_id)
+                else:
+                    outcome = (proto.ERROR, task_id, *_format_exception(exc))
+            else:
+                outcome = (proto.RESULT, task_id, result)
+        with self.lock:
+            # Queued after this task's events, under the same lock: the result never
+            # overtakes them.
+            del self.contexts[task_id]
+            self.outbox.append(outcome)
+            self._wake_writer()
+
+
+class InheritedFd:
+    """An fd of the parent's that the child inherits through ``multiprocessing``.
+
+    ``DupFd`` must be created while the process is being spawned (it asks the
+    spawning Popen to pass the fd along), so it is made at pickling time.
+    """
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_detach_fd, (multiprocessing.reduction.DupFd(self.fd),))
+
+
+def _detach_fd(dup: Any) -> int:
+    return dup.detach()
+
+
+def _load_runner(module: str, qualname: str, args_bytes: bytes) -> Runner[Any, Any, Any]:
+    obj: Any = importlib.import_module(module)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    args, kwargs = pickle.loads(args_bytes)
+    if not (isinstance(obj, type) and issubclass(obj, Runner)):
+        raise TypeError(f"{module}.{qualname} is not a subclass of trio_runner.Runner")
+    runner: Runner[Any, Any, Any] = obj(*args, **kwargs)  # pyright: ignore[reportUnknownVariableType]
+    return runner
+
+
+def _redirect_stdio(stdout_fd: int, stderr_fd: int) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        if stream is not None:
+            with contextlib.suppress(Exception):
+                stream.flush()
+    os.dup2(stdout_fd, 1)
+    os.dup2(stderr_fd, 2)
+    os.close(stdout_fd)
+    os.close(stderr_fd)
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(Exception):
+                reconfigure(line_buffering=True)
+
+
+def main(
+    sock: socket.socket,
+    stdout_fd: int,
+    stderr_fd: int,
+    module: str,
+    qualname: str,
+    args_bytes: bytes,
+    config: dict[str, Any],
+) -> None:
+    """The child's entry point, the target of the ``multiprocessing.Process``."""
+    # Our own session: terminal signals reach only the parent, and the
+    # supervisor can signal this whole group, grandchildren included.
+    with contextlib.suppress(OSError):
+        os.setsid()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _redirect_stdio(stdout_fd, stderr_fd)
+    # The default 5 ms switch interval cannot meet "cancelled within a
+    # millisecond" while handle() runs pure Python.
+    sys.setswitchinterval(0.001)
+    sock.setblocking(True)
+
+    child = Child(sock, config["max_frame"], config["heartbeat_interval"])
+    child.writer.start()
+    child.reader.start()
+
+    def die(stage: str, exc: BaseException, code: int) -> None:
+        if isinstance(exc, SystemExit):
+            # sys.exit() in runner code: honour the code, like any Python program.
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if exc.code is not None and not isinstance(exc.code, int):
+                print(exc.code, file=sys.stderr)
+        else:
+            traceback.print_exception(exc)
+            child.send((proto.FATAL, stage, *_format_exception(exc)))
+        child.close_writer(2.0)
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+
+    try:
+        runner = _load_runner(module, qualname, args_bytes)
+    except BaseException as exc:
+        die(proto.STAGE_LOAD, exc, proto.EXIT_LOAD_FAILED)
+        raise  # unreachable; for the type checker
+    child.send((proto.HELLO, os.getpid()))
+    try:
+        runner.setup()
+    except BaseException as exc:
+        die(proto.STAGE_SETUP, exc, 1)
+    child.send((proto.READY, os.getpid()))
+
+    try:
+        while True:
+            ctx = child.tasks.get()
+            if ctx is None:
+                break
+            child.run_task(runner, ctx)
+    except BaseException as exc:
+        die(proto.STAGE_RUN, exc, 1)
+    try:
+        runner.teardown()
+    except BaseException as exc:
+        die(proto.STAGE_TEARDOWN, exc, 1)
+    child.close_writer(5.0)

@@ -1,0 +1,272 @@
+"""One runner process: spawn, transport endpoints, death watch, signals and reaping.
+
+The supervisor talks to an incarnation only through the :class:`Worker`
+protocol, so collaboration tests can plug in an in-memory fake and drive the
+supervisor under a ``MockClock``. :class:`ProcessWorker` is the real one.
+
+Every blocking ``multiprocessing`` call (``start``, ``join``, ``close``) runs in
+``trio.to_thread.run_sync(..., abandon_on_cancel=True)``; the death watch is
+``wait_readable(process.sentinel)`` with no polling.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing
+import multiprocessing.context
+import os
+import signal
+import socket
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+
+from . import _child
+
+_RECEIVE_SIZE = 256 * 1024
+_SOCKET_BUFFER = 1024 * 1024
+_MAX_LINE = 64 * 1024
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """What the operating system said about a finished process."""
+
+    exitcode: int | None
+    signal: int | None
+    reaped: bool = True
+
+
+@dataclass(frozen=True)
+class SpawnSpec:
+    """Everything needed to start one incarnation; the same for every restart."""
+
+    module: str
+    qualname: str
+    args_bytes: bytes
+    name: str
+    start_method: str
+    preload: tuple[str, ...]
+    max_frame: int
+    heartbeat_interval: float
+
+
+class Worker(Protocol):
+    """One incarnation of the runner, as the supervisor sees it."""
+
+    @property
+    def pid(self) -> int | None: ...
+
+    async def start(self) -> None:
+        """Start the process. Cancellation leaves no process behind."""
+        ...
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_some(self) -> bytes:
+        """The next bytes from the child, or ``b""`` at end of file."""
+        ...
+
+    async def wait(self, reap_timeout: float) -> ExitStatus:
+        """Return once the process is dead, reaped if possible within ``reap_timeout``."""
+        ...
+
+    def signal(self, signum: int) -> None:
+        """Send ``signum`` to the runner's whole process group."""
+        ...
+
+    async def pump_output(self, on_line: Callable[[str, str], None]) -> None:
+        """Call ``on_line(stream, line)`` for each line of stdout/stderr until both end."""
+        ...
+
+    async def aclose(self) -> None:
+        """Release the transport and the process object. Never blocks the loop."""
+        ...
+
+
+WorkerFactory = Callable[[SpawnSpec, int], Worker]
+
+
+def signal_group(pid: int, signum: int) -> None:
+    """Signal the process group led by ``pid``; fall back to the pid alone.
+
+    The child calls ``setsid`` first thing, so its group id is its pid. Before
+    it has done so (or if the group is already gone) only the pid is signalled.
+    """
+    try:
+        os.killpg(pid, signum)
+    except ProcessLookupError:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+    except PermissionError:
+        # The group id belongs to someone else: the child has not run setsid yet.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+
+
+def _context(start_method: str, preload: Sequence[str]) -> multiprocessing.context.BaseContext:
+    ctx = multiprocessing.get_context(start_method)
+    if start_method == "forkserver" and preload:
+        ctx.set_forkserver_preload(list(preload))
+    return ctx
+
+
+class ProcessWorker:
+    """A real runner process started through ``multiprocessing``."""
+
+    def __init__(self, spec: SpawnSpec, incarnation: int) -> None:
+        self._spec = spec
+        self._incarnation = incarnation
+        self._lock = threading.Lock()
+        self._started = False
+        self._abandoned = False
+        self._process: Any = None
+        self._pid: int | None = None
+        self._stream: trio.SocketStream | None = None
+        self._out_fds: list[int] = []
+        self._closed = False
+
+    @property
+    def pid(self) -> int | None:
+        return self._pid
+
+    async def start(self) -> None:
+        spec = self._spec
+        ctx = _context(spec.start_method, spec.preload)
+        parent_sock, child_sock = socket.socketpair()
+        for sock in (parent_sock, child_sock):
+            for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
+        out_r, out_w = os.pipe()
+        err_r, err_w = os.pipe()
+        config = {"max_frame": spec.max_frame, "heartbeat_interval": spec.heartbeat_interval}
+        process = ctx.Process(  # type: ignore[attr-defined]
+            target=_child.main,
+            args=(
+                child_sock,
+                _child.InheritedFd(out_w),
+                _child.InheritedFd(err_w),
+                spec.module,
+                spec.qualname,
+                spec.args_bytes,
+                config,
+            ),
+            name=f"trio-runner:{spec.name}:{self._incarnation}",
+            daemon=True,
+        )
+        self._process = process
+        self._out_fds = [out_r, err_r]
+        self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
+
+        def start_in_thread() -> None:
+            try:
+                process.start()  # pyright: ignore[reportUnknownMemberType]
+                self._pid = process.pid  # pyright: ignore[reportUnknownMemberType]
+            finally:
+                child_sock.close()
+                os.close(out_w)
+                os.close(err_w)
+            with self._lock:
+                self._started = True
+                abandoned = self._abandoned
+            if abandoned:
+                self._kill_abandoned()
+
+        try:
+            await trio.to_thread.run_sync(start_in_thread, abandon_on_cancel=True)
+        except BaseException:
+            # A start abandoned on cancel may still start a process: whichever of
+            # this task and the thread sees the other's flag kills it.
+            with self._lock:
+                self._abandoned = True
+                started = self._started
+            if started:
+                self._kill_abandoned()
+            raise
+
+    def _kill_abandoned(self) -> None:
+        pid = self._pid
+        if pid is not None:
+            signal_group(pid, signal.SIGKILL)
+            # Reaped by whoever calls wait(); the abandoned thread also reaps so
+            # that nothing is left even if nobody does.
+            threading.Thread(target=self._process.join, daemon=True).start()
+
+    async def send_all(self, data: bytes) -> None:
+        assert self._stream is not None
+        await self._stream.send_all(data)
+
+    async def receive_some(self) -> bytes:
+        assert self._stream is not None
+        try:
+            return await self._stream.receive_some(_RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def wait(self, reap_timeout: float) -> ExitStatus:
+        process = self._process
+        await trio.lowlevel.wait_readable(process.sentinel)
+        # The kernel closes the sentinel during teardown, a moment before the
+        # process can be reaped; poll once, then join from a thread.
+        code = process.exitcode
+        if code is None:
+            with trio.move_on_after(reap_timeout):
+                while code is None:
+                    await trio.to_thread.run_sync(process.join, 0.05, abandon_on_cancel=True)
+                    code = process.exitcode
+        if code is None:
+            return ExitStatus(exitcode=None, signal=None, reaped=False)
+        if code < 0:
+            return ExitStatus(exitcode=None, signal=-code)
+        return ExitStatus(exitcode=code, signal=None)
+
+    def signal(self, signum: int) -> None:
+        pid = self.pid
+        if pid is not None:
+            signal_group(pid, signum)
+
+    async def pump_output(self, on_line: Callable[[str, str], None]) -> None:
+        fds, self._out_fds = self._out_fds, []
+        async with trio.open_nursery() as nursery:
+            for stream_name, fd in zip(("stdout", "stderr"), fds, strict=True):
+                nursery.start_soon(_pump_lines, trio.lowlevel.FdStream(fd), stream_name, on_line)
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for fd in self._out_fds:
+            os.close(fd)
+        self._out_fds = []
+        if self._stream is not None:
+            await trio.aclose_forcefully(self._stream)
+        process = self._process
+        if process is not None and process.exitcode is not None:
+            trio.lowlevel.notify_closing(process.sentinel)
+            await trio.to_thread.run_sync(process.close, abandon_on_cancel=True)
+
+
+async def _pump_lines(stream: trio.lowlevel.FdStream, name: str, on_line: Callable[[str, str], None]) -> None:
+    async with stream:
+        pending = b""
+        while True:
+            data = await stream.receive_some(_RECEIVE_SIZE)
+            if not data:
+                break
+            pending += data
+            *lines, pending = pending.split(b"\n")
+            for line in lines:
+                on_line(name, line.decode("utf-8", "replace").rstrip("\r"))
+            while len(pending) > _MAX_LINE:
+                on_line(name, pending[:_MAX_LINE].decode("utf-8", "replace"))
+                pending = pending[_MAX_LINE:]
+        if pending:
+            on_line(name, pending.decode("utf-8", "replace"))
+
+
+def process_worker(spec: SpawnSpec, incarnation: int) -> Worker:
+    return ProcessWorker(spec, incarnation)

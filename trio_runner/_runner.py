@@ -1,0 +1,89 @@
+"""The child-side API a user implements: :class:`Runner` and :class:`TaskContext`.
+
+This module is imported inside the child, so it imports neither trio nor
+anything heavy: ``from trio_runner import Runner`` in a runner module costs only
+the standard library.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
+
+from ._errors import TaskCancelled
+
+if TYPE_CHECKING:
+    from ._child import Child
+
+RequestT = TypeVar("RequestT")
+EventT = TypeVar("EventT")
+ResultT = TypeVar("ResultT")
+
+
+class TaskContext(Generic[EventT]):
+    """Handed to :meth:`Runner.handle` for one task.
+
+    Attributes:
+        task_id: the supervisor's id of this task, unique within one supervisor.
+    """
+
+    __slots__ = ("_child", "_credits", "_failed", "cancelled", "task_id")
+
+    def __init__(self, child: Child, task_id: int, window: int) -> None:
+        self._child = child
+        self._credits = window
+        self._failed = False
+        self.task_id = task_id
+        #: True once a cancel for this task reached the child. The child's reader
+        #: thread sets it the moment the frame arrives, even while ``handle()`` runs.
+        self.cancelled = False
+
+    def emit(self, event: EventT) -> None:
+        """Stream one event to the task's consumer in the parent.
+
+        Events are batched on the way out and arrive in order, before the
+        task's result. Each task has a window of events the parent has not yet
+        consumed; when it is used up, ``emit`` blocks until the consumer catches
+        up.
+
+        Raises:
+            TaskCancelled: if the task is cancelled while ``emit`` waits for the
+                consumer, so a cancelled task never stays blocked here.
+        """
+        self._child.emit(self, event)
+
+    def raise_if_cancelled(self) -> None:
+        """Raise :class:`TaskCancelled` if a cancel for this task has arrived."""
+        if self.cancelled:
+            raise TaskCancelled(f"task {self.task_id} was cancelled")
+
+
+class Runner(Generic[RequestT, EventT, ResultT]):
+    """Subclass this to define the work that runs in the child process.
+
+    The child builds the instance with the positional and keyword arguments the
+    supervisor was given, so the class must be importable by its module path
+    (spawn starts a fresh interpreter and imports it there).
+
+    Lifecycle: ``setup()`` once, then ``handle()`` for each task, one at a time,
+    then ``teardown()`` on a graceful shutdown.
+    """
+
+    def setup(self) -> None:
+        """Load the model, warm up. Raising here is a startup failure."""
+
+    def handle(self, request: RequestT, ctx: TaskContext[EventT]) -> ResultT:
+        """Serve one request. Stream with ``ctx.emit``; the return value is the result.
+
+        Raising fails this one task with :class:`~trio_runner.TaskFailed`; the
+        runner keeps serving. Check ``ctx.cancelled`` (or call
+        ``ctx.raise_if_cancelled()``) at every step of long work.
+        """
+        raise NotImplementedError(f"{type(self).__qualname__} must implement handle()")
+
+    def teardown(self) -> None:
+        """Release resources on a graceful shutdown."""
+
+
+def runner_reference(cls: type[Any]) -> tuple[str, str]:
+    """The (module, qualname) by which the child imports ``cls``."""
+    return cls.__module__, cls.__qualname__

@@ -1,0 +1,1305 @@
+"""The supervisor: incarnations, task bookkeeping and the restart loop.
+
+One trio nursery per incarnation owns the runner process (death watch and
+stdio pumps), the cancel channel, the task sender, the event forwarder, the
+watchdog and the shutdown escalation. When the process is gone and reaped
+(and its socket read to end-of-file, so a last result is never lost) the
+restart policy decides what comes next.
+
+The restart loop runs in a shielded scope. Cancelling the supervisor from
+outside turns into a *request* to stop, which is carried out gracefully and
+within ``Timeouts.shutdown_bound``: cancellation never leaves a process behind.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import logging.handlers
+import math
+import multiprocessing
+import multiprocessing.process
+import pickle
+import queue
+import signal
+import sys
+import weakref
+from collections import deque
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from typing import Any, Generic, NoReturn, TypeVar
+
+import trio
+
+from . import _protocol as proto
+from ._errors import (
+    ExitReason,
+    ExitRecord,
+    RestartLimitExceeded,
+    RunnerCrashed,
+    RunnerUnavailable,
+    StoppedBy,
+    TaskCancelled,
+    TaskError,
+    TaskFailed,
+)
+from ._policy import RestartPolicy, RestartTracker
+from ._process import ExitStatus, SpawnSpec, Worker, WorkerFactory, process_worker
+from ._runner import Runner
+from ._state import (
+    BackingOff,
+    Exited,
+    GaveUp,
+    LifecycleChange,
+    Ready,
+    RunnerState,
+    Spawned,
+    Stopped,
+    SupervisorStatistics,
+)
+from ._timeouts import Timeouts
+
+RequestT = TypeVar("RequestT")
+EventT = TypeVar("EventT")
+ResultT = TypeVar("ResultT")
+
+logger = logging.getLogger("trio_runner")
+
+_DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, at most this long
+_STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
+_STDERR_TAIL = 50
+_CHECKPOINT_EVERY = 64
+_WATCH_BUFFER = 1024
+_TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
+
+
+class _Task:
+    """The supervisor's record of one submitted task."""
+
+    __slots__ = (
+        "cancel_sent",
+        "done",
+        "error",
+        "events",
+        "id",
+        "incarnation",
+        "received",
+        "released",
+        "request",
+        "result",
+        "retry",
+        "returned",
+        "unreturned",
+        "waiter",
+    )
+
+    def __init__(self, task_id: int, request: bytes, retry: bool) -> None:
+        self.id = task_id
+        self.request: bytes | None = request
+        self.retry = retry
+        self.events: deque[Any] = deque()
+        self.done = False
+        self.result: Any = None
+        self.error: TaskError | RunnerUnavailable | None = None
+        self.waiter: trio.Event | None = None
+        self.incarnation = 0
+        self.received = 0  # events received in the current incarnation
+        self.returned = 0  # credits sent back to the child in the current incarnation
+        self.unreturned = 0  # events consumed whose credits are not yet sent back
+        self.released = False  # the caller left the stream block
+        self.cancel_sent = False
+
+    def wake(self) -> None:
+        waiter = self.waiter
+        if waiter is not None:
+            self.waiter = None
+            waiter.set()
+
+
+class _Incarnation:
+    """One spawn of the runner process and what the supervisor knows of it."""
+
+    def __init__(self, number: int, worker: Worker) -> None:
+        self.number = number
+        self.worker = worker
+        self.spawned_at = 0.0
+        self.hello = False
+        self.ready = False
+        self.ready_at = 0.0
+        self.last_frame: float | None = None
+        self.last_progress = 0.0
+        self.running: int | None = None  # the task the child acknowledged last
+        self.fatal: tuple[str, str, str, str] | None = None
+        self.kill_reason: ExitReason | None = None
+        self.kill_detail = ""
+        self.stop_requested = False
+        self.stopped_by = StoppedBy.SELF
+        self.exited = trio.Event()
+        self.eof = trio.Event()
+        self.output_done = trio.Event()
+        self.escalate = trio.Event()
+        self.ready_event = trio.Event()
+        self.watch_wake = trio.Event()
+        self.send_lock = trio.StrictFIFOLock()
+        self.death_scope = trio.CancelScope()
+        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL)
+
+    def poke_watchdog(self) -> None:
+        self.watch_wake.set()
+
+
+class TaskHandle(Generic[EventT, ResultT]):
+    """One task in flight, from :meth:`Supervisor.stream`.
+
+    Iterate it for the events the runner emits, in order. A successful task
+    ends the ``async for`` normally; a failed, cancelled or crashed task makes
+    it raise that exception after every event that arrived before the end.
+
+    **Cancellation:** cancelling the task that iterates (or awaits ``wait()``)
+    cancels the task in the runner, and leaving the ``stream`` block early
+    does the same and returns at once.
+    """
+
+    __slots__ = ("_since_checkpoint", "_supervisor", "_task")
+
+    def __init__(self, supervisor: Supervisor[Any, EventT, ResultT], task: _Task) -> None:
+        self._supervisor = supervisor
+        self._task = task
+        self._since_checkpoint = 0
+
+    @property
+    def id(self) -> int:
+        """The task's id, unique within its supervisor; ``ctx.task_id`` in the child."""
+        return self._task.id
+
+    @property
+    def done(self) -> bool:
+        """True once the task has its outcome."""
+        return self._task.done
+
+    def __aiter__(self) -> TaskHandle[EventT, ResultT]:
+        return self
+
+    async def __anext__(self) -> EventT:
+        task = self._task
+        while True:
+            if task.events:
+                self._since_checkpoint += 1
+                if self._since_checkpoint >= _CHECKPOINT_EVERY:
+                    # Checkpoint every N events, not every one: per-event
+                    # checkpoints cap delivery far below the transport's rate.
+                    self._since_checkpoint = 0
+                    await trio.lowlevel.checkpoint()
+                    if not task.events:
+                        continue
+                event = task.events.popleft()
+                self._supervisor._consumed(task, 1)  # pyright: ignore[reportPrivateUsage]
+                return event
+            if task.done:
+                if task.error is None:
+                    raise StopAsyncIteration
+                raise task.error
+            await self._supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
+
+    @property
+    def result(self) -> ResultT:
+        """The task's result; raises its error. Only once the task is done.
+
+        Raises:
+            RuntimeError: the task has not finished yet (use ``await wait()``).
+        """
+        task = self._task
+        if not task.done:
+            raise RuntimeError(f"task {task.id} is still running: use 'await task.wait()' for its result")
+        if task.error is not None:
+            raise task.error
+        return task.result
+
+    async def wait(self) -> ResultT:
+        """Wait for the outcome and return the result (or raise the error).
+
+        Events not yet read are discarded, so a task whose events nobody wants
+        never stalls on its flow-control window.
+        """
+        task = self._task
+        supervisor = self._supervisor
+        while True:
+            if task.events:
+                count = len(task.events)
+                task.events.clear()
+                supervisor._consumed(task, count)  # pyright: ignore[reportPrivateUsage]
+            if task.done:
+                break
+            await supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
+        await trio.lowlevel.checkpoint()
+        return self.result
+
+    async def cancel(self) -> None:
+        """Ask the runner to cancel this task. Idempotent.
+
+        Returns once the cancel is handed to the cancel channel; it does not
+        wait for the runner. The outcome (usually :class:`TaskCancelled`, or the
+        result if the task finished first) arrives through this handle.
+        """
+        self._supervisor._cancel_task(self._task)  # pyright: ignore[reportPrivateUsage]
+        await trio.lowlevel.checkpoint()
+
+
+class _Watcher:
+    """An async iterator over lifecycle changes, from :meth:`Supervisor.watch`."""
+
+    def __init__(self) -> None:
+        self._changes: deque[LifecycleChange] = deque(maxlen=_WATCH_BUFFER)
+        self._wake = trio.Event()
+        self._finished = False
+
+    def push(self, change: LifecycleChange) -> None:
+        self._changes.append(change)
+        self._wake.set()
+
+    def __aiter__(self) -> _Watcher:
+        return self
+
+    async def __anext__(self) -> LifecycleChange:
+        while not self._changes:
+            if self._finished:
+                raise StopAsyncIteration
+            await self._wake.wait()
+            self._wake = trio.Event()
+        change = self._changes.popleft()
+        if isinstance(change, Stopped):
+            self._finished = True
+        await trio.lowlevel.checkpoint()
+        return change
+
+
+class _ForwardToLogger(logging.Handler):
+    """The QueueListener's handler: hands each child line to its logger."""
+
+    def __init__(self, target: logging.Logger) -> None:
+        super().__init__()
+        self._target = target
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._target.handle(record)
+
+
+def _describe_runner(cls: object) -> tuple[str, str]:
+    """(module, qualname) of a runner class the child can import, or a TypeError that says why not."""
+    if not (isinstance(cls, type) and issubclass(cls, Runner)):
+        raise TypeError(
+            f"the runner must be a subclass of trio_runner.Runner, not {cls!r}: "
+            "define 'class MyRunner(trio_runner.Runner)' in a module and pass the class"
+        )
+    module, qualname = cls.__module__, cls.__qualname__
+    if "<locals>" in qualname:
+        raise TypeError(
+            f"runner class {qualname} is defined inside a function; the child imports the "
+            "class by its module path, so define it at module level"
+        )
+    found: Any = sys.modules.get(module)
+    for part in qualname.split("."):
+        found = getattr(found, part, None)
+    if found is not cls:
+        raise TypeError(
+            f"runner class {qualname} is not importable as {module}.{qualname}; the child "
+            "imports it by that path, so define it at module level under its own name"
+        )
+    if module == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
+        raise TypeError(
+            f"runner class {qualname} is defined in an interactive session, which the child "
+            "cannot import; move it into a module (a .py file) and import it from there"
+        )
+    return module, qualname
+
+
+def _pickle_or_type_error(obj: object, what: str) -> bytes:
+    try:
+        return pickle.dumps(obj, protocol=proto.PICKLE_PROTOCOL)
+    except Exception as exc:
+        raise TypeError(
+            f"{what} cannot be pickled for the child process ({type(exc).__name__}: {exc}); "
+            "pass plain data, or instances of classes defined at module level"
+        ) from exc
+
+
+def _check_not_bootstrapping() -> None:
+    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "trio-runner was started while a child process was still bootstrapping: the "
+            "script that starts the supervisor has no 'if __name__ == \"__main__\":' guard, "
+            "so the spawn start method re-ran it in the child. Add the guard."
+        )
+
+
+def _unwrap_single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
+    """The one exception inside ``group`` (recursively), or None if there are several."""
+    exceptions = group.exceptions
+    if len(exceptions) != 1:
+        return None
+    inner = exceptions[0]
+    if isinstance(inner, BaseExceptionGroup):
+        return _unwrap_single(inner)  # pyright: ignore[reportUnknownArgumentType]
+    return inner
+
+
+def _reraise_unwrapped(group: BaseExceptionGroup[BaseException]) -> NoReturn:
+    """Raise the one exception inside ``group`` on its own, or the group if it holds several."""
+    single = _unwrap_single(group)
+    if single is None:
+        raise group
+    context = single.__context__
+    try:
+        raise single
+    finally:
+        # Raising inside ``except`` would chain the group as context; keep the original.
+        single.__context__ = context
+
+
+class Supervisor(Generic[RequestT, EventT, ResultT]):
+    """Supervises one runner process. Made by :func:`open_supervisor` or :func:`run_supervisor`."""
+
+    def __init__(
+        self,
+        runner: type[Runner[RequestT, EventT, ResultT]],
+        args: Sequence[Any] = (),
+        kwargs: Mapping[str, Any] | None = None,
+        *,
+        policy: RestartPolicy | None = None,
+        timeouts: Timeouts | None = None,
+        name: str | None = None,
+        start_method: str = "spawn",
+        preload: Sequence[str] = (),
+        window: int = 1024,
+        max_frame_size: int = proto.DEFAULT_MAX_FRAME,
+        raise_on_give_up: bool = True,
+        worker_factory: WorkerFactory = process_worker,
+    ) -> None:
+        module, qualname = _describe_runner(runner)
+        policy = RestartPolicy() if policy is None else policy
+        timeouts = Timeouts() if timeouts is None else timeouts
+        if not isinstance(policy, RestartPolicy):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"policy must be a trio_runner.RestartPolicy, not {type(policy).__name__}")
+        if not isinstance(timeouts, Timeouts):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"timeouts must be a trio_runner.Timeouts, not {type(timeouts).__name__}")
+        if start_method not in ("spawn", "forkserver"):
+            raise ValueError(
+                f"start_method={start_method!r} is not supported: use 'spawn' (the default) or "
+                "'forkserver'; 'fork' is unsafe in a process that runs threads"
+            )
+        if preload and start_method != "forkserver":
+            raise ValueError("preload only applies to start_method='forkserver'; drop it or switch method")
+        if isinstance(window, bool) or not isinstance(window, int) or window < 2:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"window={window!r} must be an int >= 2 (events in flight per task)")
+        if isinstance(max_frame_size, bool) or max_frame_size < 1024:
+            raise ValueError(f"max_frame_size={max_frame_size!r} must be at least 1024 bytes")
+        name = runner.__name__ if name is None else name
+        if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"name={name!r} must be a non-empty string")
+        args_bytes = _pickle_or_type_error((tuple(args), dict(kwargs or {})), "the runner's arguments")
+
+        self.name = name
+        self._policy = policy
+        self._timeouts = timeouts
+        self._window = window
+        self._credit_batch = max(1, window // 2)
+        self._max_frame = max_frame_size
+        self._raise_on_give_up = raise_on_give_up
+        self._worker_factory = worker_factory
+        self._spec = SpawnSpec(
+            module=module,
+            qualname=qualname,
+            args_bytes=args_bytes,
+            name=name,
+            start_method=start_method,
+            preload=tuple(preload),
+            max_frame=max_frame_size,
+            heartbeat_interval=timeouts.heartbeat_interval,
+        )
+        self._tracker = RestartTracker(policy)
+        self._state = RunnerState.STARTING
+        self._state_changed = trio.Event()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Task] = {}
+        self._in_flight: dict[int, _Task] = {}
+        self._pending_wake = trio.Event()
+        self._control_send, self._control_recv = trio.open_memory_channel[tuple[int, int | None, int]](
+            math.inf
+        )
+        self._inc: _Incarnation | None = None
+        self._incarnations = 0
+        self._last_exit: ExitRecord | None = None
+        self._completed = 0
+        self._stop_requested = False
+        self._stop_event = trio.Event()
+        self._done = trio.Event()
+        self._main_scope: trio.CancelScope | None = None
+        self._history: deque[LifecycleChange] = deque(maxlen=_WATCH_BUFFER)
+        self._watchers: weakref.WeakSet[_Watcher] = weakref.WeakSet()
+        self._child_logger = logging.getLogger(f"trio_runner.runner.{name}")
+        self._log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._log_listener = logging.handlers.QueueListener(
+            self._log_queue, _ForwardToLogger(self._child_logger)
+        )
+
+    # -- public API ---------------------------------------------------------
+
+    @property
+    def state(self) -> RunnerState:
+        """The current :class:`RunnerState`."""
+        return self._state
+
+    def statistics(self) -> SupervisorStatistics:
+        """A frozen snapshot: pid, incarnation, restarts, tasks in flight, uptime, last exit."""
+        inc = self._inc
+        uptime = 0.0
+        if inc is not None and inc.ready and self._state is RunnerState.READY:
+            uptime = trio.current_time() - inc.ready_at
+        return SupervisorStatistics(
+            state=self._state,
+            pid=None if inc is None else inc.worker.pid,
+            incarnation=self._incarnations,
+            restarts=self._tracker.total_restarts,
+            consecutive_failures=self._tracker.failures,
+            in_flight=len(self._in_flight),
+            pending=len(self._pending),
+            uptime=uptime,
+            last_exit=self._last_exit,
+            tasks_completed=self._completed,
+        )
+
+    def watch(self, *, replay: bool = False) -> AsyncIterator[LifecycleChange]:
+        """Lifecycle changes as they happen: Spawned, Ready, Exited, BackingOff, GaveUp, Stopped.
+
+        The iteration ends after :class:`Stopped`. A watcher that falls more
+        than 1024 changes behind loses the oldest.
+
+        Args:
+            replay: first yield the changes retained so far (up to 1024), so a
+                watcher started late still sees the whole story.
+        """
+        watcher = _Watcher()
+        if replay:
+            for change in self._history:
+                watcher.push(change)
+        if not (replay and self._history and isinstance(self._history[-1], Stopped)):
+            self._watchers.add(watcher)
+        return watcher
+
+    async def wait_ready(self) -> None:
+        """Wait until the runner is READY.
+
+        Raises:
+            RunnerUnavailable: the supervisor is stopping, stopped or failed.
+        """
+        while self._state is not RunnerState.READY:
+            if self._state in _TERMINAL:
+                raise RunnerUnavailable(self._unavailable_reason())
+            await self._state_changed.wait()
+        await trio.lowlevel.checkpoint()
+
+    async def run(self, request: RequestT, *, retry: bool = False) -> ResultT:
+        """Run one task and return its result, discarding its events.
+
+        Args:
+            request: anything picklable; ``handle(request, ctx)`` gets a copy.
+            retry: the task is idempotent: if the runner dies while it runs, it
+                runs again on the next incarnation instead of failing.
+
+        Raises:
+            TaskFailed: ``handle`` raised; the remote traceback is kept.
+            TaskCancelled: the task was cancelled (e.g. by :meth:`cancel_all`).
+            RunnerCrashed: the runner died while the task was in flight.
+            RunnerUnavailable: the supervisor is stopping, stopped or failed.
+            TypeError: the request cannot be pickled.
+            ValueError: the request is larger than ``max_frame_size``.
+
+        **Cancellation:** cancelling the caller cancels the task in the runner.
+        """
+        async with self.stream(request, retry=retry) as task:
+            return await task.wait()
+
+    @asynccontextmanager
+    async def stream(
+        self, request: RequestT, *, retry: bool = False
+    ) -> AsyncGenerator[TaskHandle[EventT, ResultT]]:
+        """Submit a task and stream its events: ``async with sup.stream(req) as task``.
+
+        See :meth:`run` for the arguments and errors. Leaving the block before
+        the task ends cancels it in the runner and returns at once; it never
+        waits for a runner that ignores the cancel.
+        """
+        task = self._submit(request, retry)
+        try:
+            yield TaskHandle(self, task)
+        finally:
+            self._release(task)
+
+    async def cancel_all(self) -> None:
+        """Cancel every task, queued or running. Returns once the cancel is handed over."""
+        for task in list(self._pending.values()):
+            self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
+        inc = self._inc
+        if self._in_flight and inc is not None:
+            # Tagged with the incarnation, so a cancel-all left over from one that
+            # died never reaches the next.
+            self._control_send.send_nowait((proto.CANCEL, None, inc.number))
+            for task in self._in_flight.values():
+                task.cancel_sent = True
+        await trio.lowlevel.checkpoint()
+
+    async def aclose(self) -> None:
+        """Shut the runner down gracefully and wait until it is gone. Idempotent.
+
+        Tasks still pending or in flight end with :class:`RunnerUnavailable`.
+        The runner gets a Shutdown message, then SIGTERM, then SIGKILL, each
+        after its timeout, so this returns within ``Timeouts.shutdown_bound``
+        plus a small margin.
+        """
+        self._request_stop()
+        await self._done.wait()
+
+    # -- tasks ----------------------------------------------------------------
+
+    def _unavailable_reason(self) -> str:
+        if self._state is RunnerState.FAILED:
+            last = "" if self._last_exit is None else f" (last exit: {self._last_exit.describe()})"
+            return f"runner {self.name!r} has failed and will not be restarted{last}"
+        return f"runner {self.name!r} is {self._state.value}: no new tasks are accepted"
+
+    def _submit(self, request: Any, retry: bool) -> _Task:
+        if self._stop_requested or self._state in _TERMINAL:
+            raise RunnerUnavailable(self._unavailable_reason())
+        data = _pickle_or_type_error(request, "the request")
+        if len(data) > self._max_frame - 64:
+            raise ValueError(
+                f"the request pickles to {len(data)} bytes, more than max_frame_size="
+                f"{self._max_frame}; send a smaller request or raise max_frame_size"
+            )
+        task = _Task(next(self._ids), data, retry)
+        self._pending[task.id] = task
+        self._pending_wake.set()
+        return task
+
+    def _release(self, task: _Task) -> None:
+        task.released = True
+        if not task.done:
+            self._cancel_task(task)
+        if task.events:
+            count = len(task.events)
+            task.events.clear()
+            self._consumed(task, count)
+
+    def _cancel_task(self, task: _Task) -> None:
+        if task.done:
+            return
+        if task.id in self._pending:
+            self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
+        elif not task.cancel_sent:
+            task.cancel_sent = True
+            self._control_send.send_nowait((proto.CANCEL, task.id, 0))
+
+    def _finish(
+        self, task: _Task, result: Any = None, error: TaskError | RunnerUnavailable | None = None
+    ) -> None:
+        if task.done:
+            return
+        task.done = True
+        task.result = result
+        if error is not None:
+            if isinstance(error, TaskError):
+                error.task_id = task.id
+            task.error = error
+        task.request = None
+        self._pending.pop(task.id, None)
+        self._in_flight.pop(task.id, None)
+        self._completed += 1
+        task.wake()
+
+    def _fail_all(self, error: Callable[[], TaskError | RunnerUnavailable]) -> None:
+        for task in [*self._pending.values(), *self._in_flight.values()]:
+            self._finish(task, error=error())
+
+    def _consumed(self, task: _Task, count: int) -> None:
+        task.unreturned += count
+        if task.unreturned >= self._credit_batch and not task.done:
+            self._control_send.send_nowait((proto.CREDIT, task.id, task.unreturned))
+            task.returned += task.unreturned
+            task.unreturned = 0
+
+    async def _wait_change(self, task: _Task) -> None:
+        waiter = task.waiter
+        if waiter is None:
+            waiter = task.waiter = trio.Event()
+        await waiter.wait()
+
+    # -- lifecycle reporting ----------------------------------------------------
+
+    def _set_state(self, state: RunnerState) -> None:
+        if self._state is not state:
+            self._state = state
+            self._state_changed.set()
+            self._state_changed = trio.Event()
+
+    def _emit(self, change: LifecycleChange) -> None:
+        self._history.append(change)
+        for watcher in list(self._watchers):
+            watcher.push(change)
+        if isinstance(change, Stopped):
+            self._watchers.clear()
+
+    def _on_output(self, inc: _Incarnation, stream: str, line: str) -> None:
+        level = logging.INFO
+        if stream == "stderr":
+            inc.stderr_tail.append(line)
+            level = logging.WARNING
+        log = self._child_logger
+        if log.isEnabledFor(level):
+            record = log.makeRecord(log.name, level, "(runner)", 0, "%s", (line,), None)
+            record.runner_pid = inc.worker.pid
+            record.runner_stream = stream
+            self._log_queue.put_nowait(record)
+
+    # -- shutdown ---------------------------------------------------------------
+
+    def _request_stop(self) -> None:
+        if self._stop_requested:
+            return
+        self._stop_requested = True
+        if self._state not in (RunnerState.STOPPED, RunnerState.FAILED):
+            self._set_state(RunnerState.STOPPING)
+            self._fail_all(lambda: RunnerUnavailable(f"runner {self.name!r} is shutting down"))
+        inc = self._inc
+        if inc is not None:
+            inc.stop_requested = True
+            inc.escalate.set()
+        self._stop_event.set()
+        if self._main_scope is not None:
+            bound = trio.current_time() + self._timeouts.shutdown_bound + _DRAIN_BOUND + _STOP_MARGIN
+            self._main_scope.deadline = min(self._main_scope.deadline, bound)
+
+    async def _stop_on_cancel(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self._request_stop()
+
+    # -- the restart loop ---------------------------------------------------------
+
+    async def _run(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
+        _check_not_bootstrapping()
+        self._log_listener.start()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._stop_on_cancel)
+                with trio.CancelScope(shield=True) as self._main_scope:
+                    try:
+                        await self._main_loop(task_status)
+                    finally:
+                        nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            _reraise_unwrapped(group)
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._log_listener.stop)
+            self._done.set()
+
+    async def _main_loop(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
+        started = False
+        failure: BaseException | None = None
+        try:
+            if self._spec.start_method == "forkserver":
+                await trio.to_thread.run_sync(self._ensure_forkserver, abandon_on_cancel=True)
+            while not self._stop_requested:
+                self._incarnations += 1
+                worker = self._worker_factory(self._spec, self._incarnations)
+                inc = self._inc = _Incarnation(self._incarnations, worker)
+                if not started:
+                    task_status.started(self)
+                    started = True
+                record = await self._run_incarnation(inc)
+                self._inc = None
+                self._last_exit = record
+                self._emit(Exited(record))
+                self._settle_in_flight(record)
+                if self._stop_requested:
+                    break
+                now = trio.current_time()
+                if self._before_setup(inc, record):
+                    self._set_state(RunnerState.FAILED)
+                    self._emit(GaveUp(self._tracker.failures, record))
+                    failure = RunnerCrashed(record)
+                    break
+                decision = self._tracker.on_exit(record.reason, now)
+                if decision.action == "stop":
+                    logger.info(
+                        "runner %r exited (%s); policy %r does not restart it",
+                        self.name,
+                        record.describe(),
+                        self._policy.mode,
+                    )
+                    self._set_state(RunnerState.STOPPED)
+                    break
+                if decision.action == "give_up":
+                    logger.error(
+                        "runner %r exited (%s); giving up after %d restarts in a row",
+                        self.name,
+                        record.describe(),
+                        decision.restarts,
+                    )
+                    self._set_state(RunnerState.FAILED)
+                    self._emit(GaveUp(decision.restarts, record))
+                    if self._raise_on_give_up:
+                        failure = RestartLimitExceeded(decision.restarts, record)
+                    break
+                logger.warning(
+                    "runner %r exited (%s); restarting in %.3g s",
+                    self.name,
+                    record.describe(),
+                    decision.delay,
+                )
+                self._set_state(RunnerState.BACKING_OFF)
+                self._emit(BackingOff(decision.delay, self._tracker.total_restarts))
+                with trio.move_on_after(decision.delay):
+                    await self._stop_event.wait()
+        finally:
+            if self._state is not RunnerState.FAILED:
+                self._set_state(RunnerState.STOPPED)
+            self._emit(Stopped(self._state, self._last_exit))
+            error = lambda: RunnerUnavailable(self._unavailable_reason())  # noqa: E731
+            if failure is None:
+                self._fail_all(error)
+            else:
+                # The failure cancels the caller's body first; the tasks still
+                # waiting fail after that, so the body sees one clear error
+                # rather than a group of RunnerUnavailable beside it.
+                trio.lowlevel.current_trio_token().run_sync_soon(self._fail_all, error)
+        if failure is not None:
+            raise failure
+
+    def _ensure_forkserver(self) -> None:
+        context = multiprocessing.get_context("forkserver")
+        if self._spec.preload:
+            context.set_forkserver_preload(list(self._spec.preload))
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+    @staticmethod
+    def _before_setup(inc: _Incarnation, record: ExitRecord) -> bool:
+        """A failure no restart can fix: the runner never got as far as ``setup``."""
+        return (
+            record.reason is ExitReason.STARTUP_FAILED
+            and inc.kill_reason is None
+            and not inc.hello
+            and (
+                (inc.fatal is not None and inc.fatal[0] == proto.STAGE_LOAD)
+                or (record.signal is None and record.reaped and record.exitcode is not None)
+            )
+        )
+
+    def _settle_in_flight(self, record: ExitRecord) -> None:
+        retried: dict[int, _Task] = {}
+        for task in list(self._in_flight.values()):
+            if task.retry and not task.released and record.reason is not ExitReason.REQUESTED:
+                del self._in_flight[task.id]
+                task.events.clear()
+                task.received = task.returned = task.unreturned = 0
+                task.cancel_sent = False
+                retried[task.id] = task
+            else:
+                self._finish(task, error=RunnerCrashed(record))
+        if retried:
+            self._pending = {**retried, **self._pending}
+            self._pending_wake.set()
+
+    # -- one incarnation ----------------------------------------------------------
+
+    async def _run_incarnation(self, inc: _Incarnation) -> ExitRecord:
+        worker = inc.worker
+        self._set_state(RunnerState.STARTING)
+        if self._stop_requested:
+            inc.stop_requested = True
+            inc.escalate.set()
+        try:
+            await worker.start()
+        except Exception as exc:
+            return ExitRecord(
+                ExitReason.STARTUP_FAILED,
+                incarnation=inc.number,
+                detail=f"could not start the runner process: {type(exc).__name__}: {exc}",
+            )
+        inc.spawned_at = inc.last_progress = trio.current_time()
+        logger.info("runner %r spawned (pid %s, incarnation %d)", self.name, worker.pid, inc.number)
+        self._emit(Spawned(inc.number, worker.pid))
+        status: ExitStatus | None = None
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._forward, inc)
+                nursery.start_soon(self._pump_output, inc)
+                nursery.start_soon(self._send_tasks, inc)
+                nursery.start_soon(self._send_control, inc)
+                nursery.start_soon(self._watchdog, inc)
+                nursery.start_soon(self._escalation, inc)
+                with inc.death_scope:
+                    status = await worker.wait(self._timeouts.kill)
+                inc.exited.set()
+                # Drain to EOF first, or a result sent just before the crash is lost.
+                with trio.move_on_after(_DRAIN_BOUND):
+                    await inc.eof.wait()
+                    await inc.output_done.wait()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                # Grandchildren survive a graceful exit: the whole group goes.
+                worker.signal(signal.SIGKILL)
+                await worker.aclose()
+        if status is None:
+            status = ExitStatus(exitcode=None, signal=None, reaped=False)
+        return self._classify(inc, status)
+
+    def _classify(self, inc: _Incarnation, status: ExitStatus) -> ExitRecord:
+        fatal = inc.fatal
+        detail = ""
+        if inc.stop_requested:
+            reason = ExitReason.REQUESTED
+        elif inc.kill_reason is not None:
+            reason, detail = inc.kill_reason, inc.kill_detail
+        elif not inc.ready:
+            reason = ExitReason.STARTUP_FAILED
+            if fatal is not None and fatal[0] == proto.STAGE_LOAD:
+                detail = (
+                    f"the child could not load the runner ({fatal[1]}: {fatal[2]}); the runner class "
+                    "and its arguments must be importable in a fresh interpreter"
+                )
+            elif fatal is not None:
+                detail = f"setup() raised {fatal[1]}: {fatal[2]}"
+            elif not inc.hello and status.signal is None and status.exitcode is not None:
+                detail = (
+                    f"the child exited with code {status.exitcode} before the runner was loaded. "
+                    "If the script that starts the supervisor has no 'if __name__ == \"__main__\":' "
+                    "guard, the spawn start method re-runs it in the child: add the guard. "
+                    "Anything the child printed then went to this process's stderr"
+                )
+        elif status.signal is not None:
+            reason = ExitReason.SIGNALED
+        elif status.exitcode == 0:
+            reason = ExitReason.CLEAN_EXIT
+            detail = "the runner exited with code 0 although nobody asked it to"
+        else:
+            reason = ExitReason.ERROR_EXIT
+            if fatal is not None:
+                detail = f"{fatal[1]}: {fatal[2]}"
+        if not status.reaped:
+            detail = (detail + "; " if detail else "") + (
+                f"the process could not be reaped within Timeouts(kill={self._timeouts.kill})"
+            )
+        return ExitRecord(
+            reason=reason,
+            exitcode=status.exitcode,
+            signal=status.signal,
+            stopped_by=inc.stopped_by,
+            pid=inc.worker.pid,
+            incarnation=inc.number,
+            detail=detail,
+            stderr_tail=tuple(inc.stderr_tail),
+            remote_traceback=None if fatal is None else fatal[3],
+            reaped=status.reaped,
+        )
+
+    def _kill(self, inc: _Incarnation, reason: ExitReason, detail: str) -> None:
+        if inc.kill_reason is not None or inc.exited.is_set():
+            return
+        logger.warning("runner %r (pid %s): %s; killing it", self.name, inc.worker.pid, detail)
+        inc.kill_reason = reason
+        inc.kill_detail = detail
+        inc.stopped_by = StoppedBy.SIGKILL
+        inc.worker.signal(signal.SIGKILL)
+        inc.escalate.set()
+
+    async def _escalation(self, inc: _Incarnation) -> None:
+        """Shutdown, then SIGTERM, then SIGKILL, each after its timeout; then stop waiting."""
+        timeouts = self._timeouts
+        worker = inc.worker
+        await inc.escalate.wait()
+        if inc.kill_reason is None:
+            inc.stopped_by = StoppedBy.SHUTDOWN
+            with trio.move_on_after(timeouts.graceful):
+                async with inc.send_lock:
+                    await worker.send_all(proto.encode([(proto.SHUTDOWN,)]))
+                await inc.exited.wait()
+            if inc.exited.is_set():
+                return
+            logger.warning(
+                "runner %r (pid %s) did not exit within Timeouts(graceful=%s) of Shutdown; "
+                "sending SIGTERM to its process group",
+                self.name,
+                worker.pid,
+                timeouts.graceful,
+            )
+            inc.stopped_by = StoppedBy.SIGTERM
+            worker.signal(signal.SIGTERM)
+            with trio.move_on_after(timeouts.terminate):
+                await inc.exited.wait()
+            if inc.exited.is_set():
+                return
+            logger.warning(
+                "runner %r (pid %s) ignored SIGTERM for Timeouts(terminate=%s); sending SIGKILL",
+                self.name,
+                worker.pid,
+                timeouts.terminate,
+            )
+            inc.stopped_by = StoppedBy.SIGKILL
+            worker.signal(signal.SIGKILL)
+        with trio.move_on_after(timeouts.kill):
+            await inc.exited.wait()
+        if not inc.exited.is_set():
+            logger.error(
+                "runner %r (pid %s) survived SIGKILL for Timeouts(kill=%s); no longer waiting for it",
+                self.name,
+                worker.pid,
+                timeouts.kill,
+            )
+            inc.death_scope.cancel()
+
+    async def _watchdog(self, inc: _Incarnation) -> None:
+        """Enforces the startup, heartbeat and stall timeouts."""
+        timeouts = self._timeouts
+        while not (inc.stop_requested or inc.exited.is_set()):
+            checks: list[tuple[float, ExitReason, str]] = []
+            if not inc.ready:
+                checks.append(
+                    (
+                        inc.spawned_at + timeouts.startup,
+                        ExitReason.STARTUP_FAILED,
+                        f"setup did not finish within Timeouts(startup={timeouts.startup})",
+                    )
+                )
+            if inc.last_frame is not None:
+                checks.append(
+                    (
+                        inc.last_frame + timeouts.heartbeat,
+                        ExitReason.HUNG,
+                        f"no heartbeat for Timeouts(heartbeat={timeouts.heartbeat}) seconds: "
+                        "the runner is frozen (stopped, or stuck holding the GIL)",
+                    )
+                )
+            if timeouts.stall is not None and inc.ready and self._busy(inc):
+                checks.append(
+                    (
+                        inc.last_progress + timeouts.stall,
+                        ExitReason.HUNG,
+                        f"a task made no progress for Timeouts(stall={timeouts.stall}) seconds",
+                    )
+                )
+            if not checks:
+                await inc.watch_wake.wait()
+                inc.watch_wake = trio.Event()
+                continue
+            deadline, reason, detail = min(checks, key=lambda check: check[0])
+            if trio.current_time() >= deadline:
+                self._kill(inc, reason, detail)
+                return
+            with trio.move_on_at(deadline):
+                await inc.watch_wake.wait()
+            inc.watch_wake = trio.Event()
+
+    def _busy(self, inc: _Incarnation) -> bool:
+        """Whether the runner should be making progress: a task runs and its consumer keeps up."""
+        if not self._in_flight:
+            return False
+        running = None if inc.running is None else self._in_flight.get(inc.running)
+        if running is None:
+            return True  # tasks sent, none acknowledged yet
+        # A task whose window is full waits for its consumer, not for the runner.
+        return running.received - running.returned < self._window
+
+    # -- the incarnation's tasks ------------------------------------------------------
+
+    async def _forward(self, inc: _Incarnation) -> None:
+        """Read frames to EOF and route each message to its task or to the lifecycle."""
+        reader = proto.FrameReader(self._max_frame)
+        try:
+            while True:
+                data = await inc.worker.receive_some()
+                if not data:
+                    break
+                now = trio.current_time()
+                if inc.last_frame is None:
+                    inc.poke_watchdog()
+                inc.last_frame = now
+                for batch in reader.feed(data):
+                    for message in batch:
+                        self._route(inc, message, now)
+        except proto.FrameError as exc:
+            self._kill(inc, ExitReason.PROTOCOL_ERROR, str(exc))
+        finally:
+            inc.eof.set()
+
+    def _route(self, inc: _Incarnation, message: Any, now: float) -> None:
+        try:
+            tag = message[0]
+            if tag == proto.EVENTS:
+                task = self._in_flight.get(message[1])
+                inc.last_progress = now
+                if task is None or task.done:
+                    return
+                events = message[2]
+                task.received += len(events)
+                if task.released:
+                    self._consumed(task, len(events))
+                else:
+                    task.events.extend(events)
+                    task.wake()
+            elif tag == proto.HEARTBEAT:
+                pass
+            elif tag == proto.RESULT:
+                self._task_outcome(inc, message[1], now, result=message[2])
+            elif tag == proto.ERROR:
+                _, task_id, remote_type, text, tb = message
+                self._task_outcome(inc, task_id, now, error=TaskFailed(remote_type, text, tb))
+            elif tag == proto.CANCELLED:
+                self._task_outcome(
+                    inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled")
+                )
+            elif tag == proto.ACK:
+                inc.running = message[1]
+                inc.last_progress = now
+            elif tag == proto.HELLO:
+                inc.hello = True
+            elif tag == proto.READY:
+                self._on_ready(inc, now)
+            elif tag == proto.FATAL:
+                _, stage, remote_type, text, tb = message
+                inc.fatal = (stage, remote_type, text, tb)
+            else:
+                raise proto.FrameError(f"unknown message tag {tag!r}")
+        except (IndexError, TypeError, ValueError, KeyError) as exc:
+            raise proto.FrameError(f"malformed message {message!r:.200}: {exc}") from exc
+
+    def _task_outcome(
+        self,
+        inc: _Incarnation,
+        task_id: int,
+        now: float,
+        result: Any = None,
+        error: TaskError | None = None,
+    ) -> None:
+        inc.last_progress = now
+        if inc.running == task_id:
+            inc.running = None
+        task = self._in_flight.get(task_id)
+        if task is not None:
+            self._finish(task, result=result, error=error)
+
+    def _on_ready(self, inc: _Incarnation, now: float) -> None:
+        inc.ready = True
+        inc.ready_at = inc.last_progress = now
+        self._tracker.on_ready(now)
+        startup = now - inc.spawned_at
+        logger.info("runner %r ready (pid %s) after %.3f s", self.name, inc.worker.pid, startup)
+        if not inc.stop_requested:
+            self._set_state(RunnerState.READY)
+        self._emit(Ready(inc.number, inc.worker.pid, startup))
+        inc.ready_event.set()
+        inc.poke_watchdog()
+
+    async def _pump_output(self, inc: _Incarnation) -> None:
+        try:
+            await inc.worker.pump_output(lambda stream, line: self._on_output(inc, stream, line))
+        finally:
+            inc.output_done.set()
+
+    async def _send_tasks(self, inc: _Incarnation) -> None:
+        """Deliver pending tasks once the runner is READY, in submission order."""
+        await inc.ready_event.wait()
+        limit = self._max_frame // 2
+        while not inc.stop_requested:
+            if not self._pending:
+                self._pending_wake = trio.Event()
+                await self._pending_wake.wait()
+                continue
+            batch: list[_Task] = []
+            size = 0
+            for task in self._pending.values():
+                assert task.request is not None
+                if batch and size + len(task.request) > limit:
+                    break
+                batch.append(task)
+                size += len(task.request)
+            messages: list[Any] = []
+            for task in batch:
+                del self._pending[task.id]
+                self._in_flight[task.id] = task
+                task.incarnation = inc.number
+                messages.append((proto.TASK, task.id, task.request, self._window))
+                if not task.retry:
+                    task.request = None
+            inc.last_progress = trio.current_time()
+            inc.poke_watchdog()
+            async with inc.send_lock:
+                await inc.worker.send_all(proto.encode(messages))
+
+    async def _send_control(self, inc: _Incarnation) -> None:
+        """The cancel channel: cancels and credits, each write bounded by ``cancel_send``."""
+        timeout = self._timeouts.cancel_send
+        while True:
+            items = [await self._control_recv.receive()]
+            while True:
+                try:
+                    items.append(self._control_recv.receive_nowait())
+                except trio.WouldBlock:
+                    break
+            messages: list[Any] = []
+            for tag, task_id, count in items:
+                task = None if task_id is None else self._in_flight.get(task_id)
+                if task_id is None:
+                    if count != inc.number:
+                        continue  # a cancel-all meant for an incarnation that is gone
+                elif task is None or task.incarnation != inc.number:
+                    continue  # finished, or meant for an incarnation that is gone
+                if tag == proto.CANCEL:
+                    messages.append((proto.CANCEL, task_id))
+                else:
+                    messages.append((proto.CREDIT, task_id, count))
+                    if task is not None and task is self._in_flight.get(inc.running or -1):
+                        inc.last_progress = trio.current_time()
+            if not messages:
+                continue
+            with trio.move_on_after(timeout) as scope:
+                async with inc.send_lock:
+                    await inc.worker.send_all(proto.encode(messages))
+            if scope.cancelled_caught:
+                self._kill(
+                    inc,
+                    ExitReason.HUNG,
+                    f"a cancel could not be written within Timeouts(cancel_send={timeout}): "
+                    "the runner has stopped reading its control socket",
+                )
+                return
+
+
+async def run_supervisor(
+    runner: type[Runner[RequestT, EventT, ResultT]],
+    *args: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    policy: RestartPolicy | None = None,
+    timeouts: Timeouts | None = None,
+    name: str | None = None,
+    start_method: str = "spawn",
+    preload: Sequence[str] = (),
+    window: int = 1024,
+    max_frame_size: int = proto.DEFAULT_MAX_FRAME,
+    raise_on_give_up: bool = True,
+    task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Supervise ``runner`` in a nursery you already have: ``sup = await nursery.start(...)``.
+
+    Takes the same arguments as :func:`open_supervisor` (use
+    ``functools.partial`` for the keyword ones). ``nursery.start`` returns the
+    :class:`Supervisor` as soon as the first runner process is being spawned.
+
+    **Cancellation:** cancelling this task shuts the runner down gracefully;
+    the task returns within ``Timeouts.shutdown_bound`` plus a small margin,
+    and no process is left behind. ``await sup.aclose()`` does the same.
+
+    Raises:
+        RestartLimitExceeded: the policy gave up (unless ``raise_on_give_up`` is False).
+        RunnerCrashed: the runner can never start (it could not be imported,
+            or the script lacks a main guard); raised at once, without restarts.
+    """
+    supervisor = Supervisor(
+        runner,
+        args,
+        kwargs,
+        policy=policy,
+        timeouts=timeouts,
+        name=name,
+        start_method=start_method,
+        preload=preload,
+        window=window,
+        max_frame_size=max_frame_size,
+        raise_on_give_up=raise_on_give_up,
+    )
+    await supervisor._run(task_status)  # pyright: ignore[reportPrivateUsage]
+
+
+def open_supervisor(
+    runner: type[Runner[RequestT, EventT, ResultT]],
+    *args: Any,
+    kwargs: Mapping[str, Any] | None = None,
+    policy: RestartPolicy | None = None,
+    timeouts: Timeouts | None = None,
+    name: str | None = None,
+    start_method: str = "spawn",
+    preload: Sequence[str] = (),
+    window: int = 1024,
+    max_frame_size: int = proto.DEFAULT_MAX_FRAME,
+    raise_on_give_up: bool = True,
+) -> AbstractAsyncContextManager[Supervisor[RequestT, EventT, ResultT]]:
+    """Run ``runner`` in a supervised child process for the duration of the block.
+
+    Args:
+        runner: a :class:`Runner` subclass, importable by its module path.
+        *args: positional arguments for the runner's constructor (picklable).
+        kwargs: keyword arguments for the runner's constructor (picklable).
+        policy: the :class:`RestartPolicy`; by default permanent, 2, 4, 8 ... 60 s, 10 restarts.
+        timeouts: the :class:`Timeouts`.
+        name: names the runner in logs; child output goes to the logger
+            ``trio_runner.runner.<name>``. Defaults to the class name.
+        start_method: ``"spawn"`` (default) or ``"forkserver"``.
+        preload: modules the forkserver imports once, so restarts skip them.
+        window: events in flight per task before ``ctx.emit`` blocks.
+        max_frame_size: the largest frame either side accepts; larger is a
+            protocol error.
+        raise_on_give_up: when the policy gives up, raise
+            :class:`RestartLimitExceeded` out of the block (the default, which
+            cancels the body), or only move to FAILED.
+
+    The block is entered as soon as the first runner process is being spawned;
+    tasks submitted before it is READY wait for it (``await sup.wait_ready()``
+    waits explicitly). Leaving the block is a graceful shutdown, bounded by
+    ``Timeouts.shutdown_bound`` plus a small margin.
+
+    **Exceptions:** an exception from the body propagates unchanged. When the
+    policy gives up, the body is cancelled and :class:`RestartLimitExceeded` is
+    raised on its own, not inside an ExceptionGroup; likewise the
+    :class:`RunnerCrashed` of a runner that can never start. Only when the body
+    and the supervisor fail at the same time do you get an ExceptionGroup
+    holding both.
+
+    Raises:
+        TypeError: the runner is not an importable Runner subclass, or its
+            arguments cannot be pickled. Raised at the call, before any await.
+        ValueError: an option is out of range. Raised at the call.
+    """
+    supervisor = Supervisor(
+        runner,
+        args,
+        kwargs,
+        policy=policy,
+        timeouts=timeouts,
+        name=name,
+        start_method=start_method,
+        preload=preload,
+        window=window,
+        max_frame_size=max_frame_size,
+        raise_on_give_up=raise_on_give_up,
+    )
+    return _open(supervisor)
+
+
+@asynccontextmanager
+async def _open(
+    supervisor: Supervisor[RequestT, EventT, ResultT],
+) -> AsyncGenerator[Supervisor[RequestT, EventT, ResultT]]:
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor._run)  # pyright: ignore[reportPrivateUsage]
+            try:
+                yield supervisor
+            finally:
+                with trio.CancelScope(shield=True):
+                    await supervisor.aclose()
+    except BaseExceptionGroup as group:
+        _reraise_unwrapped(group)
