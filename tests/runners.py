@@ -82,3 +82,13 @@ class EchoRunner(Runner[Any, Any, Any]):
             print(args[1], file=sys.stderr, flush=True)
             return None
         raise ValueError(f"unknown command {command!r}")
+
+
+class ConcurrentEchoRunner(EchoRunner):
+    """EchoRunner serving two tasks at once, in two threads."""
+
+    concurrency = 2
+
+
+class BadConcurrencyRunner(EchoRunner):
+    concurrency = 0

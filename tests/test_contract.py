@@ -159,7 +159,7 @@ def test_runner_defined_in_a_function_is_rejected_with_a_hint() -> None:
 
 
 def test_a_class_that_is_not_a_runner_is_rejected() -> None:
-    with pytest.raises(TypeError, match="subclass of trio_runner.Runner"):
+    with pytest.raises(TypeError, match=r"subclass of trio_runner\.Runner"):
         open_supervisor(dict)  # type: ignore[arg-type]
 
 
@@ -201,7 +201,9 @@ def test_timeouts_of_the_wrong_type_raise_type_error() -> None:
         ({"reset_after": 0}, "reset_after"),
     ],
 )
-def test_bad_policy_numbers_raise_value_error_naming_the_argument(kwargs: dict[str, object], name: str) -> None:
+def test_bad_policy_numbers_raise_value_error_naming_the_argument(
+    kwargs: dict[str, object], name: str
+) -> None:
     with pytest.raises(ValueError, match=name):
         RestartPolicy(**kwargs)  # type: ignore[arg-type]
 
@@ -247,7 +249,11 @@ async def test_child_output_goes_to_logging_line_by_line(caplog: pytest.LogCaptu
     caplog.set_level("INFO", logger="trio_runner.runner")
     async with open_supervisor(EchoRunner, name="printer") as sup:
         await sup.run(("print", "hello stdout", "hello stderr"))
-    records = [(r.name, r.levelname, r.getMessage()) for r in caplog.records if r.name.startswith("trio_runner.runner")]
+    records = [
+        (r.name, r.levelname, r.getMessage())
+        for r in caplog.records
+        if r.name.startswith("trio_runner.runner")
+    ]
     assert ("trio_runner.runner.printer", "INFO", "hello stdout") in records
     assert ("trio_runner.runner.printer", "WARNING", "hello stderr") in records
 
@@ -265,7 +271,9 @@ async def test_statistics_is_a_frozen_snapshot() -> None:
 
 
 async def test_importing_the_child_side_api_does_not_import_trio() -> None:
-    code = "import sys, trio_runner; from trio_runner import Runner, TaskContext; print('trio' in sys.modules)"
+    code = (
+        "import sys, trio_runner; from trio_runner import Runner, TaskContext; print('trio' in sys.modules)"
+    )
     result = await trio.run_process([os.sys.executable, "-c", code], capture_stdout=True)
     assert result.stdout.strip() == b"False"
 
@@ -281,3 +289,59 @@ def test_crash_and_give_up_errors_pickle_round_trip() -> None:
     assert crashed.exit == record
     gave_up = pickle.loads(pickle.dumps(trio_runner.RestartLimitExceeded(10, record)))
     assert (gave_up.restarts, gave_up.last_exit) == (10, record)
+
+
+async def test_a_consumer_that_stops_reading_stalls_only_its_own_task_and_memory_stays_bounded() -> None:
+    from .runners import ConcurrentEchoRunner
+
+    window = 64
+    async with open_supervisor(ConcurrentEchoRunner, window=window) as sup:
+        async with sup.stream(("count", 100_000)) as stalled:
+            first = await stalled.__anext__()  # then never read again
+            assert first == 0
+            with trio.fail_after(20):
+                assert await sup.run(("count", 20_000)) == 20_000
+            # The parent holds no more than one window of the stalled task's events.
+            assert len(stalled._task.events) <= window  # pyright: ignore[reportPrivateUsage]
+        # Leaving the block cancelled the stalled task; the runner is free.
+        with trio.fail_after(10):
+            assert await sup.run(("echo", "free")) == "free"
+
+
+def test_runner_concurrency_must_be_a_positive_int() -> None:
+    from .runners import BadConcurrencyRunner
+
+    with pytest.raises(ValueError, match="concurrency"):
+        open_supervisor(BadConcurrencyRunner)
+
+
+async def test_forkserver_with_preload_serves_and_restarts() -> None:
+    async with open_supervisor(EchoRunner, start_method="forkserver", preload=["json"], policy=FAST) as sup:
+        pid = await sup.run(("pid",))
+        with pytest.raises(trio_runner.RunnerCrashed):
+            await sup.run(("signal", 9))
+        assert await sup.run(("pid",)) != pid
+
+
+async def test_preload_without_forkserver_is_rejected() -> None:
+    with pytest.raises(ValueError, match="forkserver"):
+        open_supervisor(EchoRunner, preload=["json"])
+
+
+async def test_watch_reports_the_lifecycle_in_order() -> None:
+    async with open_supervisor(EchoRunner, policy=FAST) as sup:
+        with pytest.raises(trio_runner.RunnerCrashed):
+            await sup.run(("signal", 9))
+        await sup.wait_ready()
+    kinds = [type(change).__name__ async for change in sup.watch(replay=True)]
+    assert kinds == ["Spawned", "Ready", "Exited", "BackingOff", "Spawned", "Ready", "Exited", "Stopped"]
+
+
+async def test_a_cancel_reaches_a_busy_runner_promptly() -> None:
+    async with open_supervisor(EchoRunner) as sup, sup.stream(("spin_until_cancelled", 1)) as task:
+        await task.__anext__()
+        start = trio.current_time()
+        await task.cancel()
+        with pytest.raises(TaskCancelled):
+            await task.wait()
+        assert trio.current_time() - start < 0.5

@@ -270,6 +270,9 @@ def _load_runner(module: str, qualname: str, args_bytes: bytes) -> Runner[Any, A
     args, kwargs = pickle.loads(args_bytes)
     if not (isinstance(obj, type) and issubclass(obj, Runner)):
         raise TypeError(f"{module}.{qualname} is not a subclass of trio_runner.Runner")
+    concurrency = getattr(obj, "concurrency", 1)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise TypeError(f"{module}.{qualname}.concurrency must be an int >= 1, not {concurrency!r}")
     runner: Runner[Any, Any, Any] = obj(*args, **kwargs)  # pyright: ignore[reportUnknownVariableType]
     return runner
 
@@ -342,14 +345,29 @@ def main(
         die(proto.STAGE_SETUP, exc, 1)
     child.send((proto.READY, os.getpid()))
 
-    try:
-        while True:
-            ctx = child.tasks.get()
-            if ctx is None:
-                break
-            child.run_task(runner, ctx)
-    except BaseException as exc:
-        die(proto.STAGE_RUN, exc, 1)
+    def serve() -> None:
+        try:
+            while True:
+                ctx = child.tasks.get()
+                if ctx is None:
+                    child.tasks.put(None)  # for the next worker
+                    return
+                child.run_task(runner, ctx)
+        except BaseException as exc:
+            die(proto.STAGE_RUN, exc, 1)
+
+    concurrency = runner.concurrency
+    if concurrency == 1:
+        serve()  # in the main thread, where native libraries expect to run
+    else:
+        workers = [
+            threading.Thread(target=serve, name=f"trio-runner-task-{i}", daemon=True)
+            for i in range(concurrency)
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
     try:
         runner.teardown()
     except BaseException as exc:

@@ -64,9 +64,19 @@ class Runner(Generic[RequestT, EventT, ResultT]):
     supervisor was given, so the class must be importable by its module path
     (spawn starts a fresh interpreter and imports it there).
 
-    Lifecycle: ``setup()`` once, then ``handle()`` for each task, one at a time,
-    then ``teardown()`` on a graceful shutdown.
+    Lifecycle: ``setup()`` once, then ``handle()`` for each task, then
+    ``teardown()`` on a graceful shutdown.
+
+    Attributes:
+        concurrency: how many tasks ``handle()`` serves at once. With the
+            default of 1, tasks run one at a time in the child's main thread,
+            so a task whose consumer stops reading holds the runner until it
+            is cancelled. With N > 1, N threads serve tasks and ``handle()``
+            must be thread-safe; a stalled consumer then blocks only its own
+            task while the others keep flowing.
     """
+
+    concurrency: int = 1
 
     def setup(self) -> None:
         """Load the model, warm up. Raising here is a startup failure."""

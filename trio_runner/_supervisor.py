@@ -128,7 +128,7 @@ class _Incarnation:
         self.ready_at = 0.0
         self.last_frame: float | None = None
         self.last_progress = 0.0
-        self.running: int | None = None  # the task the child acknowledged last
+        self.running: set[int] = set()  # tasks the child acknowledged and has not finished
         self.fatal: tuple[str, str, str, str] | None = None
         self.kill_reason: ExitReason | None = None
         self.kill_detail = ""
@@ -305,6 +305,9 @@ def _describe_runner(cls: object) -> tuple[str, str]:
             f"runner class {qualname} is not importable as {module}.{qualname}; the child "
             "imports it by that path, so define it at module level under its own name"
         )
+    concurrency: object = getattr(cls, "concurrency", 1)
+    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
+        raise ValueError(f"{qualname}.concurrency={concurrency!r} must be an int >= 1 (tasks served at once)")
     if module == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
         raise TypeError(
             f"runner class {qualname} is defined in an interactive session, which the child "
@@ -1008,11 +1011,11 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         """Whether the runner should be making progress: a task runs and its consumer keeps up."""
         if not self._in_flight:
             return False
-        running = None if inc.running is None else self._in_flight.get(inc.running)
-        if running is None:
+        running = [task for task_id in inc.running if (task := self._in_flight.get(task_id)) is not None]
+        if not running:
             return True  # tasks sent, none acknowledged yet
         # A task whose window is full waits for its consumer, not for the runner.
-        return running.received - running.returned < self._window
+        return any(task.received - task.returned < self._window for task in running)
 
     # -- the incarnation's tasks ------------------------------------------------------
 
@@ -1063,7 +1066,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled")
                 )
             elif tag == proto.ACK:
-                inc.running = message[1]
+                inc.running.add(message[1])
                 inc.last_progress = now
             elif tag == proto.HELLO:
                 inc.hello = True
@@ -1086,8 +1089,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         error: TaskError | None = None,
     ) -> None:
         inc.last_progress = now
-        if inc.running == task_id:
-            inc.running = None
+        inc.running.discard(task_id)
         task = self._in_flight.get(task_id)
         if task is not None:
             self._finish(task, result=result, error=error)
@@ -1162,7 +1164,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     messages.append((proto.CANCEL, task_id))
                 else:
                     messages.append((proto.CREDIT, task_id, count))
-                    if task is not None and task is self._in_flight.get(inc.running or -1):
+                    if task_id in inc.running:
                         inc.last_progress = trio.current_time()
             if not messages:
                 continue
