@@ -28,7 +28,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any
+from typing import Any, cast
 
 from . import _protocol as proto
 from ._errors import TaskCancelled
@@ -270,7 +270,7 @@ def _load_runner(module: str, qualname: str, args_bytes: bytes) -> Runner[Any, A
     args, kwargs = pickle.loads(args_bytes)
     if not (isinstance(obj, type) and issubclass(obj, Runner)):
         raise TypeError(f"{module}.{qualname} is not a subclass of trio_runner.Runner")
-    concurrency = getattr(obj, "concurrency", 1)
+    concurrency: object = getattr(cast(Any, obj), "concurrency", 1)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise TypeError(f"{module}.{qualname}.concurrency must be an int >= 1, not {concurrency!r}")
     runner: Runner[Any, Any, Any] = obj(*args, **kwargs)  # pyright: ignore[reportUnknownVariableType]

@@ -27,7 +27,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Generic, NoReturn, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar, cast
 
 import trio
 
@@ -305,7 +305,7 @@ def _describe_runner(cls: object) -> tuple[str, str]:
             f"runner class {qualname} is not importable as {module}.{qualname}; the child "
             "imports it by that path, so define it at module level under its own name"
         )
-    concurrency: object = getattr(cls, "concurrency", 1)
+    concurrency: object = getattr(cast(Any, cls), "concurrency", 1)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"{qualname}.concurrency={concurrency!r} must be an int >= 1 (tasks served at once)")
     if module == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
