@@ -49,6 +49,10 @@ class Child:
         self.max_frame = max_frame
         self.heartbeat_interval = heartbeat_interval
         self.lock = threading.Lock()
+        # Held by whoever writes to the socket, taken *before* the outbox, so
+        # batches go out in the order they were taken.
+        self.send_lock = threading.Lock()
+        self.last_sent = time.monotonic()
         self.credit_available = threading.Condition(self.lock)
         self.outbox: list[Any] = []
         self.wake = threading.Event()
@@ -66,10 +70,11 @@ class Child:
 
     # -- outgoing ---------------------------------------------------------
 
-    def send(self, message: tuple[Any, ...]) -> None:
+    def send(self, message: tuple[Any, ...], *, wake: bool = True) -> None:
         with self.lock:
             self.outbox.append(message)
-            self._wake_writer()
+            if wake:
+                self._wake_writer()
 
     def _wake_writer(self) -> None:
         # Called with the lock held. The writer clears ``wake`` before it resets
@@ -97,26 +102,50 @@ class Child:
             self._wake_writer()
 
     def _write_loop(self) -> None:
-        last_sent = time.monotonic()
         while True:
             self.wake.wait(self.heartbeat_interval)
             self.wake.clear()
+            with self.send_lock:
+                with self.lock:
+                    self.wake_pending = False
+                    batch = self.outbox
+                    self.outbox = []
+                    closing = self.closing
+                if not batch:
+                    if closing:
+                        return
+                    if self.heartbeat_paused or time.monotonic() - self.last_sent < self.heartbeat_interval:
+                        continue
+                    batch = [(proto.HEARTBEAT,)]
+                if not self._send_batch(batch):
+                    return  # the parent is gone; the reader thread handles that
+
+    def _send_batch(self, batch: list[Any]) -> bool:
+        """Write one batch; called with ``send_lock`` held. False if the socket is gone."""
+        try:
+            self.sock.sendall(self._encode(batch))
+        except OSError:
+            return False
+        self.last_sent = time.monotonic()
+        return True
+
+    def flush_nowait(self) -> None:
+        """Send the outbox from the calling thread if no one else is sending.
+
+        A task's outcome goes out at once instead of waiting for the writer
+        thread to be scheduled: a thread hand-off per task is most of a round
+        trip. If the writer is busy, it was woken and sends the outbox itself.
+        """
+        if not self.send_lock.acquire(blocking=False):
+            return
+        try:
             with self.lock:
-                self.wake_pending = False
                 batch = self.outbox
                 self.outbox = []
-                closing = self.closing
-            if not batch:
-                if closing:
-                    return
-                if self.heartbeat_paused or time.monotonic() - last_sent < self.heartbeat_interval:
-                    continue
-                batch = [(proto.HEARTBEAT,)]
-            try:
-                self.sock.sendall(self._encode(batch))
-            except OSError:
-                return  # the parent is gone; the reader thread handles that
-            last_sent = time.monotonic()
+            if batch:
+                self._send_batch(batch)
+        finally:
+            self.send_lock.release()
 
     def _encode(self, batch: list[Any]) -> bytes:
         try:
@@ -223,7 +252,8 @@ class Child:
         if ctx.cancelled:
             outcome = (proto.CANCELLED, task_id)
         else:
-            self.send((proto.ACK, task_id))
+            # Rides along with the task's first events or its outcome.
+            self.send((proto.ACK, task_id), wake=False)
             try:
                 request = pickle.loads(request_bytes)
                 del request_bytes
@@ -243,6 +273,7 @@ class Child:
             del self.contexts[task_id]
             self.outbox.append(outcome)
             self._wake_writer()
+        self.flush_nowait()
 
 
 class InheritedFd:
