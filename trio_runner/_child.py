@@ -34,6 +34,15 @@ from . import _protocol as proto
 from ._errors import TaskCancelled
 from ._runner import Runner, TaskContext
 
+_MAX_TEXT = 64 * 1024
+
+
+def _truncate(text: str) -> str:
+    """Tracebacks can be huge (a recursion error); the parent needs the end of them."""
+    if len(text) <= _MAX_TEXT:
+        return text
+    return "[... truncated ...]\n" + text[-_MAX_TEXT:]
+
 
 def _format_exception(exc: BaseException) -> tuple[str, str, str]:
     kind = type(exc)
@@ -85,7 +94,7 @@ class Child:
 
     def emit(self, ctx: TaskContext[Any], event: Any) -> None:
         with self.lock:
-            while ctx._credits <= 0:  # pyright: ignore[reportPrivateUsage]
+            while ctx._credits <= 0 and not ctx._failed:  # pyright: ignore[reportPrivateUsage]
                 if ctx.cancelled:
                     raise TaskCancelled(f"task {ctx.task_id} was cancelled while its consumer lagged")
                 self.credit_available.wait()
@@ -119,6 +128,8 @@ class Child:
                     batch = [(proto.HEARTBEAT,)]
                 if not self._send_batch(batch):
                     return  # the parent is gone; the reader thread handles that
+                if closing:
+                    return
 
     def _send_batch(self, batch: list[Any]) -> bool:
         """Write one batch; called with ``send_lock`` held. False if the socket is gone."""
@@ -148,34 +159,47 @@ class Child:
             self.send_lock.release()
 
     def _encode(self, batch: list[Any]) -> bytes:
-        try:
-            frame = proto.encode(batch)
-        except Exception:
-            frame = b"".join(self._encode_one(message) for message in batch)
-        if len(frame) - proto.HEADER.size > self.max_frame:
-            frame = b"".join(self._encode_one(message) for message in batch)
-        return frame
+        """Frames for ``batch``: payloads pickled one by one, frames kept under the size limit."""
+        frames: list[bytes] = []
+        messages: list[Any] = []
+        size = 0
+        limit = self.max_frame // 2
+        for message in batch:
+            tag = message[0]
+            if tag == proto.EVENTS or tag == proto.RESULT:
+                message = self._pack_payload(message)
+            elif tag == proto.ERROR or tag == proto.FATAL:
+                message = (*message[:-1], _truncate(message[-1]))
+            item_size = 64 + (len(message[2]) if tag == proto.EVENTS or tag == proto.RESULT else 0)
+            if messages and size + item_size > limit:
+                frames.append(proto.encode(messages))
+                messages, size = [], 0
+            messages.append(message)
+            size += item_size
+        if messages:
+            frames.append(proto.encode(messages))
+        return b"".join(frames)
 
-    def _encode_one(self, message: tuple[Any, ...]) -> bytes:
-        """Encode a message on its own; one that cannot be sent fails its task instead."""
+    def _pack_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        """Pickle an EVENTS or RESULT payload; one that cannot be sent fails its task instead."""
+        tag, task_id, payload = message
         try:
-            frame = proto.encode([message])
-            if len(frame) - proto.HEADER.size > self.max_frame:
+            data = pickle.dumps(payload, protocol=proto.PICKLE_PROTOCOL)
+            if len(data) > self.max_frame - 1024:
                 raise ValueError(
-                    f"message of {len(frame)} bytes exceeds the maximum frame size of {self.max_frame} bytes"
+                    f"{'events' if tag == proto.EVENTS else 'the result'} pickle to {len(data)} bytes, "
+                    f"more than max_frame_size={self.max_frame}"
                 )
         except Exception as exc:
-            if len(message) < 2 or not isinstance(message[1], int):
-                raise
-            task_id: int = message[1]
             with self.lock:
                 ctx = self.contexts.get(task_id)
                 if ctx is not None:
                     ctx._failed = True  # pyright: ignore[reportPrivateUsage]
                     ctx.cancelled = True
+                    self.credit_available.notify_all()  # an emit waiting for credits must see it
             name, text, tb = _format_exception(exc)
-            return proto.encode([(proto.ERROR, task_id, name, f"could not send to the parent: {text}", tb)])
-        return frame
+            return (proto.ERROR, task_id, name, f"could not send to the parent: {text}", _truncate(tb))
+        return (tag, task_id, data)
 
     def close_writer(self, timeout: float) -> None:
         """Flush what is queued, then stop the writer thread."""
@@ -200,8 +224,9 @@ class Child:
                         self._dispatch(message)
         except (OSError, proto.FrameError):
             pass
-        if not self.shutdown_requested:
-            self._orphaned()
+        # The parent closes its end only after this process has been reaped, so
+        # end-of-file means the parent is gone, even after a Shutdown message.
+        self._orphaned()
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         tag = message[0]

@@ -90,7 +90,10 @@ class RestartPolicy:
 
     def delay(self, failures: int) -> float:
         """The backoff before restart number ``failures`` in a row (1-based), before jitter."""
-        return min(self.initial_delay * self.factor ** (failures - 1), self.max_delay)
+        try:
+            return min(self.initial_delay * self.factor ** (failures - 1), self.max_delay)
+        except OverflowError:  # a long crash loop with max_restarts set very high
+            return self.max_delay
 
 
 @dataclass(frozen=True)

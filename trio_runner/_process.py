@@ -125,6 +125,7 @@ class ProcessWorker:
         self._abandoned = False
         self._process: Any = None
         self._pid: int | None = None
+        self._reaped = False
         self._stream: trio.SocketStream | None = None
         self._out_fds: list[int] = []
         self._closed = False
@@ -198,7 +199,12 @@ class ProcessWorker:
 
     async def send_all(self, data: bytes) -> None:
         assert self._stream is not None
-        await self._stream.send_all(data)
+        try:
+            await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # The child is gone. Its death watch reports that; a send racing it
+            # must not turn a crash into an error of the supervisor's own.
+            await trio.lowlevel.checkpoint()
 
     async def receive_some(self) -> bytes:
         assert self._stream is not None
@@ -220,13 +226,21 @@ class ProcessWorker:
                     code = process.exitcode
         if code is None:
             return ExitStatus(exitcode=None, signal=None, reaped=False)
+        self._reaped = True
         if code < 0:
             return ExitStatus(exitcode=None, signal=-code)
         return ExitStatus(exitcode=code, signal=None)
 
     def signal(self, signum: int) -> None:
         pid = self.pid
-        if pid is not None:
+        if pid is None:
+            return
+        if self._reaped:
+            # The pid may already belong to someone else; only the group that
+            # the runner led (its grandchildren) may still need the signal.
+            with contextlib.suppress(OSError):
+                os.killpg(pid, signum)
+        else:
             signal_group(pid, signum)
 
     async def pump_output(self, on_line: Callable[[str, str], None]) -> None:

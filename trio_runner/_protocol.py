@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pickle
 import struct
+from collections.abc import Iterator
 from typing import Any, Final
 
 PICKLE_PROTOCOL: Final = 5
@@ -29,8 +30,8 @@ SHUTDOWN: Final = 4  # (SHUTDOWN,)
 HELLO: Final = 10  # (HELLO, pid)  the runner class and its args loaded; setup starts
 READY: Final = 11  # (READY, pid)  setup returned
 ACK: Final = 12  # (ACK, task_id)  handle() was entered
-EVENTS: Final = 13  # (EVENTS, task_id, [event, ...])
-RESULT: Final = 14  # (RESULT, task_id, value)
+EVENTS: Final = 13  # (EVENTS, task_id, pickle of [event, ...])
+RESULT: Final = 14  # (RESULT, task_id, pickle of value)
 ERROR: Final = 15  # (ERROR, task_id, remote_type, message, traceback)
 CANCELLED: Final = 16  # (CANCELLED, task_id)
 HEARTBEAT: Final = 17  # (HEARTBEAT,)
@@ -41,6 +42,10 @@ STAGE_LOAD: Final = "load"  # importing the runner class or unpickling its args
 STAGE_SETUP: Final = "setup"
 STAGE_RUN: Final = "run"
 STAGE_TEARDOWN: Final = "teardown"
+
+# Events and results travel pickled on their own inside the frame, like requests
+# the other way: a payload that does not pickle (or unpickle) fails its one task
+# instead of breaking the whole connection.
 
 # Exit code of a child that could not even load its runner: nothing a restart can fix.
 EXIT_LOAD_FAILED: Final = 97
@@ -82,23 +87,29 @@ class FrameReader:
         self._buffer = bytearray()
         self._max_frame = max_frame
 
-    def feed(self, data: bytes | bytearray | memoryview) -> list[list[Any]]:
+    def feed(self, data: bytes | bytearray | memoryview) -> Iterator[list[Any]]:
+        """Yield each whole frame's messages in turn.
+
+        A generator, so the batches before a corrupt frame are handed over
+        before the error is raised: a result sent just before is never lost.
+        """
         buffer = self._buffer
         buffer += data
-        batches: list[list[Any]] = []
         start = 0
         size = len(buffer)
-        while size - start >= HEADER.size:
-            length = frame_length(buffer[start : start + HEADER.size], self._max_frame)
-            end = start + HEADER.size + length
-            if end > size:
-                break
-            with memoryview(buffer) as view:
-                batches.append(decode(view[start + HEADER.size : end]))
-            start = end
-        if start:
-            del buffer[:start]
-        return batches
+        try:
+            while size - start >= HEADER.size:
+                length = frame_length(buffer[start : start + HEADER.size], self._max_frame)
+                end = start + HEADER.size + length
+                if end > size:
+                    break
+                with memoryview(buffer) as view:
+                    batch = decode(view[start + HEADER.size : end])
+                start = end
+                yield batch
+        finally:
+            if start:
+                del buffer[:start]
 
     @property
     def pending(self) -> int:

@@ -23,6 +23,7 @@ import pickle
 import queue
 import signal
 import sys
+import traceback
 import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
@@ -70,6 +71,8 @@ _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
 _CHECKPOINT_EVERY = 64
 _WATCH_BUFFER = 1024
+_LOG_QUEUE_SIZE = 10_000  # child output lines waiting for slow log handlers
+_LOG_FLUSH_BOUND = 1.0
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
 
 
@@ -335,22 +338,14 @@ def _check_not_bootstrapping() -> None:
         )
 
 
-def _unwrap_single(group: BaseExceptionGroup[BaseException]) -> BaseException | None:
-    """The one exception inside ``group`` (recursively), or None if there are several."""
-    exceptions = group.exceptions
-    if len(exceptions) != 1:
-        return None
-    inner = exceptions[0]
-    if isinstance(inner, BaseExceptionGroup):
-        return _unwrap_single(inner)  # pyright: ignore[reportUnknownArgumentType]
-    return inner
-
-
 def _reraise_unwrapped(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Raise the one exception inside ``group`` on its own, or the group if it holds several."""
-    single = _unwrap_single(group)
-    if single is None:
+    """Strip the one level of ExceptionGroup our own nursery added, if it holds one exception.
+
+    Only that level: a group the caller's body raised itself comes out unchanged.
+    """
+    if len(group.exceptions) != 1:
         raise group
+    single = group.exceptions[0]
     context = single.__context__
     try:
         raise single
@@ -426,7 +421,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._pending: dict[int, _Task] = {}
         self._in_flight: dict[int, _Task] = {}
         self._pending_wake = trio.Event()
-        self._control_send, self._control_recv = trio.open_memory_channel[tuple[int, int | None, int]](
+        self._control_send, self._control_recv = trio.open_memory_channel[tuple[int, int | None, int, int]](
             math.inf
         )
         self._inc: _Incarnation | None = None
@@ -437,10 +432,12 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._stop_event = trio.Event()
         self._done = trio.Event()
         self._main_scope: trio.CancelScope | None = None
+        self._deferred_failure: Callable[[], RunnerUnavailable] | None = None
         self._history: deque[LifecycleChange] = deque(maxlen=_WATCH_BUFFER)
         self._watchers: weakref.WeakSet[_Watcher] = weakref.WeakSet()
         self._child_logger = logging.getLogger(f"trio_runner.runner.{name}")
-        self._log_queue: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
+        self._log_queue: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=_LOG_QUEUE_SIZE)
+        self._log_dropped = 0
         self._log_listener = logging.handlers.QueueListener(
             self._log_queue, _ForwardToLogger(self._child_logger)
         )
@@ -482,10 +479,14 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 watcher started late still sees the whole story.
         """
         watcher = _Watcher()
+        history = self._history
         if replay:
-            for change in self._history:
+            for change in history:
                 watcher.push(change)
-        if not (replay and self._history and isinstance(self._history[-1], Stopped)):
+        if history and isinstance(history[-1], Stopped):
+            if not replay:
+                watcher.push(history[-1])  # nothing more will happen: end at once
+        else:
             self._watchers.add(watcher)
         return watcher
 
@@ -546,7 +547,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if self._in_flight and inc is not None:
             # Tagged with the incarnation, so a cancel-all left over from one that
             # died never reaches the next.
-            self._control_send.send_nowait((proto.CANCEL, None, inc.number))
+            self._control_send.send_nowait((proto.CANCEL, None, 0, inc.number))
             for task in self._in_flight.values():
                 task.cancel_sent = True
         await trio.lowlevel.checkpoint()
@@ -600,7 +601,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
         elif not task.cancel_sent:
             task.cancel_sent = True
-            self._control_send.send_nowait((proto.CANCEL, task.id, 0))
+            self._control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
 
     def _finish(
         self, task: _Task, result: Any = None, error: TaskError | RunnerUnavailable | None = None
@@ -626,7 +627,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     def _consumed(self, task: _Task, count: int) -> None:
         task.unreturned += count
         if task.unreturned >= self._credit_batch and not task.done:
-            self._control_send.send_nowait((proto.CREDIT, task.id, task.unreturned))
+            self._control_send.send_nowait((proto.CREDIT, task.id, task.unreturned, task.incarnation))
             task.returned += task.unreturned
             task.unreturned = 0
 
@@ -661,7 +662,11 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             record = log.makeRecord(log.name, level, "(runner)", 0, "%s", (line,), None)
             record.runner_pid = inc.worker.pid
             record.runner_stream = stream
-            self._log_queue.put_nowait(record)
+            try:
+                self._log_queue.put_nowait(record)
+            except queue.Full:
+                # The handlers cannot keep up: drop lines rather than memory or the loop.
+                self._log_dropped += 1
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -703,9 +708,16 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         except BaseExceptionGroup as group:
             _reraise_unwrapped(group)
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._log_listener.stop)
+            with trio.CancelScope(shield=True), trio.move_on_after(_LOG_FLUSH_BOUND):
+                # Bounded: a slow log handler must not hold up the shutdown.
+                await trio.to_thread.run_sync(self._log_listener.stop, abandon_on_cancel=True)
             self._done.set()
+            if self._deferred_failure is not None:
+                # No await after this: the failure leaves this task first and
+                # cancels the caller's body; the tasks still waiting fail after,
+                # so the body sees one clear error rather than a group of
+                # RunnerUnavailable beside it.
+                trio.lowlevel.current_trio_token().run_sync_soon(self._fail_all, self._deferred_failure)
 
     async def _main_loop(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
         started = False
@@ -773,10 +785,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             if failure is None:
                 self._fail_all(error)
             else:
-                # The failure cancels the caller's body first; the tasks still
-                # waiting fail after that, so the body sees one clear error
-                # rather than a group of RunnerUnavailable beside it.
-                trio.lowlevel.current_trio_token().run_sync_soon(self._fail_all, error)
+                self._deferred_failure = error
         if failure is not None:
             raise failure
 
@@ -804,7 +813,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     def _settle_in_flight(self, record: ExitRecord) -> None:
         retried: dict[int, _Task] = {}
         for task in list(self._in_flight.values()):
-            if task.retry and not task.released and record.reason is not ExitReason.REQUESTED:
+            if task.cancel_sent:
+                # Cancelled, and the runner died before confirming: that is its outcome.
+                self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled"))
+            elif task.retry and not task.released and record.reason is not ExitReason.REQUESTED:
                 del self._in_flight[task.id]
                 task.events.clear()
                 task.received = task.returned = task.unreturned = 0
@@ -827,11 +839,17 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         try:
             await worker.start()
         except Exception as exc:
+            with trio.CancelScope(shield=True):
+                await worker.aclose()
             return ExitRecord(
                 ExitReason.STARTUP_FAILED,
                 incarnation=inc.number,
                 detail=f"could not start the runner process: {type(exc).__name__}: {exc}",
             )
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await worker.aclose()
+            raise
         inc.spawned_at = inc.last_progress = trio.current_time()
         logger.info("runner %r spawned (pid %s, incarnation %d)", self.name, worker.pid, inc.number)
         self._emit(Spawned(inc.number, worker.pid))
@@ -1047,7 +1065,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 inc.last_progress = now
                 if task is None or task.done:
                     return
-                events = message[2]
+                events = self._unpack(task, message[2], "an event")
+                if events is None:
+                    return
                 task.received += len(events)
                 if task.released:
                     self._consumed(task, len(events))
@@ -1057,7 +1077,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             elif tag == proto.HEARTBEAT:
                 pass
             elif tag == proto.RESULT:
-                self._task_outcome(inc, message[1], now, result=message[2])
+                task = self._in_flight.get(message[1])
+                result = None if task is None else self._unpack(task, message[2], "the result")
+                if task is not None and not task.done:
+                    self._task_outcome(inc, message[1], now, result=result)
             elif tag == proto.ERROR:
                 _, task_id, remote_type, text, tb = message
                 self._task_outcome(inc, task_id, now, error=TaskFailed(remote_type, text, tb))
@@ -1079,6 +1102,25 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 raise proto.FrameError(f"unknown message tag {tag!r}")
         except (IndexError, TypeError, ValueError, KeyError) as exc:
             raise proto.FrameError(f"malformed message {message!r:.200}: {exc}") from exc
+
+    def _unpack(self, task: _Task, payload: bytes, what: str) -> Any:
+        """Unpickle one task's payload; if this process cannot, that task alone fails."""
+        try:
+            return pickle.loads(payload)
+        except Exception as exc:
+            self._finish(
+                task,
+                error=TaskFailed(
+                    type(exc).__qualname__,
+                    f"the parent could not unpickle {what} of task {task.id}: {exc}",
+                    "".join(traceback.format_exception(exc)),
+                ),
+            )
+            # The runner may still be working on it: stop it. Without credits its
+            # emit then raises TaskCancelled instead of blocking for ever.
+            task.cancel_sent = True
+            self._control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
+            return None
 
     def _task_outcome(
         self,
@@ -1153,13 +1195,16 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 except trio.WouldBlock:
                     break
             messages: list[Any] = []
-            for tag, task_id, count in items:
-                task = None if task_id is None else self._in_flight.get(task_id)
-                if task_id is None:
-                    if count != inc.number:
-                        continue  # a cancel-all meant for an incarnation that is gone
-                elif task is None or task.incarnation != inc.number:
-                    continue  # finished, or meant for an incarnation that is gone
+            for tag, task_id, count, incarnation in items:
+                # Items are tagged with the incarnation they were meant for at the
+                # moment they were queued: one left over from a runner that died
+                # never reaches the next (a stale credit would over-grant a window).
+                if incarnation != inc.number:
+                    continue
+                if tag == proto.CREDIT and task_id not in self._in_flight:
+                    continue  # finished meanwhile
+                # A cancel still goes out for a task the parent already ended (say,
+                # its event did not unpickle): the runner must stop working on it.
                 if tag == proto.CANCEL:
                     messages.append((proto.CANCEL, task_id))
                 else:
