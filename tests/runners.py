@@ -12,6 +12,13 @@ from typing import Any
 from trio_runner import Runner, TaskContext
 
 
+class NeedsTwoArguments(Exception):
+    """Pickles, but does not unpickle: ``__init__`` needs two arguments."""
+
+    def __init__(self, a: object, b: object) -> None:
+        super().__init__(a)
+
+
 class EchoRunner(Runner[Any, Any, Any]):
     """A small runner driven by the request: ``(command, *args)``."""
 
@@ -77,6 +84,18 @@ class EchoRunner(Runner[Any, Any, Any]):
         if command == "grandchild":
             proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
             return proc.pid
+        if command == "unpicklable_event":
+            ctx.emit(1)
+            ctx.emit(lambda: 0)  # cannot be pickled
+            ctx.emit(2)  # with a window of 2 this would wait for credits
+            return "done"
+        if command == "grandchild_then_die":
+            subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+            ctx.emit("x")
+            time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if command == "unpicklable_result":
+            return NeedsTwoArguments(1, 2)
         if command == "print":
             print(args[0], flush=True)
             print(args[1], file=sys.stderr, flush=True)

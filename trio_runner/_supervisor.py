@@ -865,6 +865,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 with inc.death_scope:
                     status = await worker.wait(self._timeouts.kill)
                 inc.exited.set()
+                # Grandchildren go with it, gracefully or not; they would also
+                # hold the stdio pipes open and delay the drain below.
+                worker.signal(signal.SIGKILL)
                 # Drain to EOF first, or a result sent just before the crash is lost.
                 with trio.move_on_after(_DRAIN_BOUND):
                     await inc.eof.wait()
