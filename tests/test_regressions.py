@@ -117,3 +117,31 @@ async def test_crash_exit_is_reported_promptly() -> None:
             await sup.run(("exit", 3))
         # No writer-thread or drain delay of a second on the way.
         assert time.monotonic() - start < 0.8
+
+
+async def test_a_retry_task_that_is_never_rerun_ends_with_its_crash() -> None:
+    async with open_supervisor(EchoRunner, policy=RestartPolicy(mode="temporary")) as sup:
+        with pytest.raises(RunnerCrashed) as info:
+            await sup.run(("signal", 9), retry=True)
+        assert info.value.exit.signal == 9
+
+
+async def test_a_retried_stream_counts_its_attempts() -> None:
+    async with open_supervisor(EchoRunner, policy=FAST) as sup:
+        await sup.wait_ready()
+        async with sup.stream(("grandchild_then_die",), retry=True) as task:
+            assert task.attempt == 1
+            assert await task.__anext__() == "x"
+            with trio.fail_after(10):
+                assert await task.__anext__() == "x"  # the re-run streams from the start
+            assert task.attempt == 2
+            await task.cancel()
+
+
+async def test_submitting_in_a_cancelled_scope_raises_cancelled_not_unavailable() -> None:
+    async with open_supervisor(EchoRunner) as sup:
+        await sup.wait_ready()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await sup.run(("echo", 1))  # stopped supervisor, but the cancel comes first
+    assert scope.cancelled_caught

@@ -115,12 +115,36 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     from ._errors import TrioRunnerError
 
+    expected = (TrioRunnerError, trio.TooSlowError)
     try:
         return trio.run(_run, args.command, args)
     except KeyboardInterrupt:
         # A SIGINT outside the signal receiver (while trio starts or stops).
         print(f"{PROG}: interrupted", file=sys.stderr, flush=True)
         return 128 + signal.SIGINT
-    except (TrioRunnerError, trio.TooSlowError) as exc:
-        print(f"{PROG}: error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+    except expected as exc:
+        _report(exc)
         return EXIT_FAILED
+    except BaseExceptionGroup as group:
+        # Only failures the command expects are reported in a line; anything else is a bug.
+        matched, rest = group.split(expected)
+        if matched is None or rest is not None:
+            raise
+        for exc in _leaves(matched):
+            _report(exc)
+        return EXIT_FAILED
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    leaves: list[BaseException] = []
+    for exc in group.exceptions:
+        if isinstance(exc, BaseExceptionGroup):
+            leaves.extend(_leaves(exc))  # pyright: ignore[reportUnknownArgumentType]
+        else:
+            leaves.append(exc)
+    return leaves
+
+
+def _report(exc: BaseException) -> None:
+    first_line = (str(exc).splitlines() or [""])[0]
+    print(f"{PROG}: error: {type(exc).__name__}: {first_line}", file=sys.stderr, flush=True)

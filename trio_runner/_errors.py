@@ -14,7 +14,8 @@ class ExitReason(enum.Enum):
     """Why an incarnation of the runner ended."""
 
     REQUESTED = "requested"
-    """Shutdown was asked for, and the runner exited within grace."""
+    """Shutdown was asked for. ``ExitRecord.stopped_by`` says whether the runner
+    exited by itself within grace (SHUTDOWN) or had to be signalled (SIGTERM, SIGKILL)."""
     CLEAN_EXIT = "clean_exit"
     """Exit code 0 that nobody asked for."""
     ERROR_EXIT = "error_exit"

@@ -91,6 +91,8 @@ class SupervisorStatistics:
         uptime: seconds since the current runner became READY (0 if not ready).
         last_exit: how the previous incarnation ended, if any did.
         tasks_completed: tasks that ended, in any outcome.
+        log_lines_dropped: lines of child output dropped because the log
+            handlers fell more than 10,000 lines behind.
     """
 
     state: RunnerState
@@ -103,3 +105,4 @@ class SupervisorStatistics:
     uptime: float
     last_exit: ExitRecord | None
     tasks_completed: int
+    log_lines_dropped: int = 0

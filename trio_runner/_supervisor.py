@@ -13,6 +13,7 @@ within ``Timeouts.shutdown_bound``: cancellation never leaves a process behind.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import logging.handlers
@@ -80,7 +81,9 @@ class _Task:
     """The supervisor's record of one submitted task."""
 
     __slots__ = (
+        "attempt",
         "cancel_sent",
+        "crashed",
         "done",
         "error",
         "events",
@@ -111,6 +114,8 @@ class _Task:
         self.unreturned = 0  # events consumed whose credits are not yet sent back
         self.released = False  # the caller left the stream block
         self.cancel_sent = False
+        self.attempt = 1
+        self.crashed: ExitRecord | None = None  # the crash a retry=True task is waiting out
 
     def wake(self) -> None:
         waiter = self.waiter
@@ -179,6 +184,15 @@ class TaskHandle(Generic[EventT, ResultT]):
     def done(self) -> bool:
         """True once the task has its outcome."""
         return self._task.done
+
+    @property
+    def attempt(self) -> int:
+        """1, then 2, 3 ... each time a ``retry=True`` task is re-run after a crash.
+
+        A re-run streams its events again from the start: a consumer that must
+        not see an event twice checks ``attempt`` as it iterates.
+        """
+        return self._task.attempt
 
     def __aiter__(self) -> TaskHandle[EventT, ResultT]:
         return self
@@ -466,6 +480,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             uptime=uptime,
             last_exit=self._last_exit,
             tasks_completed=self._completed,
+            log_lines_dropped=self._log_dropped,
         )
 
     def watch(self, *, replay: bool = False) -> AsyncIterator[LifecycleChange]:
@@ -533,6 +548,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         the task ends cancels it in the runner and returns at once; it never
         waits for a runner that ignores the cancel.
         """
+        # If the caller is already cancelled (say, the policy just gave up and
+        # cancelled the body), that wins over RunnerUnavailable.
+        await trio.lowlevel.checkpoint_if_cancelled()
         task = self._submit(request, retry)
         try:
             yield TaskHandle(self, task)
@@ -620,9 +638,17 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._completed += 1
         task.wake()
 
-    def _fail_all(self, error: Callable[[], TaskError | RunnerUnavailable]) -> None:
+    def _fail_all(self, error: Callable[[], TaskError | RunnerUnavailable], *, crashes: bool = False) -> None:
+        """End every pending and in-flight task with ``error()``.
+
+        With ``crashes``, a retry=True task waiting out a crash ends with that
+        crash instead: the runner will not come back for it.
+        """
         for task in [*self._pending.values(), *self._in_flight.values()]:
-            self._finish(task, error=error())
+            if crashes and task.crashed is not None:
+                self._finish(task, error=RunnerCrashed(task.crashed))
+            else:
+                self._finish(task, error=error())
 
     def _consumed(self, task: _Task, count: int) -> None:
         task.unreturned += count
@@ -717,7 +743,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 # cancels the caller's body; the tasks still waiting fail after,
                 # so the body sees one clear error rather than a group of
                 # RunnerUnavailable beside it.
-                trio.lowlevel.current_trio_token().run_sync_soon(self._fail_all, self._deferred_failure)
+                trio.lowlevel.current_trio_token().run_sync_soon(
+                    functools.partial(self._fail_all, self._deferred_failure, crashes=True)
+                )
 
     async def _main_loop(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
         started = False
@@ -783,7 +811,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._emit(Stopped(self._state, self._last_exit))
             error = lambda: RunnerUnavailable(self._unavailable_reason())  # noqa: E731
             if failure is None:
-                self._fail_all(error)
+                self._fail_all(error, crashes=not self._stop_requested)
             else:
                 self._deferred_failure = error
         if failure is not None:
@@ -821,6 +849,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 task.events.clear()
                 task.received = task.returned = task.unreturned = 0
                 task.cancel_sent = False
+                task.attempt += 1
+                task.crashed = record
                 retried[task.id] = task
             else:
                 self._finish(task, error=RunnerCrashed(record))

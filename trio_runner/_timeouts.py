@@ -19,7 +19,7 @@ class Timeouts:
             killed as ``HUNG``.
         heartbeat: no frame at all for this long means the runner is frozen
             (SIGSTOPped, GIL deadlock): killed as ``HUNG``. The child beats four
-            times per period, at most once a second.
+            times per period, and at least once a second.
         stall: a busy runner (a task started and its consumer keeping up) that
             sends nothing for this long is killed as ``HUNG``. None disables it.
         graceful: the Shutdown message until exit.
