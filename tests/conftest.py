@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -20,10 +21,7 @@ def _descendants() -> list[psutil.Process]:
             cmdline = " ".join(proc.cmdline())
             if "forkserver" in cmdline or "resource_tracker" in cmdline:
                 continue
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                found.append(proc)
-                continue
-            found.append(proc)
+            found.append(proc)  # zombies included: an unreaped child is a leak too
         except psutil.NoSuchProcess:
             continue
     return found
@@ -42,8 +40,6 @@ def no_leftover_processes() -> Iterator[None]:
             return
         time.sleep(0.05)
     for proc in leftover:
-        try:
+        with contextlib.suppress(OSError):
             os.kill(proc.pid, 9)
-        except OSError:
-            pass
     pytest.fail(f"the test left processes behind: {[(p.pid, p.name()) for p in leftover]}")

@@ -145,3 +145,14 @@ async def test_submitting_in_a_cancelled_scope_raises_cancelled_not_unavailable(
         scope.cancel()
         await sup.run(("echo", 1))  # stopped supervisor, but the cancel comes first
     assert scope.cancelled_caught
+
+
+def test_a_corrupt_frame_behind_a_good_one_in_one_read_raises_frame_error() -> None:
+    from trio_runner import _protocol as proto
+
+    reader = proto.FrameReader(1 << 20)
+    data = proto.encode([(proto.HEARTBEAT,)]) + proto.HEADER.pack(7) + b"garbage"
+    batches = reader.feed(data)
+    assert next(batches) == [(proto.HEARTBEAT,)]  # handed over before the error
+    with pytest.raises(proto.FrameError):
+        next(batches)

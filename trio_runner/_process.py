@@ -64,7 +64,10 @@ class Worker(Protocol):
         """Start the process. Cancellation leaves no process behind."""
         ...
 
-    async def send_all(self, data: bytes) -> None: ...
+    async def send_all(self, data: bytes) -> None:
+        """Write ``data`` to the child. A send to a child that is gone returns quietly:
+        the death watch reports the death, not the send."""
+        ...
 
     async def receive_some(self) -> bytes:
         """The next bytes from the child, or ``b""`` at end of file."""

@@ -103,8 +103,10 @@ class FrameReader:
                 end = start + HEADER.size + length
                 if end > size:
                     break
-                with memoryview(buffer) as view:
-                    batch = decode(view[start + HEADER.size : end])
+                # Both views are released before the buffer is trimmed, even when
+                # decode raises (its traceback would otherwise keep one alive).
+                with memoryview(buffer) as view, view[start + HEADER.size : end] as payload:
+                    batch = decode(payload)
                 start = end
                 yield batch
         finally:

@@ -734,9 +734,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         except BaseExceptionGroup as group:
             _reraise_unwrapped(group)
         finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(_LOG_FLUSH_BOUND):
-                # Bounded: a slow log handler must not hold up the shutdown.
-                await trio.to_thread.run_sync(self._log_listener.stop, abandon_on_cancel=True)
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._stop_log_listener)
             self._done.set()
             if self._deferred_failure is not None:
                 # No await after this: the failure leaves this task first and
@@ -816,6 +815,20 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 self._deferred_failure = error
         if failure is not None:
             raise failure
+
+    def _stop_log_listener(self) -> None:
+        """Flush child output to the log handlers, for at most a bounded time (in a thread).
+
+        The bound is wall-clock inside the thread, not a trio deadline, so a
+        MockClock cannot jump past it. A handler slower than that finishes on
+        the listener's daemon thread after the supervisor has returned.
+        """
+        listener = self._log_listener
+        thread = listener._thread  # pyright: ignore[reportPrivateUsage]
+        listener.enqueue_sentinel()
+        if thread is not None:
+            thread.join(_LOG_FLUSH_BOUND)
+        listener._thread = None  # pyright: ignore[reportPrivateUsage]
 
     def _ensure_forkserver(self) -> None:
         context = multiprocessing.get_context("forkserver")
