@@ -1135,8 +1135,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled")
                 )
             elif tag == proto.ACK:
+                # Not progress: the ACK rides along lazily and may arrive late.
                 inc.running.add(message[1])
-                inc.last_progress = now
             elif tag == proto.HELLO:
                 inc.hello = True
             elif tag == proto.READY:

@@ -1,0 +1,151 @@
+"""Fault-injecting runners for the crash, hang, orphan and resource tests.
+
+The child imports this module by its path, so it imports neither trio nor
+anything heavy, and every class lives at module level.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import resource
+import socket
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from trio_runner import Runner, TaskContext
+from trio_runner import _protocol as proto
+
+from .runners import EchoRunner
+
+CORRUPT_FRAME = b"\x00\x00\x00\x05garbage"
+
+
+def _without_core_dump() -> None:
+    # SIGSEGV and SIGABRT dump core by default; a core file (or a slow core
+    # handler) is no part of what these tests measure.
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def _send_raw(ctx: TaskContext[Any], data: bytes) -> None:
+    """Write bytes straight onto the control socket, bypassing the writer thread.
+
+    Waits until what is queued (the task's Ack) has gone out and the parent has
+    had time to read it, so ``data`` arrives in a read of its own; then writes
+    under the child's send lock, so no batch of the writer's can interleave.
+    """
+    child = ctx._child  # pyright: ignore[reportPrivateUsage]
+    child.flush_nowait()
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        with child.lock:
+            if not child.outbox:
+                break
+        time.sleep(0.001)
+    time.sleep(0.05)
+    with child.send_lock:
+        child.sock.sendall(data)
+
+
+class _ExitAfterSending:
+    """Wraps the child's socket: exits the process right after a send that carries ``marker``.
+
+    Whatever writes the task's result (the writer thread, or the handler's own
+    flush), the process dies the instant the bytes are on the socket, before
+    the parent can have read them.
+    """
+
+    def __init__(self, sock: socket.socket, marker: bytes) -> None:
+        self._sock = sock
+        self._marker = marker
+
+    def sendall(self, data: bytes) -> None:
+        self._sock.sendall(data)
+        if self._marker in data:
+            os._exit(1)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+
+class FaultRunner(EchoRunner):
+    """EchoRunner's commands, plus one command per injected fault."""
+
+    def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
+        command, *args = request
+        if command == "child_bookkeeping":
+            # What the child still holds for tasks, counting this one.
+            child = ctx._child  # pyright: ignore[reportPrivateUsage]
+            with child.lock:
+                return {"contexts": len(child.contexts), "requests": len(child.requests)}
+        if command == "die_by_signal":
+            # The stderr line carries the moment of death, so the parent can
+            # measure how long it took to notice.
+            (signum,) = args
+            _without_core_dump()
+            ctx.emit("about to die")
+            time.sleep(0.05)  # let the event reach the parent first
+            print(f"dying at {time.monotonic()!r}", file=sys.stderr, flush=True)
+            os.kill(os.getpid(), signum)
+            time.sleep(10)
+        if command == "crash":
+            os._exit(1)
+        if command == "result_then_die":
+            # The process dies the moment its result is on the socket, with no
+            # time for the parent to read it first.
+            (result,) = args
+            child = ctx._child  # pyright: ignore[reportPrivateUsage]
+            child.sock = _ExitAfterSending(child.sock, result.encode())  # type: ignore[assignment]
+            return result
+        if command == "crash_once":
+            # Dies on the first attempt only: the marker file survives the crash.
+            marker = Path(args[0])
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
+            return "second attempt"
+        if command == "stderr_then_crash":
+            (lines,) = args
+            for i in range(lines):
+                print(f"stderr line {i}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(2)
+        if command == "corrupt_frame":
+            # The length prefix says 5 bytes; they do not unpickle.
+            _send_raw(ctx, CORRUPT_FRAME)
+            time.sleep(30)
+        if command == "good_then_corrupt_frame":
+            # One write, so the parent reads both frames at once.
+            _send_raw(ctx, proto.encode([(proto.HEARTBEAT,)]) + CORRUPT_FRAME)
+            time.sleep(30)
+        if command == "oversize_frame":
+            _send_raw(ctx, proto.HEADER.pack(2**31))
+            time.sleep(30)
+        if command == "break_socket":
+            # What the parent sees in the moment between a runner's death and
+            # the death watch waking, made to last: the control socket is shut
+            # (a send gets EPIPE) while the process lives on. The orphan guard
+            # is disarmed, or the reader thread would take its own EOF for the
+            # parent's death and kill the process at once.
+            child = ctx._child  # pyright: ignore[reportPrivateUsage]
+            child._orphaned = lambda: None  # type: ignore[method-assign]
+            child.sock.shutdown(socket.SHUT_RDWR)
+            time.sleep(60)
+        return super().handle(request, ctx)
+
+
+class ConcurrentFaultRunner(FaultRunner):
+    """Serves two tasks at once, so one task's stalled consumer cannot hold up another."""
+
+    concurrency = 2
+
+
+if multiprocessing.parent_process() is None:
+    # Defined in the parent only: the child imports this module fine but cannot
+    # find the class, so loading the runner fails before setup.
+
+    class ParentOnlyRunner(Runner[Any, Any, Any]):
+        def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
+            return request

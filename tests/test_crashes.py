@@ -1,0 +1,419 @@
+"""Fault injection: the runner dies, and every task still gets exactly one outcome.
+
+Each test kills a real child process in one way (a signal, an exit code, a
+broken frame, an import that fails) and checks three things: how the exit is
+classified, what the task in flight receives, and whether the restart policy
+brings the runner back. Timing bounds are generous on purpose: only a real bug
+(a lost wake-up, a blocked event loop) breaks them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import psutil
+import pytest
+import trio
+
+from trio_runner import (
+    BackingOff,
+    Exited,
+    ExitReason,
+    GaveUp,
+    LifecycleChange,
+    Ready,
+    RestartLimitExceeded,
+    RestartPolicy,
+    RunnerCrashed,
+    RunnerState,
+    RunnerUnavailable,
+    Spawned,
+    Stopped,
+    StoppedBy,
+    Supervisor,
+    TaskCancelled,
+    Timeouts,
+    open_supervisor,
+)
+
+from .fault_runners import FaultRunner
+from .runners import EchoRunner
+
+FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2)
+QUICK = Timeouts(heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
+SCRIPTS = Path(__file__).parent / "scripts"
+LATENESS_BOUND = 0.25  # a 1 ms sleep waking this late means the loop was blocked
+
+
+class Ticker:
+    """Sleeps 1 ms over and over and records the worst lateness: a blocked loop shows up here."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+
+    async def run(self) -> None:
+        while True:
+            start = trio.current_time()
+            await trio.sleep(0.001)
+            self.worst = max(self.worst, trio.current_time() - start - 0.001)
+
+
+@asynccontextmanager
+async def lateness_ticker() -> AsyncIterator[Ticker]:
+    ticker = Ticker()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker.run)
+        yield ticker
+        nursery.cancel_scope.cancel()
+
+
+async def lifecycle(sup: Supervisor[object, object, object]) -> list[tuple[object, ...]]:
+    """The supervisor's whole lifecycle, once it has stopped, as comparable tuples."""
+    changes: list[LifecycleChange] = [change async for change in sup.watch(replay=True)]
+    summary: list[tuple[object, ...]] = []
+    for change in changes:
+        if isinstance(change, Exited):
+            summary.append((Exited, change.exit.reason))
+        elif isinstance(change, Stopped):
+            summary.append((Stopped, change.state))
+        else:
+            summary.append((type(change),))
+    return summary
+
+
+def restarted_once(reason: ExitReason) -> list[tuple[object, ...]]:
+    return [
+        (Spawned,),
+        (Ready,),
+        (Exited, reason),
+        (BackingOff,),
+        (Spawned,),
+        (Ready,),
+        (Exited, ExitReason.REQUESTED),
+        (Stopped, RunnerState.STOPPED),
+    ]
+
+
+def ran_once(reason: ExitReason) -> list[tuple[object, ...]]:
+    return [(Spawned,), (Ready,), (Exited, reason), (Stopped, RunnerState.STOPPED)]
+
+
+# -- signals and exit codes ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "signum",
+    [signal.SIGKILL, signal.SIGSEGV, signal.SIGHUP, signal.SIGTERM, signal.SIGABRT],
+    ids=lambda signum: signum.name,
+)
+async def test_signal_mid_stream_fails_task_with_runner_crashed_naming_the_signal_and_restarts(
+    signum: signal.Signals,
+) -> None:
+    async with lateness_ticker() as ticker:
+        async with open_supervisor(FaultRunner, policy=FAST, timeouts=QUICK) as sup:
+            first_pid = await sup.run(("pid",))
+            events: list[object] = []
+            async with sup.stream(("die_by_signal", signum)) as task:
+                with pytest.raises(RunnerCrashed) as info:
+                    async for event in task:
+                        events.append(event)
+            noticed = time.monotonic()
+            assert await sup.run(("pid",)) not in (first_pid, None)
+            stats = sup.statistics()
+    assert events == ["about to die"]
+    crash = info.value
+    assert crash.reason is ExitReason.SIGNALED
+    assert (crash.exit.signal, crash.exit.signal_name) == (signum, signum.name)
+    assert signum.name in str(crash)
+    assert (crash.exit.pid, crash.exit.stopped_by) == (first_pid, StoppedBy.SELF)
+    # The child printed the moment it signalled itself (CLOCK_MONOTONIC is system-wide).
+    died_at = float(next(line for line in crash.exit.stderr_tail if line.startswith("dying at")).split()[-1])
+    assert noticed - died_at < 2.0
+    assert (stats.restarts, stats.incarnation) == (1, 2)
+    assert await lifecycle(sup) == restarted_once(ExitReason.SIGNALED)
+    assert ticker.worst < LATENESS_BOUND
+
+
+async def test_os_exit_3_is_an_error_exit_with_code_3_and_permanent_restarts() -> None:
+    async with open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK) as sup:
+        first_pid = await sup.run(("pid",))
+        with pytest.raises(RunnerCrashed) as info:
+            await sup.run(("exit", 3))
+        assert await sup.run(("pid",)) != first_pid
+        assert sup.statistics().restarts == 1
+    assert info.value.reason is ExitReason.ERROR_EXIT
+    assert (info.value.exit.exitcode, info.value.exit.signal) == (3, None)
+    assert "code 3" in str(info.value)
+    assert await lifecycle(sup) == restarted_once(ExitReason.ERROR_EXIT)
+
+
+async def test_unasked_exit_0_is_a_clean_exit_and_permanent_restarts() -> None:
+    async with open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK) as sup:
+        first_pid = await sup.run(("pid",))
+        with pytest.raises(RunnerCrashed) as info:
+            await sup.run(("exit", 0))
+        assert await sup.run(("pid",)) != first_pid
+        assert sup.statistics().restarts == 1
+    assert info.value.reason is ExitReason.CLEAN_EXIT
+    assert info.value.exit.exitcode == 0
+    assert "code 0" in str(info.value)
+    assert await lifecycle(sup) == restarted_once(ExitReason.CLEAN_EXIT)
+
+
+async def test_transient_does_not_restart_after_a_clean_exit_and_stops_quietly() -> None:
+    policy = RestartPolicy(mode="transient", initial_delay=0.05, max_delay=0.2)
+    async with open_supervisor(EchoRunner, policy=policy, timeouts=QUICK) as sup:
+        with pytest.raises(RunnerCrashed) as info:
+            await sup.run(("exit", 0))
+        with trio.fail_after(5):
+            changes = [change async for change in sup.watch(replay=True)]  # ends with Stopped
+        assert changes[-1] == Stopped(RunnerState.STOPPED, info.value.exit)
+        assert sup.state is RunnerState.STOPPED
+        with pytest.raises(RunnerUnavailable):
+            await sup.run(("echo", 1))
+    # Leaving the block raised nothing.
+    assert info.value.reason is ExitReason.CLEAN_EXIT
+    assert (sup.statistics().restarts, sup.statistics().incarnation) == (0, 1)
+    assert await lifecycle(sup) == ran_once(ExitReason.CLEAN_EXIT)
+
+
+async def test_transient_restarts_after_an_error_exit() -> None:
+    policy = RestartPolicy(mode="transient", initial_delay=0.05, max_delay=0.2)
+    async with open_supervisor(EchoRunner, policy=policy, timeouts=QUICK) as sup:
+        first_pid = await sup.run(("pid",))
+        with pytest.raises(RunnerCrashed):
+            await sup.run(("exit", 3))
+        assert await sup.run(("pid",)) != first_pid
+    assert await lifecycle(sup) == restarted_once(ExitReason.ERROR_EXIT)
+
+
+async def test_temporary_never_restarts_even_after_an_error_exit() -> None:
+    policy = RestartPolicy(mode="temporary", initial_delay=0.05, max_delay=0.2)
+    async with open_supervisor(EchoRunner, policy=policy, timeouts=QUICK) as sup:
+        with pytest.raises(RunnerCrashed) as info:
+            await sup.run(("exit", 3))
+        with pytest.raises(RunnerUnavailable):
+            await sup.run(("echo", 1))
+        assert sup.state is RunnerState.STOPPED
+    assert info.value.reason is ExitReason.ERROR_EXIT
+    assert (sup.statistics().restarts, sup.statistics().incarnation) == (0, 1)
+    assert await lifecycle(sup) == ran_once(ExitReason.ERROR_EXIT)
+
+
+# -- failures at startup -----------------------------------------------------------------
+
+GIVE_UP_AFTER_ONE = RestartPolicy(initial_delay=0.05, max_delay=0.2, max_restarts=1)
+
+
+async def test_setup_raising_is_startup_failed_and_the_policy_gives_up_with_restart_limit_exceeded() -> None:
+    with trio.fail_after(10), pytest.raises(RestartLimitExceeded) as info:
+        async with open_supervisor(
+            EchoRunner, kwargs={"fail_setup": True}, policy=GIVE_UP_AFTER_ONE, timeouts=QUICK
+        ) as sup:
+            await trio.sleep_forever()
+    last = info.value.last_exit
+    assert info.value.restarts == 1
+    assert last.reason is ExitReason.STARTUP_FAILED
+    assert last.remote_traceback is not None
+    assert "setup failed on purpose" in last.remote_traceback
+    assert "in setup" in last.remote_traceback
+    assert sup.state is RunnerState.FAILED
+    assert sup.statistics().incarnation == 2
+    assert await lifecycle(sup) == [
+        (Spawned,),
+        (Exited, ExitReason.STARTUP_FAILED),
+        (BackingOff,),
+        (Spawned,),
+        (Exited, ExitReason.STARTUP_FAILED),
+        (GaveUp,),
+        (Stopped, RunnerState.FAILED),
+    ]
+
+
+async def test_a_task_waiting_when_the_policy_gives_up_sees_restart_limit_exceeded_on_its_own() -> None:
+    with trio.fail_after(10), pytest.raises(RestartLimitExceeded):
+        async with open_supervisor(
+            EchoRunner, kwargs={"fail_setup": True}, policy=GIVE_UP_AFTER_ONE, timeouts=QUICK
+        ) as sup:
+            await sup.run(("echo", "never served"))
+
+
+@pytest.mark.parametrize(
+    ("module", "qualname", "expected"),
+    [
+        ("tests.fault_runners", "ParentOnlyRunner", "AttributeError"),
+        ("tests.scripts.child_import_fails", "ImportFailsInChildRunner", "refuses to load in a child"),
+    ],
+    ids=["class-missing-in-child", "module-raises-on-import-in-child"],
+)
+async def test_a_runner_the_child_cannot_load_fails_at_once_without_restarts(
+    module: str, qualname: str, expected: str
+) -> None:
+    runner = getattr(__import__(module, fromlist=[qualname]), qualname)
+    with trio.fail_after(10), pytest.raises(RunnerCrashed) as info:
+        async with open_supervisor(runner, policy=FAST, timeouts=QUICK) as sup:
+            await trio.sleep_forever()
+    crash = info.value
+    assert crash.reason is ExitReason.STARTUP_FAILED
+    assert crash.remote_traceback is not None
+    assert expected in crash.remote_traceback
+    assert "importable" in crash.exit.detail  # the hint
+    stats = sup.statistics()
+    assert (stats.incarnation, stats.restarts, stats.state) == (1, 0, RunnerState.FAILED)
+
+
+async def test_a_script_without_a_main_guard_fails_fast_naming_the_guard_and_leaves_no_process() -> None:
+    marker = f"no-main-guard-{os.getpid()}-{time.monotonic_ns()}"
+    env = {**os.environ, "TRIO_RUNNER_TEST_MARKER": marker}
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, str(SCRIPTS / "no_main_guard.py")],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+        )
+    stderr = result.stderr.decode()
+    assert result.returncode != 0
+    assert 'if __name__ == "__main__":' in stderr
+    assert "guard" in stderr
+    assert b"never reached" not in result.stdout
+    # The script's runner (and anything it started) was reparented away from
+    # us when the script exited: find them by the marker in their environment.
+    for _ in range(60):  # up to 3 s
+        if not (left := _marked_live_processes(marker)):
+            break
+        await trio.sleep(0.05)
+    assert left == []
+
+
+def _marked_live_processes(marker: str) -> list[tuple[int, str]]:
+    found = []
+    for proc in psutil.process_iter(["pid", "name"]):
+        try:
+            if proc.environ().get("TRIO_RUNNER_TEST_MARKER") == marker and proc.status() != "zombie":
+                found.append((proc.pid, proc.name()))
+        except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+            continue
+    return found
+
+
+# -- what the task in flight gets ----------------------------------------------------------
+
+
+async def test_a_result_sent_just_before_the_runner_dies_is_delivered() -> None:
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=QUICK) as sup:
+        for attempt in range(3):
+            dying_pid = await sup.run(("pid",))
+            last_words = f"last words {attempt} {dying_pid}"  # unique, so only the result matches
+            assert await sup.run(("result_then_die", last_words)) == last_words
+            # The next task lands on the dying runner or on its successor.
+            try:
+                assert await sup.run(("pid",)) != dying_pid
+            except RunnerCrashed as crash:
+                assert crash.reason is ExitReason.ERROR_EXIT
+                assert crash.exit.pid == dying_pid
+        assert sup.statistics().restarts == 3
+
+
+async def test_a_retry_task_runs_again_after_a_crash_and_succeeds(tmp_path: Path) -> None:
+    marker = tmp_path / "attempted"
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=QUICK) as sup:
+        assert await sup.run(("crash_once", str(marker)), retry=True) == "second attempt"
+        stats = sup.statistics()
+    assert marker.exists()
+    assert (stats.restarts, stats.incarnation, stats.in_flight) == (1, 2, 0)
+    assert await lifecycle(sup) == restarted_once(ExitReason.ERROR_EXIT)
+
+
+async def test_runner_crashed_carries_a_bounded_tail_of_stderr() -> None:
+    lines = 500
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=QUICK) as sup:
+        with pytest.raises(RunnerCrashed) as info:
+            await sup.run(("stderr_then_crash", lines))
+    tail = info.value.exit.stderr_tail
+    assert 0 < len(tail) <= 100
+    assert tail == tuple(f"stderr line {i}" for i in range(lines - len(tail), lines))
+    assert f"stderr line {lines - 1}" in str(info.value)
+    assert info.value.exit.exitcode == 2
+
+
+@pytest.mark.parametrize(
+    ("command", "detail"),
+    [("corrupt_frame", "corrupt"), ("oversize_frame", "exceeds")],
+)
+async def test_a_broken_frame_is_a_protocol_error_the_runner_is_killed_and_restarted(
+    command: str, detail: str
+) -> None:
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=QUICK) as sup:
+        first_pid = await sup.run(("pid",))
+        with trio.fail_after(5), pytest.raises(RunnerCrashed) as info:
+            await sup.run((command,))
+        assert await sup.run(("pid",)) != first_pid
+    crash = info.value
+    assert crash.reason is ExitReason.PROTOCOL_ERROR
+    assert detail in crash.exit.detail
+    assert (crash.exit.stopped_by, crash.exit.signal) == (StoppedBy.SIGKILL, signal.SIGKILL)
+    assert await lifecycle(sup) == restarted_once(ExitReason.PROTOCOL_ERROR)
+
+
+async def test_a_corrupt_frame_read_together_with_a_good_one_is_still_a_protocol_error() -> None:
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=QUICK) as sup:
+        first_pid = await sup.run(("pid",))
+        with trio.fail_after(5), pytest.raises(RunnerCrashed) as info:
+            await sup.run(("good_then_corrupt_frame",))
+        assert await sup.run(("pid",)) != first_pid
+    assert info.value.reason is ExitReason.PROTOCOL_ERROR
+
+
+# -- sends that race the runner's death ----------------------------------------------------
+#
+# Between a runner's death and the death watch waking, the supervisor may still
+# write to the runner's socket and get EPIPE. "break_socket" holds that moment
+# open: the child shuts its control socket and lives on, so each send path (task,
+# cancel, Shutdown) meets a broken pipe every time. The heartbeat timeout then
+# ends the runner as HUNG.
+
+DEATH_WATCH = Timeouts(heartbeat=1.0, graceful=0.5, terminate=0.5, kill=1)
+
+
+async def test_a_task_sent_to_a_dying_runner_fails_with_runner_crashed_and_the_runner_restarts() -> None:
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=DEATH_WATCH) as sup:
+        first_pid = await sup.run(("pid",))
+        async with sup.stream(("break_socket",)) as breaker:
+            await trio.sleep(0.3)  # the child shuts its socket within a few ms of the task starting
+            with trio.fail_after(DEATH_WATCH.heartbeat + 3), pytest.raises(RunnerCrashed) as info:
+                await sup.run(("pid",))
+            with pytest.raises(RunnerCrashed):
+                await breaker.wait()
+        assert info.value.reason is ExitReason.HUNG
+        assert await sup.run(("pid",)) != first_pid
+
+
+async def test_a_cancel_sent_to_a_dying_runner_ends_the_task_as_cancelled_and_the_runner_restarts() -> None:
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=DEATH_WATCH) as sup:
+        first_pid = await sup.run(("pid",))
+        async with sup.stream(("break_socket",)) as task:
+            await trio.sleep(0.3)
+            await task.cancel()
+            with trio.fail_after(DEATH_WATCH.heartbeat + 3), pytest.raises(TaskCancelled):
+                await task.wait()
+        assert await sup.run(("pid",)) != first_pid
+    assert await lifecycle(sup) == restarted_once(ExitReason.HUNG)
+
+
+async def test_leaving_open_supervisor_while_the_runner_dies_is_bounded_and_raises_nothing() -> None:
+    start = trio.current_time()
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=DEATH_WATCH) as sup:
+        async with sup.stream(("break_socket",)):
+            await trio.sleep(0.3)
+    assert trio.current_time() - start < DEATH_WATCH.shutdown_bound + 2
+    exit_record = sup.statistics().last_exit
+    assert exit_record is not None
+    assert exit_record.reason is ExitReason.REQUESTED
