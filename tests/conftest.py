@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import psutil
 import pytest
@@ -43,3 +46,33 @@ def no_leftover_processes() -> Iterator[None]:
         with contextlib.suppress(OSError):
             os.kill(proc.pid, 9)
     pytest.fail(f"the test left processes behind: {[(p.pid, p.name()) for p in leftover]}")
+
+
+BOUND = 60
+
+
+def build_demo_model(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    # In a subprocess: building evaluates MLX, which the test process never does.
+    code = "from trio_runner.mlx import demo_model; print(demo_model())"
+    return subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=BOUND, check=False
+    )
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """The demo model, built once per session; its location is exported for child processes."""
+    pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
+    from trio_runner.mlx._model import DEMO_MODEL_ENV
+
+    path = tmp_path_factory.mktemp("mlx") / "demo-model"
+    saved = os.environ.get(DEMO_MODEL_ENV)
+    os.environ[DEMO_MODEL_ENV] = str(path)
+    result = build_demo_model(dict(os.environ))
+    assert result.returncode == 0, result.stderr
+    assert Path(result.stdout.strip()) == path
+    yield path
+    if saved is None:
+        os.environ.pop(DEMO_MODEL_ENV, None)
+    else:
+        os.environ[DEMO_MODEL_ENV] = saved

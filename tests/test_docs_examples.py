@@ -43,6 +43,15 @@ EXPECTED: dict[str, list[str]] = {
         r"lifecycle: Spawned Ready Exited\(signaled\) BackingOff\(0.1s\) Spawned Ready "
         r"Exited\(signaled\) BackingOff\(0.2s\) Spawned Ready Exited\(requested\) Stopped",
     ],
+    "mlx_generate.py": [
+        r"streamed (\d+) tokens; generation_tokens=\1",
+        r"the tokens join into the text: True",
+        r"same seed, same text: True",
+        r"chat prompt, through the chat template: \d+ tokens",
+        r"stop string: finish_reason='stop', text ends before it: True",
+        r"rejected at the call: max_tokens=0 must be an int >= 1",
+        r"cancelled mid-generation",
+    ],
 }
 
 

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
+from ._errors import ExitRecord, TrioRunnerError
 
 PROG = "trio-runner"
 EXIT_OK = 0
@@ -32,14 +33,130 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
 
 
+class CommandError(TrioRunnerError):
+    """A command failed in a way the user can fix; its message is the whole report."""
+
+
+def _cause(exit: ExitRecord) -> str:
+    """The most telling line of why a runner exited: its exception, else how it exited."""
+    lines = (exit.remote_traceback or "").strip().splitlines()
+    return lines[-1] if lines else exit.describe()
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
+
+
+def _note(line: str) -> None:
+    print(f"{PROG}: {line.strip()}", file=sys.stderr, flush=True)
 
 
 async def _demo(args: argparse.Namespace) -> None:
     from ._demo import run_demo
 
-    await run_demo(_say)
+    await run_demo(_say, start_method=args.start_method)
+
+
+async def _generate(args: argparse.Namespace) -> None:
+    import trio
+
+    from ._demo import show_progress, visible
+    from ._policy import RestartPolicy
+    from ._state import Exited, Ready
+    from .mlx import Generate, demo_model_location, open_mlx_supervisor, prepare_demo_model
+    from .mlx._model import verify_demo_model
+
+    request = Generate(
+        prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
+    began = trio.current_time()
+    model = args.model
+    if model is None and await trio.to_thread.run_sync(verify_demo_model, demo_model_location()) is None:
+        model = str(demo_model_location())
+    if model is None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(show_progress, _note, "building the demo model (first run only)")
+            model = str(await prepare_demo_model())
+            nursery.cancel_scope.cancel()
+    # One request: a crash is reported, not retried.
+    policy = RestartPolicy(mode="temporary")
+    async with open_mlx_supervisor(
+        model, start_method=args.start_method, policy=policy, name="generate"
+    ) as sup:
+        changes = sup.watch(replay=True)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(
+                show_progress, _note, "loading the model (the first run also compiles MLX kernels)"
+            )
+            async for change in changes:
+                if isinstance(change, Ready):
+                    break
+                if isinstance(change, Exited):
+                    raise CommandError(f"the runner could not load {model}: {_cause(change.exit)}")
+            nursery.cancel_scope.cancel()
+        startup = trio.current_time() - began
+        clean = not sys.stdout.isatty()
+        submitted = trio.current_time()
+        first: float | None = None
+        async with sup.stream(request) as task:
+            async for token in task:
+                if first is None:
+                    first = trio.current_time() - submitted
+                sys.stdout.write(token.text if clean else visible(token.text, one_line=False))
+                sys.stdout.flush()
+            completion = task.result
+    sys.stdout.write("\n")
+    sys.stdout.flush()
+    c = completion
+    first_ms = "n/a" if first is None else f"{first * 1000:.1f} ms"
+    print(
+        f"[{c.prompt_tokens} prompt tokens, {c.generation_tokens} generated ({c.finish_reason}); "
+        f"prompt {c.prompt_tps:.0f} tokens/s, generation {c.generation_tps:.0f} tokens/s; first token "
+        f"{c.time_to_first_token * 1000:.1f} ms in the runner, {first_ms} here; ready in {startup:.2f} s]",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
+def _temperature(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0 (0 is greedy)")
+    return value
+
+
+def _model(text: str) -> str:
+    from .mlx._runner import check_model_argument
+
+    try:
+        checked = check_model_argument(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    assert checked is not None
+    return checked
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,23 +176,58 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command_name", metavar="COMMAND", required=True)
+    start = _Parser(add_help=False)
+    start.add_argument(
+        "--start-method",
+        choices=("auto", "forkserver", "spawn"),
+        default="auto",
+        help="how runner processes start: forkserver with mlx-lm preloaded (auto on Linux) or spawn",
+    )
     demo = commands.add_parser(
         "demo",
-        parents=[verbosity],
-        help="watch a runner get SIGKILLed mid-stream and come back",
+        parents=[verbosity, start],
+        help="watch an MLX runner get SIGKILLed mid-generation and come back",
         description=(
-            "Run a small built-in runner under supervision, stream a request with retry=True, "
-            "SIGKILL the runner partway through, and report the crash, the backoff, the restart "
-            "and the retried result, with measured timings."
+            "Run the offline MLX demo model under supervision, stream a seeded generation with "
+            "retry=True, SIGKILL the runner partway through, and report the crash, the backoff, the "
+            "restart and the retried result, with measured timings."
         ),
     )
     demo.set_defaults(command=_demo)
+    generate = commands.add_parser(
+        "generate",
+        parents=[verbosity, start],
+        help="generate text with an MLX model in a supervised runner",
+        description=(
+            "Load a model in a supervised runner process and stream the generated text to stdout; "
+            "a one-line summary (token counts, speeds, time to first token) goes to stderr."
+        ),
+    )
+    generate.add_argument("prompt", metavar="PROMPT", help="the text to continue")
+    generate.add_argument(
+        "--model",
+        type=_model,
+        default=None,
+        metavar="M",
+        help="a model directory or a Hugging Face repo id (default: the offline demo model)",
+    )
+    generate.add_argument(
+        "--max-tokens", type=_positive_int, default=100, metavar="N", help="tokens to generate (default 100)"
+    )
+    generate.add_argument(
+        "--temperature", type=_temperature, default=0.0, metavar="T", help="0 is greedy (default 0)"
+    )
+    generate.add_argument("--seed", type=_seed, default=None, metavar="S", help="seed for sampling")
+    generate.set_defaults(command=_generate)
     return parser
 
 
 def _configure_logging(verbose: int) -> None:
     level = logging.WARNING if verbose <= 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if verbose <= 0:
+        # The runner's own stderr (a traceback, say) is summed up in the error line; -v shows it all.
+        logging.getLogger("trio_runner.runner").setLevel(logging.ERROR)
 
 
 async def _run(command: Command, args: argparse.Namespace) -> int:
@@ -113,8 +265,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(getattr(args, "verbose", 0))
     import trio
 
-    from ._errors import TrioRunnerError
-
     expected = (TrioRunnerError, trio.TooSlowError)
     try:
         return trio.run(_run, args.command, args)
@@ -146,5 +296,8 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
 
 
 def _report(exc: BaseException) -> None:
+    if isinstance(exc, CommandError):
+        print(f"{PROG}: error: {exc}", file=sys.stderr, flush=True)
+        return
     first_line = (str(exc).splitlines() or [""])[0]
     print(f"{PROG}: error: {type(exc).__name__}: {first_line}", file=sys.stderr, flush=True)

@@ -1,59 +1,44 @@
-"""The ``trio-runner demo`` command: its runner and the scripted crash-and-restart story.
+"""The ``trio-runner demo`` command: the MLX demo model, SIGKILLed mid-generation, and what happens next.
 
-The child imports this module to load :class:`DemoRunner`, so trio is imported
-only inside :func:`run_demo`: a top-level ``import trio`` would add about 130 ms
-to every spawn, and the demo reports the startup time it measures.
+Every number the demo prints is measured on the run. trio and mlx are
+imported inside the functions: the child process imports the runner's module
+path, and nothing here belongs in it.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import time
+import unicodedata
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, NamedTuple, TypeVar
-
-from ._runner import Runner, TaskContext
+from typing import TYPE_CHECKING, TypeVar
 
 if TYPE_CHECKING:
     from ._state import LifecycleChange
+    from ._supervisor import Supervisor
+    from .mlx import Completion, Generate, Token
 
-TEXT = "Every request gets exactly one outcome, and a crashed runner comes back without losing it."
-KILL_AFTER_WORDS = 4
-WORD_DELAY = 0.05
-_CHECK_EVERY = 0.005  # how often a word's delay looks at ctx.cancelled
+PROMPT = "Every request gets exactly one outcome, and"
+MAX_TOKENS = 600
+SEED = 7
+TEMPERATURE = 0.8
+KILL_AFTER_TOKENS = 16
+_SHOWN_CHARS = 48
 
 ChangeT = TypeVar("ChangeT")
 
 
-class Generated(NamedTuple):
-    """The demo runner's result: the text it generated, and the pid that generated it."""
+def visible(text: str, *, one_line: bool = True) -> str:
+    """``text`` safe for a terminal: control characters (a random model emits them) become U+FFFD."""
 
-    text: str
-    words: int
-    pid: int
+    def clean(char: str) -> str:
+        if char == "\n":
+            return "\\n" if one_line else char
+        if char == "\t":
+            return char
+        return "\ufffd" if unicodedata.category(char) in ("Cc", "Cs") else char
 
-
-class DemoRunner(Runner[str, str, Generated]):
-    """Generates the words of the request one by one, like a tiny language model.
-
-    Each word takes ``delay`` seconds and is streamed with ``ctx.emit``; the
-    cancel flag is checked every few milliseconds while it waits.
-    """
-
-    def __init__(self, delay: float = WORD_DELAY) -> None:
-        self.delay = delay
-
-    def handle(self, request: str, ctx: TaskContext[str]) -> Generated:
-        words = request.split()
-        for word in words:
-            deadline = time.monotonic() + self.delay
-            while (left := deadline - time.monotonic()) > 0:
-                ctx.raise_if_cancelled()
-                time.sleep(min(left, _CHECK_EVERY))
-            ctx.raise_if_cancelled()
-            ctx.emit(word)
-        return Generated(" ".join(words), len(words), os.getpid())
+    return "".join(map(clean, text))
 
 
 def _ms(seconds: float) -> str:
@@ -68,11 +53,22 @@ async def _next_change(changes: AsyncIterator[LifecycleChange], kind: type[Chang
     raise RuntimeError(f"the supervisor stopped before a {kind.__name__} change")
 
 
-async def run_demo(say: Callable[[str], None], *, bound: float = 60.0) -> None:
-    """Supervise :class:`DemoRunner`, SIGKILL it mid-stream, and tell what happens.
+async def show_progress(say: Callable[[str], None], what: str, every: float = 2.0) -> None:
+    """Say ``what`` now, then how long it has been taking every ``every`` seconds, until cancelled."""
+    import trio
 
-    Every number printed is measured. A 1 ms ticker runs throughout, and its
-    worst lateness shows whether the event loop ever stalled.
+    began = trio.current_time()
+    say(f"{what} ...")
+    while True:
+        await trio.sleep(every)
+        say(f"  ... still {what.split(' (')[0]} ({trio.current_time() - began:.0f} s)")
+
+
+async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_method: str = "auto") -> None:
+    """Supervise the MLX demo model, SIGKILL the runner mid-generation, and tell what happens.
+
+    A 1 ms ticker runs throughout, and its worst lateness shows whether the
+    event loop ever stalled (building the model, spawning, a crash, a restart).
 
     Raises:
         trio.TooSlowError: the story took longer than ``bound`` seconds.
@@ -81,7 +77,8 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 60.0) -> None:
 
     from ._policy import RestartPolicy
     from ._state import BackingOff, Exited, Ready, Spawned
-    from ._supervisor import Supervisor, open_supervisor
+    from .mlx import Generate, demo_model_location, open_mlx_supervisor, prepare_demo_model
+    from .mlx._model import verify_demo_model
 
     ticks = 0
     worst_lateness = 0.0
@@ -94,8 +91,14 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 60.0) -> None:
             ticks += 1
             worst_lateness = max(worst_lateness, trio.current_time() - target)
 
+    async def with_progress(what: str, work: Callable[[], object]) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(show_progress, say, what)
+            await work()  # type: ignore[misc]
+            nursery.cancel_scope.cancel()
+
     async def kill_and_watch_recovery(
-        sup: Supervisor[str, str, Generated], changes: AsyncIterator[LifecycleChange]
+        sup: Supervisor[Generate, Token, Completion], changes: AsyncIterator[LifecycleChange]
     ) -> None:
         pid = sup.statistics().pid
         assert pid is not None
@@ -113,35 +116,65 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 60.0) -> None:
         spawned = await _next_change(changes, Spawned)
         ready = await _next_change(changes, Ready)
         say(
-            f"restarted: pid {spawned.pid} (incarnation {spawned.incarnation}), setup done "
+            f"restarted: pid {spawned.pid} (incarnation {spawned.incarnation}), model loaded and warm "
             f"{_ms(ready.startup_seconds)} after spawn, "
             f"{trio.current_time() - seen_at:.2f} s after the crash was seen"
         )
 
     async def story() -> None:
+        location = demo_model_location()
+        if await trio.to_thread.run_sync(verify_demo_model, location) is None:
+            say(f"demo model: {location} (cached)")
+        else:
+            began = trio.current_time()
+            await with_progress("building the demo model (first run only)", prepare_demo_model)
+            say(f"demo model: built {location} in {trio.current_time() - began:.1f} s")
         policy = RestartPolicy(initial_delay=0.5)
-        say(
-            f"supervising DemoRunner (restart policy: {policy.mode}, first backoff "
-            f"{policy.initial_delay:g} s); it will be SIGKILLed mid-stream on purpose"
-        )
-        async with open_supervisor(DemoRunner, policy=policy, name="demo") as sup:
+        request = Generate(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=SEED)
+        async with open_mlx_supervisor(
+            location, start_method=start_method, policy=policy, name="demo"
+        ) as sup:
             changes = sup.watch(replay=True)
-            ready = await _next_change(changes, Ready)
-            say(f"runner ready: pid {ready.pid}, setup done {_ms(ready.startup_seconds)} after spawn")
-            async with sup.stream(TEXT, retry=True) as task:
-                words: list[str] = []
+            method = sup.start_method
+            say(
+                f"supervising MlxLmRunner on the demo model (start method {method}, restart policy "
+                f"{policy.mode}, first backoff {policy.initial_delay:g} s); it will be SIGKILLed "
+                "mid-generation on purpose"
+            )
+            ready: Ready | None = None
+
+            async def wait_ready() -> None:
+                nonlocal ready
+                ready = await _next_change(changes, Ready)
+
+            await with_progress("starting the runner (loading the model, warming up)", wait_ready)
+            assert ready is not None
+            warm = _ms(ready.startup_seconds)
+            say(f"runner ready: pid {ready.pid}, model loaded and warm {warm} after spawn")
+            before_crash = ""
+            async with sup.stream(request, retry=True) as task:
+                pieces: list[str] = []
                 killed = False
-                async for word in task:
-                    words.append(word)
-                    if not killed and len(words) == KILL_AFTER_WORDS:
+                async for token in task:
+                    pieces.append(token.text)
+                    if not killed and len(pieces) == KILL_AFTER_TOKENS:
                         killed = True
-                        say(f"streamed (retry=True): {' '.join(words)} ...")
+                        before_crash = "".join(pieces)
+                        shown = visible(before_crash)
+                        say(f"streamed {len(pieces)} tokens (retry=True, seed {SEED}): {shown}")
                         await kill_and_watch_recovery(sup, changes)
-                        # The retry runs the request again from the start.
-                        words = []
-                result = task.result
-            say(f"streamed again from the first word: {' '.join(words)}")
-            say(f"result: {result.words} words, generated by pid {result.pid}")
+                        pieces = []  # the retry runs the request again from the start
+                completion = task.result
+            text = "".join(pieces)
+            say(
+                f"streamed again from the first token: {visible(text[:_SHOWN_CHARS])} ... "
+                f"(same seed, same start: {text.startswith(before_crash)})"
+            )
+            say(
+                f"result: {completion.generation_tokens} tokens ({completion.finish_reason}), generated by "
+                f"pid {sup.statistics().pid} at {completion.generation_tps:.0f} tokens/s, first token "
+                f"{_ms(completion.time_to_first_token)}"
+            )
             closing_at = trio.current_time()
         closed_at = trio.current_time()
         final = await _next_change(changes, Exited)

@@ -463,6 +463,11 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         """The current :class:`RunnerState`."""
         return self._state
 
+    @property
+    def start_method(self) -> str:
+        """How runner processes start: ``"spawn"`` or ``"forkserver"``."""
+        return self._spec.start_method
+
     def statistics(self) -> SupervisorStatistics:
         """A frozen snapshot: pid, incarnation, restarts, tasks in flight, uptime, last exit."""
         inc = self._inc
