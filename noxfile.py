@@ -7,6 +7,10 @@ Sessions (``nox -l`` lists them; ``nox`` alone runs the first four):
 - ``typing``: ``pyright`` in strict mode on ``trio_runner`` (configured in pyproject.toml).
 - ``docs``: ``mkdocs build --strict`` into ``build/site``.
 - ``demo``: the ``trio-runner demo`` command, end to end.
+- ``faults``: the fault-injection suites at full size (5,000 property examples;
+  about 30 minutes; not run by CI).
+- ``soak``: 10,000 crash/restart cycles checking fds, threads and parent RSS
+  (about 30 minutes; not run by CI).
 - ``bench``: the timing benchmarks in ``benchmarks/run.py``; timing claims live
   here, never in the test suite.
 
@@ -67,6 +71,30 @@ def demo(session: nox.Session) -> None:
     """Run the ``trio-runner demo`` command."""
     session.install("-e", ".[mlx]")
     session.run("trio-runner", "demo", *session.posargs)
+
+
+@nox.session
+def faults(session: nox.Session) -> None:
+    """The fault-injection suites at full size (5,000 property examples)."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest",
+        "tests/test_property_faults.py",
+        "tests/test_stateful_supervisor.py",
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"TRIO_RUNNER_FAULT_EXAMPLES": "5000", "TRIO_RUNNER_STATEFUL_EXAMPLES": "500"},
+    )
+
+
+@nox.session
+def soak(session: nox.Session) -> None:
+    """10,000 crash/restart cycles: parent fds, threads and RSS must not grow."""
+    session.install("-e", ".[test]")
+    session.run(
+        "pytest", "tests/test_soak_restarts.py", "-s", *session.posargs, env={"TRIO_RUNNER_SOAK": "1"}
+    )
 
 
 @nox.session

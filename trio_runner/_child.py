@@ -53,8 +53,11 @@ def _format_exception(exc: BaseException) -> tuple[str, str, str]:
 class Child:
     """State shared by the child's three threads."""
 
-    def __init__(self, sock: socket.socket, max_frame: int, heartbeat_interval: float) -> None:
+    def __init__(
+        self, sock: socket.socket, max_frame: int, heartbeat_interval: float, incarnation: int
+    ) -> None:
         self.sock = sock
+        self.incarnation = incarnation
         self.max_frame = max_frame
         self.heartbeat_interval = heartbeat_interval
         self.lock = threading.Lock()
@@ -301,6 +304,11 @@ class Child:
         self.flush_nowait()
 
 
+#: The child's shared state, once ``main`` runs; None in any other process.
+#: For trio_runner.testing, whose fault injection reaches into it.
+current: Child | None = None
+
+
 class InheritedFd:
     """An fd of the parent's that the child inherits through ``multiprocessing``.
 
@@ -370,7 +378,8 @@ def main(
     sys.setswitchinterval(0.001)
     sock.setblocking(True)
 
-    child = Child(sock, config["max_frame"], config["heartbeat_interval"])
+    global current
+    child = current = Child(sock, config["max_frame"], config["heartbeat_interval"], config["incarnation"])
     child.writer.start()
     child.reader.start()
 
@@ -394,7 +403,10 @@ def main(
     except BaseException as exc:
         die(proto.STAGE_LOAD, exc, proto.EXIT_LOAD_FAILED)
         raise  # unreachable; for the type checker
-    child.send((proto.HELLO, os.getpid()))
+    # Sent synchronously, before setup runs: a setup that dies at once must still
+    # be seen as loaded, or it would pass for a runner that can never start.
+    with child.send_lock:
+        child._send_batch([(proto.HELLO, os.getpid())])  # pyright: ignore[reportPrivateUsage]
     try:
         runner.setup()
     except BaseException as exc:

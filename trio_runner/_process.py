@@ -147,7 +147,11 @@ class ProcessWorker:
                     sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        config = {"max_frame": spec.max_frame, "heartbeat_interval": spec.heartbeat_interval}
+        config = {
+            "max_frame": spec.max_frame,
+            "heartbeat_interval": spec.heartbeat_interval,
+            "incarnation": self._incarnation,
+        }
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_child.main,
             args=(

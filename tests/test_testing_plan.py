@@ -1,0 +1,102 @@
+"""Fault plans, request sequences and policies: valid-Python reprs, validation, a light child-side import."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import trio_runner
+import trio_runner.testing
+from trio_runner.testing import (
+    AfterEvent,
+    BeforeEvent,
+    Exit,
+    Fault,
+    FaultPlan,
+    Hang,
+    OnShutdown,
+    Raise,
+    Signal,
+    SlowStartup,
+    Submission,
+    fault_plans,
+    request_sequences,
+    restart_policies,
+)
+
+NAMESPACE = {**vars(trio_runner.testing), "RestartPolicy": trio_runner.RestartPolicy}
+
+
+@given(plan=fault_plans(max_faults=4, incarnations=(1, 2, 3, None)))
+def test_a_fault_plan_repr_is_python_that_rebuilds_it(plan: FaultPlan) -> None:
+    assert eval(repr(plan), NAMESPACE) == plan
+
+
+@given(
+    sequence=request_sequences(st.tuples(st.just("count"), st.integers(0, 9))),
+    policy=restart_policies(),
+)
+def test_request_sequence_and_policy_reprs_are_python_that_rebuild_them(
+    sequence: object, policy: object
+) -> None:
+    assert eval(repr(sequence), NAMESPACE) == sequence
+    assert eval(repr(policy), NAMESPACE) == policy
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: Fault(SlowStartup(0.1), BeforeEvent()),
+        lambda: Fault(Raise(), OnShutdown()),
+        lambda: Signal("SIGSTOP"),
+        lambda: Signal("SIGCHLD"),
+        lambda: Signal("NOT_A_SIGNAL"),
+        lambda: Exit(256),
+        lambda: Exit(-1),
+        lambda: BeforeEvent(task=0),
+        lambda: AfterEvent(event=-1),
+        lambda: Fault(Hang(), BeforeEvent(), incarnation=0),
+        lambda: SlowStartup(-1),
+        lambda: Submission("x", cancel_after=-1),
+    ],
+)
+def test_a_fault_that_cannot_fire_is_refused_with_value_error(build: object) -> None:
+    with pytest.raises(ValueError):
+        build()  # type: ignore[operator]
+
+
+def test_a_plan_only_takes_faults() -> None:
+    with pytest.raises(TypeError):
+        FaultPlan([Fault(Hang(), BeforeEvent())])  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        Fault("hang", BeforeEvent())  # type: ignore[arg-type]
+
+
+def test_a_fault_applies_to_its_incarnation_or_to_all() -> None:
+    once, every = (
+        Fault(Exit(3), BeforeEvent(), incarnation=2),
+        Fault(Exit(3), BeforeEvent(), incarnation=None),
+    )
+    plan = FaultPlan((once, every))
+    assert plan.for_incarnation(1) == (every,)
+    assert plan.for_incarnation(2) == (once, every)
+
+
+def test_the_child_side_of_the_toolkit_imports_neither_trio_nor_hypothesis() -> None:
+    code = (
+        "import sys, trio_runner.testing as t; t.FaultyRunner; t.FaultPlan; "
+        "bad = [m for m in ('trio', 'hypothesis', 'psutil') if m in sys.modules]; "
+        "assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_parent_side_names_load_on_first_use() -> None:
+    assert callable(trio_runner.testing.monitor_lateness)
+    assert callable(trio_runner.testing.fault_plans)
+    with pytest.raises(AttributeError):
+        trio_runner.testing.no_such_name  # noqa: B018
