@@ -143,15 +143,16 @@ class Child:
         self.last_sent = time.monotonic()
         return True
 
-    def flush_nowait(self) -> None:
+    def flush_nowait(self) -> bool:
         """Send the outbox from the calling thread if no one else is sending.
 
         A task's outcome goes out at once instead of waiting for the writer
         thread to be scheduled: a thread hand-off per task is most of a round
-        trip. If the writer is busy, it was woken and sends the outbox itself.
+        trip. Returns False, having sent nothing, if another thread is sending:
+        the caller must then wake the writer.
         """
         if not self.send_lock.acquire(blocking=False):
-            return
+            return False
         try:
             with self.lock:
                 batch = self.outbox
@@ -160,6 +161,7 @@ class Child:
                 self._send_batch(batch)
         finally:
             self.send_lock.release()
+        return True
 
     def _encode(self, batch: list[Any]) -> bytes:
         """Frames for ``batch``: payloads pickled one by one, frames kept under the size limit."""
@@ -300,8 +302,11 @@ class Child:
             # overtakes them.
             del self.contexts[task_id]
             self.outbox.append(outcome)
-            self._wake_writer()
-        self.flush_nowait()
+        # Sent from this thread. Waking the writer too would only make it fight
+        # this thread for the GIL (about 10 us); it is woken if it is mid-send.
+        if not self.flush_nowait():
+            with self.lock:
+                self._wake_writer()
 
 
 #: The child's shared state, once ``main`` runs; None in any other process.

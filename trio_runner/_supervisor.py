@@ -240,6 +240,7 @@ class TaskHandle(Generic[EventT, ResultT]):
         """
         task = self._task
         supervisor = self._supervisor
+        blocked = False
         while True:
             if task.events:
                 count = len(task.events)
@@ -248,7 +249,10 @@ class TaskHandle(Generic[EventT, ResultT]):
             if task.done:
                 break
             await supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
-        await trio.lowlevel.checkpoint()
+            blocked = True
+        if not blocked:
+            # Blocking above was already a checkpoint; another costs a whole loop pass.
+            await trio.lowlevel.checkpoint()
         return self.result
 
     async def cancel(self) -> None:
@@ -1231,9 +1235,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 if not task.retry:
                     task.request = None
             inc.last_progress = trio.current_time()
-            inc.poke_watchdog()
-            async with inc.send_lock:
-                await inc.worker.send_all(proto.encode(messages))
+            if self._timeouts.stall is not None:
+                inc.poke_watchdog()  # only the stall check depends on what was sent
+            await _send_locked(inc, proto.encode(messages))
 
     async def _send_control(self, inc: _Incarnation) -> None:
         """The cancel channel: cancels and credits, each write bounded by ``cancel_send``."""
@@ -1275,6 +1279,21 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     "the runner has stopped reading its control socket",
                 )
                 return
+
+
+async def _send_locked(inc: _Incarnation, data: bytes) -> None:
+    """``send_all`` under the incarnation's send lock, without a schedule point when the lock is free.
+
+    ``async with lock`` yields once even uncontended: a whole loop pass per task sent.
+    """
+    try:
+        inc.send_lock.acquire_nowait()
+    except trio.WouldBlock:
+        await inc.send_lock.acquire()
+    try:
+        await inc.worker.send_all(data)
+    finally:
+        inc.send_lock.release()
 
 
 async def run_supervisor(
