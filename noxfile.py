@@ -103,5 +103,5 @@ def bench(session: nox.Session) -> None:
     script = os.path.join("benchmarks", "run.py")
     if not os.path.exists(script):
         session.skip(f"{script} does not exist yet")
-    session.install("-e", ".[test,mlx]")
+    session.install("-e", ".[test,mlx]", "matplotlib")
     session.run("python", script, *session.posargs)

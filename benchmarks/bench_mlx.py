@@ -1,0 +1,159 @@
+"""MLX runner benchmarks on the offline demo model: throughput, time to first token, restart-to-ready.
+
+Side by side in the same run, on the same model:
+
+- **tokens/s**: greedy generation of ``TOKENS`` tokens through the supervisor
+  (submit to result, timed in the parent) against ``mlx_lm.stream_generate``
+  in this process (call to last response). Goal: a ratio of at least 0.97.
+- **time to first token**: submit to first ``Token`` in the parent, against
+  call to first response in process; the difference is the overhead.
+- **restart-to-ready**: ``Ready.startup_seconds`` (spawn to READY: model
+  loaded and warm) of restarted runners, with spawn and with the forkserver
+  (mlx-lm preloaded). Goal for the forkserver: at most 45 ms.
+
+Rounds alternate between the supervisor and in-process generation so drift
+in the machine's load hits both. Run: ``python benchmarks/bench_mlx.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import statistics
+import sys
+import time
+from typing import Any
+
+import trio
+
+import trio_runner
+from trio_runner.mlx import Generate, open_mlx_supervisor, prepare_demo_model
+
+TOKENS = 400
+ROUNDS = 7
+RESTARTS = 8
+PROMPT = "The supervisor keeps the event loop free while"
+
+
+def _median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def _in_process_round(model: Any, tokenizer: Any) -> tuple[float, float, int]:
+    import mlx_lm
+
+    began = time.perf_counter()
+    first = 0.0
+    count = 0
+    for count, _ in enumerate(mlx_lm.stream_generate(model, tokenizer, PROMPT, max_tokens=TOKENS), 1):  # pyright: ignore[reportUnknownMemberType, reportUnknownArgumentType]
+        if count == 1:
+            first = time.perf_counter() - began
+    return time.perf_counter() - began, first, count
+
+
+async def _throughput(path: str) -> dict[str, float]:
+    import mlx_lm
+
+    # Loading MLX here is safe: the forkserver was launched (by exec) before, and spawn is exec too.
+    model, tokenizer = mlx_lm.load(path)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+    _in_process_round(model, tokenizer)  # warm up, like the runner's setup
+    request = Generate(prompt=PROMPT, max_tokens=TOKENS)
+    sup_tps: list[float] = []
+    sup_ttft: list[float] = []
+    own_tps: list[float] = []
+    own_ttft: list[float] = []
+    async with open_mlx_supervisor(path) as sup:
+        await sup.wait_ready()
+        await sup.run(request)  # warm up
+        for _ in range(ROUNDS):
+            submitted = trio.current_time()
+            first = None
+            async with sup.stream(request) as task:
+                async for _token in task:
+                    if first is None:
+                        first = trio.current_time() - submitted
+            completion = task.result
+            elapsed = trio.current_time() - submitted
+            sup_tps.append(completion.generation_tokens / elapsed)
+            sup_ttft.append(first or 0.0)
+            elapsed, first_own, count = _in_process_round(model, tokenizer)
+            own_tps.append(count / elapsed)
+            own_ttft.append(first_own)
+            await trio.lowlevel.checkpoint()
+    return {
+        "supervised_tps": statistics.median(sup_tps),
+        "in_process_tps": statistics.median(own_tps),
+        "tps_ratio": statistics.median(sup_tps) / statistics.median(own_tps),
+        "supervised_ttft_ms": _median_ms(sup_ttft),
+        "in_process_ttft_ms": _median_ms(own_ttft),
+        "ttft_overhead_ms": _median_ms(sup_ttft) - _median_ms(own_ttft),
+    }
+
+
+async def _restart_to_ready(path: str, start_method: str) -> dict[str, float]:
+    policy = trio_runner.RestartPolicy(initial_delay=0.0, max_restarts=RESTARTS + 2)
+    startups: list[float] = []
+    gaps: list[float] = []
+    async with open_mlx_supervisor(path, start_method=start_method, policy=policy, name=start_method) as sup:
+        changes = sup.watch()
+        await sup.wait_ready()
+        for _ in range(RESTARTS):
+            pid = sup.statistics().pid
+            assert pid is not None
+            os.kill(pid, signal.SIGKILL)
+            exited_at = None
+            async for change in changes:
+                if isinstance(change, trio_runner.Exited):
+                    exited_at = trio.current_time()
+                elif isinstance(change, trio_runner.Ready) and exited_at is not None:
+                    gaps.append(trio.current_time() - exited_at)
+                    startups.append(change.startup_seconds)
+                    break
+    return {"startup_ms": _median_ms(startups), "exit_to_ready_ms": _median_ms(gaps)}
+
+
+async def _bench() -> dict[str, Any]:
+    path = str(await prepare_demo_model())
+    results: dict[str, Any] = {}
+    results["forkserver"] = await _restart_to_ready(path, "forkserver")
+    results["spawn"] = await _restart_to_ready(path, "spawn")
+    results["throughput"] = await _throughput(path)
+    return results
+
+
+def main() -> dict[str, Any]:
+    """Run the MLX benchmarks, print a small table, and return the figures."""
+    results = trio.run(_bench)
+    t = results["throughput"]
+    rows = [
+        (
+            "tokens/s, supervised vs in-process",
+            f"{t['supervised_tps']:.0f} vs {t['in_process_tps']:.0f}",
+            f"ratio {t['tps_ratio']:.3f} (goal >= 0.97)",
+        ),
+        (
+            "time to first token, supervised vs in-process",
+            f"{t['supervised_ttft_ms']:.2f} vs {t['in_process_ttft_ms']:.2f} ms",
+            f"overhead {t['ttft_overhead_ms']:.2f} ms",
+        ),
+    ]
+    for method in ("spawn", "forkserver"):
+        r = results[method]
+        goal = " (goal <= 45 ms)" if method == "forkserver" else ""
+        rows.append(
+            (
+                f"restart-to-ready, {method}",
+                f"{r['startup_ms']:.1f} ms spawn->READY{goal}",
+                f"{r['exit_to_ready_ms']:.1f} ms exit seen->READY",
+            )
+        )
+    width = max(len(name) for name, _, _ in rows)
+    print(f"MLX demo model, {TOKENS} tokens x {ROUNDS} rounds, {RESTARTS} restarts per method (medians)")
+    for name, value, note in rows:
+        print(f"  {name:<{width}}  {value:<32} {note}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
+    sys.exit(0)

@@ -1,0 +1,196 @@
+"""Run the trio-runner benchmarks and write RESULTS.md, results.json and latency.png.
+
+Usage::
+
+    python benchmarks/run.py            # the full suite (a few minutes), writes into benchmarks/
+    python benchmarks/run.py --smoke    # tiny counts, no goals judged: checks the suite still works
+    python benchmarks/run.py --only roundtrip,events
+
+Every metric is measured in the same run as its baselines; see docs/benchmarks.md.
+
+Only the standard library is imported at module level: the spawn start method
+re-runs this script in every child it starts (as ``__mp_main__``), and a
+heavy import here would inflate every spawn measured, ours and the baselines'.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+# (name, module): run in this order; bench_mlx is optional (another owner, needs mlx).
+SUITES = [
+    ("crash", "bench_crash"),
+    ("lateness", "bench_lateness"),
+    ("events", "bench_throughput"),
+    ("roundtrip", "bench_roundtrip"),
+    ("lifecycle", "bench_lifecycle"),
+    ("scaling", "bench_scaling"),
+    ("mlx", "bench_mlx"),
+]
+
+
+def _mlx_available() -> tuple[bool, str]:
+    if not os.path.exists(os.path.join(HERE, "bench_mlx.py")):
+        return False, "benchmarks/bench_mlx.py does not exist"
+    if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
+        return False, "mlx / mlx-lm are not installed (pip install -e '.[mlx]')"
+    return True, ""
+
+
+def _run_isolated(module_name: str) -> dict:
+    """Run ``module.main()`` in a fresh interpreter and return the dict it returns.
+
+    The forkserver is one per process, and its preload list is fixed when it
+    starts: the MLX suite needs its own (mlx_lm preloaded), not the one the
+    restart benchmark already started here.
+    """
+    import subprocess
+
+    code = (
+        f"import json, sys; sys.path.insert(0, sys.argv[1]); import {module_name}; "
+        f"result = {module_name}.main(); print('\\n@@RESULT@@' + json.dumps(result))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, HERE], capture_output=True, text=True, check=False, timeout=600
+    )
+    sys.stdout.write(proc.stdout.split("@@RESULT@@")[0])
+    if proc.returncode != 0 or "@@RESULT@@" not in proc.stdout:
+        raise RuntimeError(f"{module_name} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.rsplit("@@RESULT@@", 1)[1])
+
+
+def _mlx_rows(results: dict) -> tuple[list[dict], dict]:
+    """Rows for bench_mlx.py's ``main()`` figures (that module runs its own trio loop and prints)."""
+    import _common
+
+    rows: list[dict] = []
+    try:
+        t = results["throughput"]
+        rows.append(
+            _common.row(
+                "mlx_tps",
+                "MLX demo model tokens/s, supervised",
+                f"{t['supervised_tps']:.0f} tok/s (TTFT {t['supervised_ttft_ms']:.2f} ms)",
+                f"mlx_lm.stream_generate in process {t['in_process_tps']:.0f} tok/s "
+                f"(TTFT {t['in_process_ttft_ms']:.2f} ms)",
+                f"{t['tps_ratio']:.3f}x in-process; TTFT +{t['ttft_overhead_ms']:.2f} ms",
+                ">= 0.97x in-process tokens/s",
+                t["tps_ratio"] >= 0.97,
+                **t,
+            )
+        )
+        for method in ("spawn", "forkserver"):
+            r = results[method]
+            rows.append(
+                _common.row(
+                    f"mlx_restart_{method}",
+                    f"MLX runner restart to ready, {method} (median)",
+                    f"{r['exit_to_ready_ms']:.1f} ms exit seen -> READY "
+                    f"({r['startup_ms']:.1f} ms spawn -> READY)",
+                    "—",
+                    "—",
+                    "≤ 45 ms" if method == "forkserver" else "—",
+                    r["startup_ms"] <= 45 if method == "forkserver" else None,
+                    **r,
+                )
+            )
+    except (KeyError, TypeError) as exc:
+        rows.append(
+            _common.row("mlx", "MLX benchmarks", "see results.json", "—", "—", "—", None, error=repr(exc))
+        )
+    return rows, {"mlx": results}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--smoke", action="store_true", help="tiny counts; checks the suite runs, judges nothing"
+    )
+    parser.add_argument(
+        "--only", default="", help="comma-separated suites: " + ",".join(n for n, _ in SUITES)
+    )
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="output directory (default: benchmarks/, or build/bench-smoke with --smoke)",
+    )
+    args = parser.parse_args(argv)
+    out = args.out or (os.path.join(HERE, os.pardir, "build", "bench-smoke") if args.smoke else HERE)
+    os.makedirs(out, exist_ok=True)
+
+    if HERE not in sys.path:
+        sys.path.insert(0, HERE)
+    import _common
+    import _report
+    import trio
+
+    _common.ensure_child_import_path()
+    # The supervisor logs every restart at WARNING; hundreds of them would only slow the loop down.
+    logging.getLogger("trio_runner").setLevel(logging.CRITICAL)
+    cfg = _common.Config(smoke=args.smoke)
+    wanted = {name.strip() for name in args.only.split(",") if name.strip()}
+    unknown = wanted - {name for name, _ in SUITES}
+    if unknown:
+        parser.error(f"unknown suite(s) {', '.join(sorted(unknown))}")
+
+    rows: list[dict] = []
+    raw: dict = {}
+    notes: list[str] = []
+    timings: dict[str, float] = {}
+    started = time.perf_counter()
+    for name, module_name in SUITES:
+        if wanted and name not in wanted:
+            continue
+        if name == "mlx":
+            ok, why = _mlx_available()
+            if not ok:
+                notes.append(f"MLX benchmark skipped: {why}.")
+                print(f"[skip] {name}: {why}", flush=True)
+                continue
+        print(f"[run ] {name} ...", flush=True)
+        begun = time.perf_counter()
+        module = importlib.import_module(module_name) if name != "mlx" else None
+        if module is not None:
+            suite_rows, suite_raw = trio.run(module.run, cfg)
+        elif name == "mlx" and args.smoke:
+            notes.append("MLX benchmark not run in smoke mode (it has no smoke size).")
+            print(f"[skip] {name}: no smoke mode", flush=True)
+            continue
+        else:
+            suite_rows, suite_raw = _mlx_rows(_run_isolated(module_name))
+        timings[name] = time.perf_counter() - begun
+        rows += suite_rows
+        raw.update(suite_raw)
+        for item in suite_rows:
+            print(f"       {item['metric']}: {item['ours']}  [{item['ratio']}]", flush=True)
+        print(f"[done] {name} in {timings[name]:.1f} s", flush=True)
+    total = time.perf_counter() - started
+    if args.smoke:
+        for item in rows:
+            item["met"] = None  # smoke counts are too small to judge a goal
+    info = _common.machine_info()
+    info["suite_seconds"] = round(total, 1)
+    info["suite_timings"] = {name: round(seconds, 1) for name, seconds in timings.items()}
+    info["smoke"] = args.smoke
+    plot_note = _report.write_plot(os.path.join(out, "latency.png"), raw)
+    if plot_note:
+        notes.append(plot_note)
+    _report.write_json(os.path.join(out, "results.json"), info, rows, raw, notes)
+    _report.write_markdown(os.path.join(out, "RESULTS.md"), info, rows, notes)
+    print(f"wrote {os.path.normpath(out)}/RESULTS.md, results.json, latency.png in {total:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
