@@ -124,11 +124,14 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
     async def story() -> None:
         location = demo_model_location()
         if await trio.to_thread.run_sync(verify_demo_model, location) is None:
-            say(f"demo model: {location} (cached)")
+            say(f"demo model: {location} (cached; random weights, so its text is noise)")
         else:
             began = trio.current_time()
             await with_progress("building the demo model (first run only)", prepare_demo_model)
-            say(f"demo model: built {location} in {trio.current_time() - began:.1f} s")
+            say(
+                f"demo model: built {location} in {trio.current_time() - began:.1f} s "
+                "(random weights, so its text is noise)"
+            )
         policy = RestartPolicy(initial_delay=0.5)
         request = Generate(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=SEED)
         async with open_mlx_supervisor(
