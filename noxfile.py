@@ -2,7 +2,7 @@
 
 Sessions (``nox -l`` lists them; ``nox`` alone runs the first four):
 
-- ``tests``: the pytest suite, with the package installed editable plus ``[test,mlx]``.
+- ``tests``: the pytest suite, with the package installed editable plus ``[test,mlx,serve]``.
 - ``lint``: ``ruff check`` and ``ruff format --check`` over the source trees that exist.
 - ``typing``: ``pyright`` in strict mode on ``trio_runner`` (configured in pyproject.toml).
 - ``docs``: ``mkdocs build --strict`` into ``build/site``.
@@ -39,7 +39,7 @@ def _existing(paths: list[str]) -> list[str]:
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (the MLX tests run on the offline demo model, on the CPU)."""
-    session.install("-e", ".[test,mlx]")
+    session.install("-e", ".[test,mlx,serve]")
     session.run("pytest", *session.posargs)
 
 
@@ -55,7 +55,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typing(session: nox.Session) -> None:
     """Type-check the package with pyright (strict)."""
-    session.install("-e", ".[test,mlx]", "pyright")
+    session.install("-e", ".[test,mlx,serve]", "pyright")
     session.run("pyright", *session.posargs)
 
 
@@ -103,5 +103,5 @@ def bench(session: nox.Session) -> None:
     script = os.path.join("benchmarks", "run.py")
     if not os.path.exists(script):
         session.skip(f"{script} does not exist yet")
-    session.install("-e", ".[test,mlx]", "matplotlib")
+    session.install("-e", ".[test,mlx,serve]", "matplotlib")
     session.run("python", script, *session.posargs)

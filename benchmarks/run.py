@@ -35,18 +35,23 @@ SUITES = [
     ("lifecycle", "bench_lifecycle"),
     ("scaling", "bench_scaling"),
     ("mlx", "bench_mlx"),
+    ("serve", "bench_serve"),
 ]
 
+# Suites that run in an interpreter of their own (see _run_isolated), with what they need.
+ISOLATED = {"mlx": ("mlx", "mlx_lm"), "serve": ("mlx", "mlx_lm", "hypercorn", "starlette")}
 
-def _mlx_available() -> tuple[bool, str]:
-    if not os.path.exists(os.path.join(HERE, "bench_mlx.py")):
-        return False, "benchmarks/bench_mlx.py does not exist"
-    if importlib.util.find_spec("mlx") is None or importlib.util.find_spec("mlx_lm") is None:
-        return False, "mlx / mlx-lm are not installed (pip install -e '.[mlx]')"
+
+def _isolated_available(name: str, module_name: str) -> tuple[bool, str]:
+    if not os.path.exists(os.path.join(HERE, f"{module_name}.py")):
+        return False, f"benchmarks/{module_name}.py does not exist"
+    missing = [dep for dep in ISOLATED[name] if importlib.util.find_spec(dep) is None]
+    if missing:
+        return False, f"{', '.join(missing)} not installed (pip install -e '.[mlx,serve]')"
     return True, ""
 
 
-def _run_isolated(module_name: str) -> dict:
+def _run_isolated(module_name: str, smoke: bool = False) -> dict:
     """Run ``module.main()`` in a fresh interpreter and return the dict it returns.
 
     The forkserver is one per process, and its preload list is fixed when it
@@ -57,7 +62,8 @@ def _run_isolated(module_name: str) -> dict:
 
     code = (
         f"import json, sys; sys.path.insert(0, sys.argv[1]); import {module_name}; "
-        f"result = {module_name}.main(); print('\\n@@RESULT@@' + json.dumps(result))"
+        f"result = {module_name}.main({'smoke=True' if smoke else ''}); "
+        "print('\\n@@RESULT@@' + json.dumps(result))"
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, HERE], capture_output=True, text=True, check=False, timeout=600
@@ -110,6 +116,50 @@ def _mlx_rows(results: dict) -> tuple[list[dict], dict]:
     return rows, {"mlx": results}
 
 
+def _serve_rows(results: dict) -> tuple[list[dict], dict]:
+    """Rows for bench_serve.py's ``main()`` figures: availability under kills, and throughput."""
+    import _common
+
+    ours, theirs = "trio-runner serve", "mlx_lm.server"
+    rows: list[dict] = []
+    try:
+        a = results["availability"]
+        rows.append(
+            _common.row(
+                "serve_health",
+                "/health while the runner is SIGKILLed once a second (p50 / p99)",
+                f"{a[ours]['health_p50_ms']:.2f} / {a[ours]['health_p99_ms']:.2f} ms, "
+                f"{a[ours]['answered_share']:.0%} answered",
+                f"{theirs} {a[theirs]['health_p50_ms']:.2f} / {a[theirs]['health_p99_ms']:.2f} ms, "
+                f"{a[theirs]['answered_share']:.0%} answered (refused while it restarts)",
+                "—",
+                "p99 ≤ 5 ms",
+                bool(results.get("goal_met")),
+            )
+        )
+        t = results["throughput"]
+        for i, point in enumerate(t[ours]):
+            base = t[theirs][i] if i < len(t[theirs]) else {}
+            rows.append(
+                _common.row(
+                    f"serve_tps_{i}",
+                    f"serve, streaming clients #{i + 1}: tokens/s, requests/s",
+                    f"{point['tokens_per_s']:.0f} tok/s, {point['requests_per_s']:.1f} req/s",
+                    f"{theirs} {base.get('tokens_per_s', float('nan')):.0f} tok/s, "
+                    f"{base.get('requests_per_s', float('nan')):.1f} req/s",
+                    "—",
+                    "—",
+                    None,
+                    **point,
+                )
+            )
+    except (KeyError, TypeError, IndexError) as exc:
+        rows.append(
+            _common.row("serve", "serve benchmarks", "see results.json", "—", "—", "—", None, error=repr(exc))
+        )
+    return rows, {"serve": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -152,23 +202,25 @@ def main(argv: list[str] | None = None) -> int:
     for name, module_name in SUITES:
         if wanted and name not in wanted:
             continue
-        if name == "mlx":
-            ok, why = _mlx_available()
+        if name in ISOLATED:
+            ok, why = _isolated_available(name, module_name)
             if not ok:
                 notes.append(f"MLX benchmark skipped: {why}.")
                 print(f"[skip] {name}: {why}", flush=True)
                 continue
         print(f"[run ] {name} ...", flush=True)
         begun = time.perf_counter()
-        module = importlib.import_module(module_name) if name != "mlx" else None
+        module = importlib.import_module(module_name) if name not in ISOLATED else None
         if module is not None:
             suite_rows, suite_raw = trio.run(module.run, cfg)
         elif name == "mlx" and args.smoke:
             notes.append("MLX benchmark not run in smoke mode (it has no smoke size).")
             print(f"[skip] {name}: no smoke mode", flush=True)
             continue
-        else:
+        elif name == "mlx":
             suite_rows, suite_raw = _mlx_rows(_run_isolated(module_name))
+        else:
+            suite_rows, suite_raw = _serve_rows(_run_isolated(module_name, smoke=args.smoke))
         timings[name] = time.perf_counter() - begun
         rows += suite_rows
         raw.update(suite_raw)

@@ -118,6 +118,66 @@ async def _generate(args: argparse.Namespace) -> None:
     )
 
 
+async def _serve(args: argparse.Namespace) -> None:
+    import trio
+
+    try:
+        from .serve import serve_mlx
+    except ImportError as exc:
+        raise CommandError(
+            f"serve needs the serve extra ({exc.name} is missing): pip install 'trio-runner[serve,mlx]'"
+        ) from None
+    from ._policy import RestartPolicy
+
+    stop: trio.Event = args.stop
+    if args.max_backoff < args.backoff:
+        raise CommandError(f"--max-backoff {args.max_backoff:g} must be at least --backoff {args.backoff:g}")
+    policy = RestartPolicy(
+        initial_delay=args.backoff, max_delay=args.max_backoff, max_restarts=args.max_restarts
+    )
+    await serve_mlx(
+        args.model,
+        host=args.host,
+        port=args.port,
+        start_method=args.start_method,
+        policy=policy,
+        ready_wait=args.ready_wait,
+        grace=args.grace,
+        stop=stop,
+        say=_say,
+    )
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a port number, 0 to 65535 (0 picks a free one)")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number of seconds >= 0")
+    return value
+
+
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -219,6 +279,63 @@ def build_parser() -> argparse.ArgumentParser:
     )
     generate.add_argument("--seed", type=_seed, default=None, metavar="S", help="seed for sampling")
     generate.set_defaults(command=_generate)
+    serve = commands.add_parser(
+        "serve",
+        parents=[verbosity, start],
+        help="serve an MLX model over an OpenAI-compatible HTTP API that stays up while the runner crashes",
+        description=(
+            "Serve an MLX model in a supervised runner over an OpenAI-compatible API "
+            "(/v1/chat/completions, /v1/completions, /v1/models), with /health and Prometheus /metrics. "
+            "SIGTERM or SIGINT shuts down gracefully and exits 0."
+        ),
+    )
+    serve.add_argument(
+        "--model",
+        type=_model,
+        default=None,
+        metavar="M",
+        help="a model directory or a Hugging Face repo id (default: the offline demo model)",
+    )
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; there is no auth)"
+    )
+    serve.add_argument("--port", type=_port, default=8000, help="the port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--ready-wait",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="how long a request waits for a restarting runner before a 503 (default 5)",
+    )
+    serve.add_argument(
+        "--grace",
+        type=_seconds,
+        default=5.0,
+        metavar="S",
+        help="on SIGTERM/SIGINT, how long requests in flight may finish (default 5)",
+    )
+    serve.add_argument(
+        "--backoff",
+        type=_seconds,
+        default=2.0,
+        metavar="S",
+        help="the first restart delay; it doubles per crash in a row, up to --max-backoff (default 2)",
+    )
+    serve.add_argument(
+        "--max-backoff",
+        type=_seconds,
+        default=60.0,
+        metavar="S",
+        help="the longest restart delay (default 60)",
+    )
+    serve.add_argument(
+        "--max-restarts",
+        type=_count,
+        default=10,
+        metavar="N",
+        help="restarts in a row before giving up; then every request gets 503 (default 10)",
+    )
+    serve.set_defaults(command=_serve, graceful=True)
     return parser
 
 
@@ -231,21 +348,32 @@ def _configure_logging(verbose: int) -> None:
 
 
 async def _run(command: Command, args: argparse.Namespace) -> int:
-    """Run ``command`` until it returns or a signal asks for a graceful shutdown."""
+    """Run ``command`` until it returns or a signal asks for a graceful shutdown.
+
+    A command with ``graceful`` set (``serve``) gets a ``trio.Event`` as
+    ``args.stop``: the first signal sets it and the command winds down by
+    itself, exiting 0; a second signal cancels it. Any other command is
+    cancelled at the first signal and exits 128 + the signal number.
+    """
     import trio
 
     received: list[int] = []
+    graceful: bool = getattr(args, "graceful", False)
+    stop = trio.Event()
+    args.stop = stop
 
     async def listen(signals: AsyncIterator[int], work: trio.CancelScope) -> None:
         async for signum in signals:
+            name = signal.Signals(signum).name
             if not received:
                 received.append(signum)
-                print(
-                    f"{PROG}: {signal.Signals(signum).name} received, shutting down gracefully",
-                    file=sys.stderr,
-                    flush=True,
-                )
-                work.cancel()
+                print(f"{PROG}: {name} received, shutting down gracefully", file=sys.stderr, flush=True)
+                if graceful:
+                    stop.set()
+                    continue
+            elif graceful:
+                print(f"{PROG}: {name} received again, stopping now", file=sys.stderr, flush=True)
+            work.cancel()
 
     with trio.open_signal_receiver(*_SIGNALS) as signals:
         async with trio.open_nursery() as nursery:
@@ -254,7 +382,7 @@ async def _run(command: Command, args: argparse.Namespace) -> int:
             with work:
                 await command(args)
             nursery.cancel_scope.cancel()
-    if received:
+    if received and not (graceful and not work.cancelled_caught):
         return 128 + received[0]
     return EXIT_OK
 

@@ -1,0 +1,379 @@
+"""``trio-runner serve`` against ``mlx_lm.server``, on the same demo model, in the same run.
+
+Both servers run as subprocesses on 127.0.0.1 and are measured by the same
+clients in this process (which never imports MLX):
+
+- **availability**: ``GET /health`` back to back, on a keep-alive connection,
+  for ``AVAILABILITY_SECONDS`` while "the runner" is SIGKILLed once a second
+  and one streaming client keeps generating. For trio-runner that is the
+  supervised runner process (its pid comes from ``/health``); the server stays
+  up. ``mlx_lm.server`` runs inference in its own process, so the kill takes
+  the whole server down, and a process manager's immediate restart is
+  simulated. Reported: /health p50/p99 over the answers, the share of probes
+  answered at all, and what the streaming client saw. Goal: trio-runner's
+  /health p99 <= 5 ms.
+- **throughput**: requests/s and tokens/s with 1, 4 and 16 concurrent
+  streaming clients (``MAX_TOKENS`` tokens each, greedy), for
+  ``THROUGHPUT_SECONDS`` per level. Tokens are counted from the ``usage`` in
+  the last chunk (``stream_options.include_usage``), which both servers send.
+
+Run: ``python benchmarks/bench_serve.py`` (``--smoke`` for tiny counts). It
+needs the mlx and serve extras. ``main()`` returns the figures as a dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import httpx
+import trio
+
+AVAILABILITY_SECONDS = 10.0
+KILL_EVERY = 1.0
+THROUGHPUT_SECONDS = 5.0
+CONCURRENCY = (1, 4, 16)
+MAX_TOKENS = 64
+START_BOUND = 120.0
+GOAL_HEALTH_P99_MS = 5.0
+CHAT = {"messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 0.0}
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..100)."""
+    if not samples:
+        return math.nan
+    ordered = sorted(samples)
+    return ordered[min(len(ordered), max(1, math.ceil(q / 100 * len(ordered)))) - 1]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _demo_model() -> str:
+    # Built in a subprocess: building evaluates MLX, and this process stays free of it.
+    code = "from trio_runner.mlx import demo_model; print(demo_model())"
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=300
+    )
+    return out.stdout.strip().splitlines()[-1]
+
+
+class Server:
+    """One server subprocess on a loopback port; ``restart()`` brings a killed one back."""
+
+    def __init__(self, name: str, command: list[str], port: int) -> None:
+        self.name = name
+        self.command = command
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            self.command, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+
+    def wait_serving(self, bound: float = START_BOUND) -> float:
+        """Wait until a completion succeeds (mlx_lm.server's /health answers before its model loads)."""
+        began = time.perf_counter()
+        deadline = began + bound
+        body = {**CHAT, "max_tokens": 2}
+        with httpx.Client(base_url=self.url, timeout=10) as client:
+            while time.perf_counter() < deadline:
+                with contextlib.suppress(httpx.HTTPError):
+                    if client.post("/v1/chat/completions", json=body).status_code == 200:
+                        return time.perf_counter() - began
+                time.sleep(0.05)
+        raise RuntimeError(f"{self.name} did not serve within {bound} s")
+
+    def stop(self) -> None:
+        proc = self.proc
+        if proc is None or proc.poll() is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
+def running(server: Server) -> Iterator[Server]:
+    server.start()
+    try:
+        server.wait_serving()
+        yield server
+    finally:
+        server.stop()
+
+
+# -- availability ----------------------------------------------------------------------
+
+
+def _probe_health(url: str, until: float, latencies: list[float], seen: Counter[str]) -> None:
+    with httpx.Client(base_url=url, timeout=2.0) as client:
+        while time.perf_counter() < until:
+            began = time.perf_counter()
+            try:
+                status = client.get("/health").status_code
+            except httpx.ConnectError:
+                seen["connection refused"] += 1
+                time.sleep(0.005)  # nothing listens: do not spin
+                continue
+            except httpx.HTTPError as exc:
+                seen[type(exc).__name__] += 1
+                continue
+            latencies.append(time.perf_counter() - began)
+            seen[f"HTTP {status}"] += 1
+
+
+def _stream_once(client: httpx.Client, max_tokens: int) -> str:
+    """One streamed chat; what the client saw, in a few words."""
+    body = {**CHAT, "max_tokens": max_tokens, "stream": True}
+    try:
+        with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            if response.status_code != 200:
+                return f"HTTP {response.status_code}"
+            last = ""
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    last = line[6:]
+            if last == "[DONE]":
+                return "completed with [DONE]"
+            with contextlib.suppress(ValueError):
+                if "error" in json.loads(last):
+                    return "ended with an error event"
+            return "ended without [DONE]"
+    except httpx.ConnectError:
+        time.sleep(0.05)
+        return "connection refused"
+    except httpx.HTTPError as exc:
+        return f"cut off ({type(exc).__name__})"
+
+
+def _stream_load(url: str, until: float, seen: Counter[str]) -> None:
+    with httpx.Client(base_url=url, timeout=10.0) as client:
+        while time.perf_counter() < until:
+            seen[_stream_once(client, 200)] += 1
+
+
+def _runner_pid(url: str) -> int | None:
+    with contextlib.suppress(httpx.HTTPError, ValueError):
+        pid = httpx.get(f"{url}/health", timeout=1.0).json().get("pid")
+        return pid if isinstance(pid, int) else None
+    return None
+
+
+def availability(server: Server, *, seconds: float, kill_whole_server: bool) -> dict[str, Any]:
+    """Probe /health while the runner (or, for the baseline, the whole server) is SIGKILLed every second."""
+    latencies: list[float] = []
+    health: Counter[str] = Counter()
+    streams: Counter[str] = Counter()
+    until = time.perf_counter() + seconds
+    threads = [
+        threading.Thread(target=_probe_health, args=(server.url, until, latencies, health)),
+        threading.Thread(target=_stream_load, args=(server.url, until, streams)),
+    ]
+    for thread in threads:
+        thread.start()
+    kills = 0
+    next_kill = time.perf_counter() + KILL_EVERY
+    while next_kill < until:
+        time.sleep(max(0.0, next_kill - time.perf_counter()))
+        next_kill += KILL_EVERY
+        if kill_whole_server:
+            assert server.proc is not None
+            if server.proc.poll() is None:
+                server.proc.kill()
+                server.proc.wait()
+                kills += 1
+            server.start()  # a process manager restarting it at once
+        else:
+            pid = _runner_pid(server.url)
+            if pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                    kills += 1
+    for thread in threads:
+        thread.join()
+    probes = sum(health.values())
+    answered = len(latencies)
+    return {
+        "kills": kills,
+        "probes": probes,
+        "answered_share": answered / probes if probes else 0.0,
+        "health_p50_ms": percentile(latencies, 50) * 1e3,
+        "health_p99_ms": percentile(latencies, 99) * 1e3,
+        "health_max_ms": max(latencies, default=math.nan) * 1e3,
+        "health_seen": dict(health),
+        "streams_seen": dict(streams),
+    }
+
+
+# -- throughput ------------------------------------------------------------------------
+
+
+async def _stream_counting(
+    client: httpx.AsyncClient, body: dict[str, Any]
+) -> tuple[bool, dict[str, int] | None, int]:
+    """One streamed chat: whether it ended with [DONE], its usage, and its content chunks."""
+    usage = None
+    chunks = 0
+    done = False
+    async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue
+            data = line[6:]
+            if data == "[DONE]":
+                done = True
+                continue
+            event = json.loads(data)
+            if event.get("usage"):
+                usage = event["usage"]
+            elif event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
+                chunks += 1
+    return done, usage, chunks
+
+
+async def _throughput(url: str, clients: int, seconds: float) -> dict[str, float]:
+    requests = 0
+    tokens = 0
+    failures = 0
+    body = {**CHAT, "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+
+    async def one_client(client: httpx.AsyncClient, until: float) -> None:
+        nonlocal requests, tokens, failures
+        while trio.current_time() < until:
+            try:
+                done, usage, chunks = await _stream_counting(client, body)
+            except httpx.HTTPError:
+                done, usage, chunks = False, None, 0  # e.g. a full listen backlog resets the connection
+            if not done:
+                failures += 1
+                continue
+            requests += 1
+            tokens += usage["completion_tokens"] if usage else chunks
+
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=limits) as client:
+        began = trio.current_time()
+        until = began + seconds
+        async with trio.open_nursery() as nursery:
+            for _ in range(clients):
+                nursery.start_soon(one_client, client, until)
+        elapsed = trio.current_time() - began
+    return {
+        "clients": clients,
+        "requests_per_s": requests / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "failures": failures,
+    }
+
+
+def throughput(server: Server, seconds: float) -> list[dict[str, float]]:
+    return [trio.run(_throughput, server.url, clients, seconds) for clients in CONCURRENCY]
+
+
+# -- the run ---------------------------------------------------------------------------
+
+
+def _servers(model: str) -> tuple[Server, Server]:
+    ours_port, theirs_port = _free_port(), _free_port()
+    ours = Server(
+        "trio-runner serve",
+        [
+            *(sys.executable, "-m", "trio_runner", "serve", "--model", model),
+            *(
+                "--port",
+                str(ours_port),
+                "--backoff",
+                "0.05",
+                "--max-backoff",
+                "0.05",
+                "--max-restarts",
+                "1000",
+                "--ready-wait",
+                "5",
+            ),
+        ],
+        ours_port,
+    )
+    theirs = Server(
+        "mlx_lm.server",
+        [
+            sys.executable,
+            "-m",
+            "mlx_lm",
+            "server",
+            "--model",
+            model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(theirs_port),
+        ],
+        theirs_port,
+    )
+    return ours, theirs
+
+
+def _print_table(results: dict[str, Any]) -> None:
+    print("\n/health while the runner is SIGKILLed once a second (one streaming client generating)")
+    print(
+        f"{'server':<20} {'kills':>5} {'answered':>9} {'p50 ms':>8} {'p99 ms':>8} {'max ms':>8}  client saw"
+    )
+    for name, a in results["availability"].items():
+        print(
+            f"{name:<20} {a['kills']:>5} {a['answered_share']:>8.1%} {a['health_p50_ms']:>8.2f} "
+            f"{a['health_p99_ms']:>8.2f} {a['health_max_ms']:>8.1f}  "
+            f"health {a['health_seen']}; streams {a['streams_seen']}"
+        )
+    print(f"goal: trio-runner /health p99 <= {GOAL_HEALTH_P99_MS} ms: {results['goal_met']}")
+    print(f"\nstreaming throughput, {MAX_TOKENS} tokens per request (greedy)")
+    print(f"{'server':<20} {'clients':>7} {'req/s':>8} {'tokens/s':>9} {'failed':>6}")
+    for name, rows in results["throughput"].items():
+        for r in rows:
+            print(
+                f"{name:<20} {r['clients']:>7} {r['requests_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} "
+                f"{r['failures']:>6}"
+            )
+
+
+def main(smoke: bool = False) -> dict[str, Any]:
+    """Run both comparisons and print a table; returns the figures."""
+    seconds = 2.0 if smoke else AVAILABILITY_SECONDS
+    tp_seconds = 1.0 if smoke else THROUGHPUT_SECONDS
+    model = _demo_model()
+    ours, theirs = _servers(model)
+    results: dict[str, Any] = {"model": model, "availability": {}, "throughput": {}}
+    for server, whole in ((ours, False), (theirs, True)):
+        with running(server):
+            results["throughput"][server.name] = throughput(server, tp_seconds)
+            results["availability"][server.name] = availability(
+                server, seconds=seconds, kill_whole_server=whole
+            )
+    results["goal_met"] = results["availability"][ours.name]["health_p99_ms"] <= GOAL_HEALTH_P99_MS
+    _print_table(results)
+    return results
+
+
+if __name__ == "__main__":
+    main(smoke="--smoke" in sys.argv)

@@ -1,0 +1,517 @@
+"""``trio-runner serve``: the OpenAI-compatible API, against a real server on loopback.
+
+Contract tests: each test runs the server in its own trio loop, in process,
+on an ephemeral 127.0.0.1 port, over a real supervised MLX runner on the
+offline demo model, and talks to it with real clients (httpx, and the official
+``openai`` client). The SIGTERM tests run the command itself in a subprocess.
+Timing bounds are generous; timing claims live in benchmarks/bench_serve.py.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import AsyncIterator
+from contextlib import aclosing, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from trio_runner import RestartPolicy, RunnerState, Supervisor, open_supervisor
+from trio_runner.mlx import Completion, Generate, MlxLmRunner, Token, start_options
+
+from .test_serve_runners import SlowMlxLmRunner
+
+pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
+pytest.importorskip("hypercorn", reason="the serve extra is not installed")
+
+from trio_runner.serve import OpenAIServer, run_server
+
+pytestmark = [
+    pytest.mark.usefixtures("demo_dir"),
+    # trio warns when an async generator is garbage collected unexhausted. The HTTP clients'
+    # own generators nested inside a response stream are, when a test stops reading early
+    # (closing the response closes the connection but not those generators): not our code.
+    pytest.mark.filterwarnings(
+        r"ignore:Async generator '(httpx2?|httpcore2?|openai)\.[\w.]+' was garbage collected:ResourceWarning"
+    ),
+]
+
+BOUND = 60
+MODEL = "trio-runner-demo"
+FAST = RestartPolicy(initial_delay=0.05)
+CHAT = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 8, "seed": 1}
+
+Sup = Supervisor[Generate, Token, Completion]
+
+
+@asynccontextmanager
+async def serving(
+    runner: type[MlxLmRunner] = MlxLmRunner,
+    *,
+    policy: RestartPolicy = FAST,
+    ready_wait: float = 5.0,
+    grace: float = 5.0,
+) -> AsyncIterator[tuple[OpenAIServer, Sup, httpx.AsyncClient]]:
+    """A server on an ephemeral loopback port over a READY runner, and an httpx client for it."""
+    options = start_options()
+    model = os.environ["TRIO_RUNNER_DEMO_MODEL"]
+    with trio.fail_after(BOUND):
+        async with open_supervisor(
+            runner,
+            model,
+            kwargs={"preloaded": options["start_method"] == "forkserver"},
+            policy=policy,
+            raise_on_give_up=False,
+            name="serve-test",
+            **options,
+        ) as sup:
+            await sup.wait_ready()
+            async with trio.open_nursery() as nursery:
+                server: OpenAIServer = await nursery.start(
+                    functools.partial(
+                        run_server, sup, model_id=MODEL, port=0, ready_wait=ready_wait, grace=grace
+                    )
+                )
+                async with httpx.AsyncClient(base_url=server.url, timeout=BOUND) as client:
+                    yield server, sup, client
+                server.shutdown()
+
+
+def _events(lines: list[str]) -> list[Any]:
+    """The ``data:`` payloads of an SSE body, JSON-decoded (``[DONE]`` stays a string)."""
+    out: list[Any] = []
+    for line in lines:
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            out.append(data if data == "[DONE]" else json.loads(data))
+    return out
+
+
+async def _sse(client: httpx.AsyncClient, path: str, body: dict[str, Any]) -> list[Any]:
+    async with client.stream("POST", path, json=body) as response:
+        assert response.status_code == 200, await response.aread()
+        assert response.headers["content-type"].startswith("text/event-stream")
+        async with aclosing(response.aiter_lines()) as lines:
+            return _events([line async for line in lines])
+
+
+async def _wait_until(predicate: Any, what: str, bound: float = 10.0) -> None:
+    with trio.fail_after(bound):
+        while not predicate():  # noqa: ASYNC110 - supervisor statistics have no event to wait on
+            await trio.sleep(0.01)
+
+
+# -- the routes ------------------------------------------------------------------------
+
+
+async def test_health_reports_state_pid_incarnation_restarts_and_last_exit() -> None:
+    async with serving() as (_, sup, client):
+        response = await client.get("/health")
+        pid = sup.statistics().pid
+    assert response.status_code == 200
+    health = response.json()
+    assert health["state"] == "ready" and health["status"] == "ok"
+    assert health["pid"] == pid is not None
+    assert health["incarnation"] == 1 and health["restarts"] == 0 and health["last_exit"] is None
+    assert health["server_pid"] == os.getpid()
+
+
+async def test_models_lists_the_served_model() -> None:
+    async with serving() as (_, _sup, client):
+        response = await client.get("/v1/models")
+    assert response.status_code == 200
+    assert [m["id"] for m in response.json()["data"]] == [MODEL]
+    assert response.json()["object"] == "list"
+
+
+async def test_chat_completion_is_openai_shaped_and_includes_usage() -> None:
+    async with serving() as (_, _sup, client):
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["object"] == "chat.completion" and body["model"] == MODEL
+    (choice,) = body["choices"]
+    assert choice["message"]["role"] == "assistant" and isinstance(choice["message"]["content"], str)
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = body["usage"]
+    assert usage["completion_tokens"] <= 8 and usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+async def test_completion_with_the_same_seed_gives_the_same_text() -> None:
+    body = {"model": MODEL, "prompt": "Once upon", "max_tokens": 12, "seed": 7, "temperature": 0.8}
+    async with serving() as (_, _sup, client):
+        first = await client.post("/v1/completions", json=body)
+        second = await client.post("/v1/completions", json=body)
+    assert first.status_code == second.status_code == 200
+    assert first.json()["object"] == "text_completion"
+    assert first.json()["choices"][0]["text"] == second.json()["choices"][0]["text"]
+    assert first.json()["usage"]["completion_tokens"] > 0
+
+
+async def test_streamed_chat_is_sse_chunks_ending_with_done_and_usage_when_asked() -> None:
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+    async with serving() as (_, _sup, client):
+        events = await _sse(client, "/v1/chat/completions", body)
+        plain = (await client.post("/v1/chat/completions", json=CHAT)).json()
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL for c in chunks)
+    assert len({c["id"] for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == plain["choices"][0]["message"]["content"]  # seeded: the same text either way
+    finish = [c for c in chunks if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert len(finish) == 1 and finish[0]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == plain["usage"]
+
+
+async def test_streamed_completion_ends_with_done() -> None:
+    body = {"model": MODEL, "prompt": "Hi", "max_tokens": 5, "stream": True}
+    async with serving() as (_, _sup, client):
+        events = await _sse(client, "/v1/completions", body)
+    assert events[-1] == "[DONE]"
+    assert all(e["object"] == "text_completion" for e in events[:-1])
+    assert events[-2]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "usage" not in events[-2]
+
+
+async def test_the_official_openai_client_chats_streams_and_lists_models() -> None:
+    openai = pytest.importorskip("openai")
+    async with serving() as (server, _sup, _client):
+        client = openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+        async with client:
+            models = await client.models.list()
+            chat = await client.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": "Hello"}], max_tokens=8, seed=3
+            )
+            stream = await client.chat.completions.create(
+                model=MODEL,
+                messages=[{"role": "user", "content": "Hello"}],
+                max_tokens=8,
+                seed=3,
+                stream=True,
+            )
+            async with stream:
+                pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
+    assert [m.id for m in models.data] == [MODEL]
+    assert chat.usage is not None and chat.usage.completion_tokens > 0
+    assert "".join(pieces) == chat.choices[0].message.content
+
+
+async def test_metrics_are_prometheus_text_with_restarts_crashes_in_flight_tokens_and_lateness() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with serving() as (_, _sup, client):
+        await client.post("/v1/chat/completions", json=CHAT)
+        response = await client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(response.text)
+        for s in family.samples
+    }
+    assert samples["trio_runner_restarts_total", ()] == 0
+    assert samples["trio_runner_crashes_total", (("reason", "signaled"),)] == 0
+    assert samples["trio_runner_in_flight_tasks", ()] == 0
+    assert 0 < samples["trio_runner_tokens_generated_total", ()] <= 8
+    assert samples["trio_runner_loop_lateness_max_seconds", ()] >= 0
+    assert samples["trio_runner_requests_total", (("endpoint", "chat"), ("outcome", "ok"))] == 1
+    assert samples["trio_runner_up", ()] == 1
+
+
+# -- a client that leaves --------------------------------------------------------------
+
+
+async def test_a_streaming_client_that_disconnects_cancels_its_task_in_the_runner() -> None:
+    body = {**CHAT, "max_tokens": 1000, "stream": True}  # about 20 s at the slow runner's speed
+    async with serving(SlowMlxLmRunner) as (server, sup, client):
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async with aclosing(response.aiter_lines()) as lines:
+                async for line in lines:
+                    if line.startswith('data: {"id"'):
+                        break
+            assert sup.statistics().in_flight == 1
+        left = trio.current_time()
+        await _wait_until(lambda: sup.statistics().in_flight == 0, "the task to be cancelled", bound=5)
+        cancelled_after = trio.current_time() - left
+        metrics = server.metrics
+        await _wait_until(lambda: metrics.requests["chat", "disconnected"] == 1, "the outcome")
+        assert sup.statistics().tasks_completed == 1
+    assert cancelled_after < 2.0  # a runner finishing the request would take about 20 s
+    assert metrics.tokens_generated < 100
+
+
+async def test_a_non_streaming_client_that_disconnects_cancels_its_task_in_the_runner() -> None:
+    body = {**CHAT, "max_tokens": 1000}
+    async with serving(SlowMlxLmRunner) as (server, sup, client):
+        with trio.move_on_after(0.5):
+            await client.post("/v1/chat/completions", json=body)
+        assert sup.statistics().in_flight == 1 or sup.statistics().pending == 1
+        await _wait_until(lambda: sup.statistics().in_flight == 0, "the task to be cancelled", bound=5)
+        await _wait_until(lambda: server.metrics.requests["chat", "disconnected"] == 1, "the outcome")
+    assert server.metrics.tokens_generated < 100
+
+
+# -- a runner that crashes -------------------------------------------------------------
+
+
+async def test_sigkill_mid_stream_ends_the_stream_with_an_error_event_and_the_next_request_is_served() -> (
+    None
+):
+    body = {**CHAT, "max_tokens": 1000, "stream": True}
+    async with serving(SlowMlxLmRunner) as (_server, sup, client):
+        pid = sup.statistics().pid
+        assert pid is not None
+        lines: list[str] = []
+        with trio.fail_after(BOUND):
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                async with aclosing(response.aiter_lines()) as stream:
+                    async for line in stream:
+                        lines.append(line)
+                        if line.startswith("data: ") and len(_events(lines)) == 3:
+                            os.kill(pid, signal.SIGKILL)
+        events = _events(lines)
+        assert "[DONE]" not in events
+        error = events[-1]["error"]
+        assert error["type"] == "runner_crashed" and error["code"] == "signaled"
+        assert "SIGKILL" in error["message"]
+        after = await client.post("/v1/chat/completions", json=CHAT)
+        assert after.status_code == 200, after.text
+        health = (await client.get("/health")).json()
+    assert health["restarts"] == 1 and health["pid"] != pid
+    assert health["last_exit"]["reason"] == "signaled" and health["last_exit"]["signal"] == "SIGKILL"
+
+
+async def test_requests_during_backoff_wait_a_bounded_time_then_get_503_with_retry_after() -> None:
+    policy = RestartPolicy(initial_delay=5.0)
+    async with serving(policy=policy, ready_wait=0.3) as (server, sup, client):
+        pid = sup.statistics().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await _wait_until(lambda: sup.state is RunnerState.BACKING_OFF, "the backoff")
+        began = trio.current_time()
+        response = await client.post("/v1/chat/completions", json=CHAT)
+        waited = trio.current_time() - began
+        health = await client.get("/health")
+        metrics = (await client.get("/metrics")).text
+    assert response.status_code == 503
+    assert 1 <= int(response.headers["retry-after"]) <= 5
+    assert response.json()["error"]["code"] == "backing_off"
+    assert "SIGKILL" in response.json()["error"]["message"]
+    assert 0.25 <= waited < 3.0
+    assert health.status_code == 503 and health.json()["state"] == "backing_off"
+    assert 'trio_runner_crashes_total{reason="signaled"} 1.0' in metrics
+    assert server.metrics.requests["chat", "unavailable"] == 1
+
+
+async def test_a_request_during_a_short_backoff_is_served_after_the_restart() -> None:
+    policy = RestartPolicy(initial_delay=0.3)
+    async with serving(policy=policy, ready_wait=10.0) as (_server, sup, client):
+        pid = sup.statistics().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await _wait_until(lambda: sup.state is RunnerState.BACKING_OFF, "the backoff")
+        response = await client.post("/v1/chat/completions", json=CHAT)
+    assert response.status_code == 200, response.text
+
+
+async def test_after_the_policy_gives_up_every_request_gets_503_and_health_says_failed() -> None:
+    policy = RestartPolicy(max_restarts=0)
+    async with serving(policy=policy, ready_wait=0.3) as (_server, sup, client):
+        pid = sup.statistics().pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        await _wait_until(lambda: sup.state is RunnerState.FAILED, "the give-up")
+        chat = await client.post("/v1/chat/completions", json=CHAT)
+        stream = await client.post("/v1/completions", json={"prompt": "a", "stream": True})
+        health = await client.get("/health")
+    for response in (chat, stream):
+        assert response.status_code == 503
+        assert response.json()["error"]["code"] == "gave_up"
+    assert health.status_code == 503
+    assert health.json()["state"] == "failed" and "gave up" in health.json()["detail"]
+
+
+# -- bad input never reaches the runner -----------------------------------------------
+
+BAD_INPUT = [
+    pytest.param("/v1/chat/completions", b"{not json", 400, "invalid_json", id="invalid-json"),
+    pytest.param("/v1/chat/completions", b"[1, 2]", 400, "invalid_type", id="not-an-object"),
+    pytest.param(
+        "/v1/chat/completions", {"model": MODEL}, 400, "missing_required_parameter", id="no-messages"
+    ),
+    pytest.param("/v1/completions", {"model": MODEL}, 400, "missing_required_parameter", id="no-prompt"),
+    pytest.param("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_type", id="messages-not-list"),
+    pytest.param(
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "invalid_value",
+        id="role",
+    ),
+    pytest.param("/v1/completions", {"prompt": 5}, 400, "invalid_type", id="prompt-not-string"),
+    pytest.param(
+        "/v1/completions", {"prompt": "a", "max_tokens": "9"}, 400, "invalid_type", id="max-tokens-type"
+    ),
+    pytest.param("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "invalid_type", id="stream-type"),
+    pytest.param(
+        "/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "invalid_value", id="max-tokens-0"
+    ),
+    pytest.param(
+        "/v1/completions", {"prompt": "a", "max_tokens": 10**9}, 400, "invalid_value", id="max-tokens-huge"
+    ),
+    pytest.param(
+        "/v1/completions", {"prompt": "a", "temperature": 2.5}, 400, "invalid_value", id="temperature"
+    ),
+    pytest.param("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "invalid_value", id="top-p"),
+    pytest.param("/v1/completions", {"prompt": "a", "seed": -1}, 400, "invalid_value", id="seed"),
+    pytest.param("/v1/completions", {"prompt": "a", "n": 2}, 400, "unsupported", id="n"),
+    pytest.param("/v1/completions", {"prompt": "a", "stop": ["a"] * 5}, 400, "invalid_value", id="stops"),
+    pytest.param("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model_not_found", id="model"),
+    pytest.param("/v1/completions", b"x" * (1024 * 1024 + 1), 413, "request_too_large", id="too-large"),
+]
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), BAD_INPUT)
+async def test_bad_input_gets_an_openai_error_and_never_reaches_the_runner(
+    path: str, body: bytes | dict[str, Any], status: int, code: str
+) -> None:
+    async with serving() as (server, sup, client):
+        if isinstance(body, bytes):
+            response = await client.post(path, content=body, headers={"content-type": "application/json"})
+        else:
+            response = await client.post(path, json=body)
+        stats = sup.statistics()
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert error["code"] == code and error["message"] and error["type"] == "invalid_request_error"
+    assert stats.tasks_completed == 0 and stats.in_flight == 0 and stats.pending == 0
+    assert server.metrics.tokens_generated == 0
+
+
+async def test_a_chunked_body_over_the_limit_gets_413() -> None:
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(20):
+            yield b" " * 65536
+
+    async with serving() as (_server, sup, client):
+        response = await client.post("/v1/completions", content=chunks())
+        assert sup.statistics().tasks_completed == 0
+    assert response.status_code == 413
+
+
+# -- shutting down ---------------------------------------------------------------------
+
+
+async def test_shutdown_gives_a_stream_in_flight_the_grace_period_then_ends_it_with_an_error_event() -> None:
+    body = {**CHAT, "max_tokens": 1000, "stream": True}
+    async with serving(SlowMlxLmRunner, grace=0.5) as (server, sup, client):
+        lines: list[str] = []
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async with aclosing(response.aiter_lines()) as stream:
+                async for line in stream:
+                    lines.append(line)
+                    if line.startswith("data: ") and len(_events(lines)) == 2:
+                        began = trio.current_time()
+                        server.shutdown()
+        took = trio.current_time() - began
+        await _wait_until(lambda: sup.statistics().in_flight == 0, "the task to be cancelled", bound=5)
+    events = _events(lines)
+    assert events[-1]["error"]["code"] == "shutting_down"
+    assert 0.4 <= took < 5.0
+
+
+COMMAND = [sys.executable, "-m", "trio_runner"]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+async def test_a_signal_stops_the_command_gracefully_exit_0_and_no_process_left(signum: int) -> None:
+    # Starting it does not block; its output is read through trio.to_thread.
+    with subprocess.Popen(  # noqa: ASYNC220
+        [*COMMAND, "serve", "--port", "0", "--grace", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    ) as proc:
+        code, err, lines, runner_pid = await _serve_until_signal(proc, signum)
+    assert code == 0, err
+    assert "Traceback" not in err
+    assert f"{signal.Signals(signum).name} received, shutting down gracefully" in err
+    assert "received again" not in err
+    events = _events(lines)
+    assert events[-1] == "[DONE]" or events[-1]["error"]["code"] == "shutting_down"
+    assert _gone(runner_pid)
+
+
+async def _serve_until_signal(proc: subprocess.Popen[str], signum: int) -> tuple[int, str, list[str], int]:
+    """Wait for the server and its runner, stream a chat, signal the server mid-stream; let it exit."""
+    try:
+        assert proc.stdout is not None
+        url = None
+        runner_pid = None
+        with trio.fail_after(BOUND):
+            while url is None or runner_pid is None:
+                line = await trio.to_thread.run_sync(proc.stdout.readline)
+                assert line, proc.stderr.read() if proc.stderr else ""
+                if found := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line):
+                    url = found[1]
+                if found := re.search(r"runner ready: pid (\d+)", line):
+                    runner_pid = int(found[1])
+        body = {**CHAT, "max_tokens": 100000 // 100, "stream": True}
+        lines: list[str] = []
+        async with httpx.AsyncClient(base_url=url, timeout=BOUND) as client:
+            async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+                async with aclosing(response.aiter_lines()) as stream:
+                    async for line in stream:
+                        lines.append(line)
+                        if line.startswith("data: ") and len(_events(lines)) == 2:
+                            proc.send_signal(signum)
+        code = await trio.to_thread.run_sync(functools.partial(proc.wait, timeout=BOUND))
+        _, err = proc.communicate()
+        return code, err, lines, runner_pid
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# -- packaging -------------------------------------------------------------------------
+
+
+def test_importing_trio_runner_does_not_import_the_server_stack() -> None:
+    code = (
+        "import sys, trio_runner, trio_runner.mlx; "
+        "print(sorted(m for m in ('hypercorn', 'starlette', 'prometheus_client', 'trio_runner.serve') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
+def test_serve_usage_errors_are_one_line_and_exit_2() -> None:
+    result = subprocess.run(
+        [*COMMAND, "serve", "--port", "70000"], capture_output=True, text=True, check=False, timeout=BOUND
+    )
+    assert result.returncode == 2
+    assert "must be a port number" in result.stderr and "Traceback" not in result.stderr
+
+
+_ = Path

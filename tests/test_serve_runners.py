@@ -1,0 +1,23 @@
+"""Runner classes for tests/test_serve.py, in a module of their own: no tests here.
+
+The runner process imports the module that defines its runner class. This one
+imports only what the child needs, so a restart does not pay for httpx, the
+openai client and the server stack that the test module itself imports.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from trio_runner.mlx import MlxLmRunner
+
+
+class SlowMlxLmRunner(MlxLmRunner):
+    """The demo model at about 50 tokens/s, so a test can act between two tokens."""
+
+    def responses(self, prompt: Sequence[int], max_tokens: int, sampler: Any) -> Iterator[Any]:
+        for response in super().responses(prompt, max_tokens, sampler):
+            time.sleep(0.02)
+            yield response

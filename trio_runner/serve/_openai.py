@@ -1,0 +1,435 @@
+"""The OpenAI wire format: request bodies checked into a :class:`Generate`, and responses as JSON.
+
+Pure functions with no trio and no I/O: every check happens here, before a
+request can reach the runner, and each failure is a :class:`ApiError` that
+already knows its HTTP status and its OpenAI-style error body.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, cast
+
+from ..mlx._types import Completion, Generate
+
+Kind = Literal["chat", "completion"]
+_ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+# OpenAI's own ranges, so a client that works against OpenAI gets the same answers here.
+_MAX_TEMPERATURE = 2.0
+_MAX_STOPS = 4
+
+
+class ApiError(Exception):
+    """An error answered with an OpenAI-style error body: ``{"error": {message, type, param, code}}``.
+
+    Args:
+        status: the HTTP status.
+        message: one sentence that says what is wrong and how to fix it.
+        type: OpenAI's error type, e.g. ``"invalid_request_error"``.
+        param: the request field at fault, if any.
+        code: a short machine-readable code, e.g. ``"model_not_found"``.
+        retry_after: seconds for a ``Retry-After`` header (503 only).
+    """
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.param = param
+        self.code = code
+        self.retry_after = retry_after
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, type=self.type, param=self.param, code=self.code)
+
+    def headers(self) -> dict[str, str]:
+        return {} if self.retry_after is None else {"Retry-After": str(self.retry_after)}
+
+
+def error_body(
+    message: str,
+    *,
+    type: str,
+    param: str | None = None,
+    code: str | None = None,
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+def _invalid(message: str, param: str | None, code: str = "invalid_value") -> ApiError:
+    return ApiError(400, message, param=param, code=code)
+
+
+@dataclass(frozen=True, slots=True)
+class ParsedRequest:
+    """A checked request: what to generate, and how to answer."""
+
+    kind: Kind
+    generate: Generate
+    stream: bool
+    include_usage: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """What the server accepts: the model's name and the token bounds."""
+
+    model_id: str
+    default_max_tokens: int = 512
+    max_tokens: int = 32768
+
+
+def parse_json(raw: bytes) -> dict[str, Any]:
+    """The request body as a JSON object, or a 400."""
+    try:
+        body = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ApiError(
+            400, f"the request body is not valid JSON ({exc}); send a JSON object", code="invalid_json"
+        ) from None
+    if not isinstance(body, dict):
+        raise ApiError(
+            400, f"the request body must be a JSON object, not {_json_type(body)}", code="invalid_type"
+        )
+    return cast(dict[str, Any], body)
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list):
+        return "an array"
+    return "an object"
+
+
+def _optional(body: Mapping[str, Any], name: str) -> Any:
+    return body.get(name)
+
+
+def _int(body: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
+    value = _optional(body, name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _invalid(f"'{name}' must be an integer, not {_json_type(value)}", name, "invalid_type")
+    if not low <= value <= high:
+        raise _invalid(f"'{name}' is {value}; it must be between {low} and {high}", name)
+    return value
+
+
+def _number(
+    body: Mapping[str, Any], name: str, low: float, high: float, *, open_low: bool = False
+) -> float | None:
+    value = _optional(body, name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise _invalid(f"'{name}' must be a number, not {_json_type(value)}", name, "invalid_type")
+    number = float(value)
+    if number > high or number < low or (open_low and number == low):
+        bracket = "(" if open_low else "["
+        raise _invalid(f"'{name}' is {value}; it must be in {bracket}{low:g}, {high:g}]", name)
+    return number
+
+
+def _bool(body: Mapping[str, Any], name: str) -> bool:
+    value = _optional(body, name)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _invalid(f"'{name}' must be true or false, not {_json_type(value)}", name, "invalid_type")
+    return value
+
+
+def _unsupported(param: str, why: str) -> ApiError:
+    return _invalid(f"'{param}' {why} is not supported by this server; leave it out", param, "unsupported")
+
+
+def _check_common(body: Mapping[str, Any], limits: Limits) -> None:
+    model = _optional(body, "model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise _invalid(f"'model' must be a string, not {_json_type(model)}", "model", "invalid_type")
+        if model != limits.model_id:
+            raise ApiError(
+                404,
+                f"the model {model!r} does not exist here; this server serves {limits.model_id!r} "
+                "(see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
+    n = _int(body, "n", 1, 128)
+    if n is not None and n != 1:
+        raise _unsupported("n", f"= {n}")
+    for name in ("presence_penalty", "frequency_penalty"):
+        penalty = _number(body, name, -2.0, 2.0)
+        if penalty:
+            raise _unsupported(name, f"= {penalty:g}")
+    logit_bias = _optional(body, "logit_bias")
+    if logit_bias:
+        raise _unsupported("logit_bias", "(non-empty)")
+
+
+def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
+    value = _optional(body, "stop")
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list):
+        raise _invalid(
+            f"'stop' must be a string or an array of strings, not {_json_type(value)}", "stop", "invalid_type"
+        )
+    stops = cast(list[object], value)
+    if len(stops) > _MAX_STOPS:
+        raise _invalid(f"'stop' has {len(stops)} strings; give at most {_MAX_STOPS}", "stop")
+    if not all(isinstance(s, str) and s for s in stops):
+        raise _invalid("'stop' must hold non-empty strings", "stop", "invalid_type")
+    return tuple(cast(list[str], stops))
+
+
+def _stream_options(body: Mapping[str, Any], stream: bool) -> bool:
+    options = _optional(body, "stream_options")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise _invalid(
+            f"'stream_options' must be an object, not {_json_type(options)}", "stream_options", "invalid_type"
+        )
+    if not stream:
+        raise _invalid("'stream_options' is only allowed with \"stream\": true", "stream_options")
+    return _bool(cast(dict[str, Any], options), "include_usage")
+
+
+def _sampling(body: Mapping[str, Any], limits: Limits, max_tokens_names: Sequence[str]) -> dict[str, Any]:
+    max_tokens: int | None = None
+    for name in max_tokens_names:
+        value = _int(body, name, 1, limits.max_tokens)
+        if value is not None:
+            max_tokens = value
+    temperature = _number(body, "temperature", 0.0, _MAX_TEMPERATURE)
+    top_p = _number(body, "top_p", 0.0, 1.0, open_low=True)
+    seed = _int(body, "seed", 0, 2**63 - 1)
+    return {
+        "max_tokens": limits.default_max_tokens if max_tokens is None else max_tokens,
+        "temperature": 1.0 if temperature is None else temperature,
+        "top_p": 1.0 if top_p is None else top_p,
+        "stop": _stop(body),
+        "seed": seed,
+    }
+
+
+def _content(message: Mapping[str, Any], i: int) -> str:
+    content = message.get("content")
+    param = f"messages[{i}].content"
+    if content is None:
+        if message.get("role") == "assistant":
+            return ""
+        raise _invalid(f"'{param}' is missing", param, "missing_required_parameter")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts: list[str] = []
+        for part in cast(list[object], content):
+            if not isinstance(part, dict):
+                raise _invalid(f"'{param}' parts must be objects", param, "invalid_type")
+            entry = cast(dict[str, Any], part)
+            if entry.get("type") != "text" or not isinstance(entry.get("text"), str):
+                raise _unsupported(param, f"with a part of type {entry.get('type')!r} (only text)")
+            texts.append(entry["text"])
+        return "".join(texts)
+    raise _invalid(f"'{param}' must be a string or an array of text parts", param, "invalid_type")
+
+
+def _messages(body: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
+    messages = _optional(body, "messages")
+    if messages is None:
+        raise _invalid(
+            "'messages' is required: an array of {role, content} objects",
+            "messages",
+            "missing_required_parameter",
+        )
+    if not isinstance(messages, list) or not messages:
+        raise _invalid(
+            "'messages' must be a non-empty array of {role, content} objects", "messages", "invalid_type"
+        )
+    checked: list[dict[str, str]] = []
+    for i, message in enumerate(cast(list[object], messages)):
+        if not isinstance(message, dict):
+            raise _invalid(
+                f"'messages[{i}]' must be an object with 'role' and 'content'",
+                f"messages[{i}]",
+                "invalid_type",
+            )
+        entry = cast(dict[str, Any], message)
+        role = entry.get("role")
+        if not isinstance(role, str) or role not in _ROLES:
+            raise _invalid(
+                f"'messages[{i}].role' is {role!r}; it must be one of {sorted(_ROLES)}", f"messages[{i}].role"
+            )
+        checked.append({"role": _ROLES[role], "content": _content(entry, i)})
+    return tuple(checked)
+
+
+def _build(kind: Kind, body: Mapping[str, Any], fields: dict[str, Any]) -> ParsedRequest:
+    stream = _bool(body, "stream")
+    include_usage = _stream_options(body, stream)
+    try:
+        generate = Generate(**fields)
+    except ValueError as exc:  # Generate's own checks: the last word on what the runner accepts
+        raise _invalid(str(exc), None) from None
+    return ParsedRequest(kind, generate, stream, include_usage)
+
+
+def parse_chat(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
+    """Check a ``POST /v1/chat/completions`` body."""
+    _check_common(body, limits)
+    if _bool(body, "logprobs"):
+        raise _unsupported("logprobs", "= true")
+    for name in ("tools", "functions", "audio", "prediction"):
+        if _optional(body, name):
+            raise _unsupported(name, "")
+    response_format = _optional(body, "response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        raise _unsupported("response_format", 'other than {"type": "text"}')
+    fields = _sampling(body, limits, ("max_tokens", "max_completion_tokens"))
+    return _build("chat", body, {"messages": _messages(body), **fields})
+
+
+def parse_completion(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
+    """Check a ``POST /v1/completions`` body."""
+    _check_common(body, limits)
+    prompt = _optional(body, "prompt")
+    if prompt is None:
+        raise _invalid("'prompt' is required: a string", "prompt", "missing_required_parameter")
+    if isinstance(prompt, list) and len(cast(list[object], prompt)) == 1:
+        prompt = cast(list[object], prompt)[0]
+    if not isinstance(prompt, str):
+        raise _invalid(
+            "'prompt' must be a string (or an array of exactly one string)", "prompt", "invalid_type"
+        )
+    if _bool(body, "echo"):
+        raise _unsupported("echo", "= true")
+    if _optional(body, "suffix") is not None:
+        raise _unsupported("suffix", "")
+    if _optional(body, "logprobs") is not None:
+        raise _unsupported("logprobs", "")
+    best_of = _int(body, "best_of", 1, 128)
+    if best_of is not None and best_of != 1:
+        raise _unsupported("best_of", f"= {best_of}")
+    fields = _sampling(body, limits, ("max_tokens",))
+    return _build("completion", body, {"prompt": prompt, **fields})
+
+
+# -- responses ------------------------------------------------------------------------
+
+
+def dumps(obj: object) -> bytes:
+    # ASCII-escaped: a token's text is whatever the tokenizer decoded, and this never fails to encode.
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def new_id(kind: Kind) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(completion: Completion) -> dict[str, int]:
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.generation_tokens,
+        "total_tokens": completion.prompt_tokens + completion.generation_tokens,
+    }
+
+
+def response_body(kind: Kind, model_id: str, completion: Completion) -> dict[str, Any]:
+    """A whole non-streamed response, with ``usage``."""
+    if kind == "chat":
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": completion.text},
+            "logprobs": None,
+            "finish_reason": completion.finish_reason,
+        }
+        obj = "chat.completion"
+    else:
+        choice = {
+            "index": 0,
+            "text": completion.text,
+            "logprobs": None,
+            "finish_reason": completion.finish_reason,
+        }
+        obj = "text_completion"
+    return {
+        "id": new_id(kind),
+        "object": obj,
+        "created": int(time.time()),
+        "model": model_id,
+        "choices": [choice],
+        "usage": usage(completion),
+    }
+
+
+class ChunkWriter:
+    """The SSE events of one streamed response, each ``data: <json>\\n\\n`` bytes."""
+
+    def __init__(self, kind: Kind, model_id: str) -> None:
+        self.kind = kind
+        self.head = {
+            "id": new_id(kind),
+            "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
+            "created": int(time.time()),
+            "model": model_id,
+        }
+
+    def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return b"data: " + dumps({**self.head, "choices": choices, **extra}) + b"\n\n"
+
+    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, str] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+
+    def start(self) -> bytes | None:
+        """The opening chunk (chat: the assistant role), or None."""
+        return self._event([self._choice("", None, role=True)]) if self.kind == "chat" else None
+
+    def text(self, text: str) -> bytes:
+        return self._event([self._choice(text, None)])
+
+    def finish(self, completion: Completion, include_usage: bool) -> bytes:
+        """The closing chunk with the finish reason, the usage chunk if asked, and ``[DONE]``."""
+        out = self._event([self._choice(None if self.kind == "chat" else "", completion.finish_reason)])
+        if include_usage:
+            out += self._event([], usage=usage(completion))
+        return out + b"data: [DONE]\n\n"
+
+    @staticmethod
+    def error(error: ApiError) -> bytes:
+        """An OpenAI-style error event; the stream ends after it, without ``[DONE]``."""
+        return b"data: " + dumps(error.body()) + b"\n\n"
