@@ -78,7 +78,7 @@ async def test_generate_streams_text_to_stdout_and_one_stats_line_to_stderr() ->
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [
-        (["--max-tokens", "0", "Hi"], "argument --max-tokens: '0' must be at least 1"),
+        (["--max-tokens", "0", "Hi"], "argument --max-tokens: '0' must be 1 or more"),
         (["--max-tokens", "many", "Hi"], "argument --max-tokens: 'many' is not an integer"),
         (["--temperature", "-1", "Hi"], "argument --temperature: '-1' must be a finite number >= 0"),
         (["--seed", "-2", "Hi"], "argument --seed: '-2' must be 0 or more"),

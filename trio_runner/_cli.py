@@ -168,34 +168,19 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _count(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
+def _integer(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer of at least ``minimum``."""
 
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{text!r} must be {minimum} or more")
+        return value
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be 0 or more")
-    return value
+    return parse
 
 
 def _temperature(text: str) -> float:
@@ -272,12 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model directory or a Hugging Face repo id (default: the offline demo model)",
     )
     generate.add_argument(
-        "--max-tokens", type=_positive_int, default=100, metavar="N", help="tokens to generate (default 100)"
+        "--max-tokens", type=_integer(1), default=100, metavar="N", help="tokens to generate (default 100)"
     )
     generate.add_argument(
         "--temperature", type=_temperature, default=0.0, metavar="T", help="0 is greedy (default 0)"
     )
-    generate.add_argument("--seed", type=_seed, default=None, metavar="S", help="seed for sampling")
+    generate.add_argument("--seed", type=_integer(0), default=None, metavar="S", help="seed for sampling")
     generate.set_defaults(command=_generate)
     serve = commands.add_parser(
         "serve",
@@ -330,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--max-restarts",
-        type=_count,
+        type=_integer(0),
         default=10,
         metavar="N",
         help="restarts in a row before giving up; then every request gets 503 (default 10)",
