@@ -29,7 +29,7 @@ import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Generic, NoReturn, TypeVar, cast
+from typing import Any, Generic, TypeVar, cast
 
 import trio
 
@@ -45,6 +45,7 @@ from ._errors import (
     TaskError,
     TaskFailed,
 )
+from ._groups import reraise_unwrapped
 from ._policy import RestartPolicy, RestartTracker
 from ._process import ExitStatus, SpawnSpec, Worker, WorkerFactory, process_worker
 from ._runner import Runner
@@ -354,22 +355,6 @@ def _check_not_bootstrapping() -> None:
             "script that starts the supervisor has no 'if __name__ == \"__main__\":' guard, "
             "so the spawn start method re-ran it in the child. Add the guard."
         )
-
-
-def _reraise_unwrapped(group: BaseExceptionGroup[BaseException]) -> NoReturn:
-    """Strip the one level of ExceptionGroup our own nursery added, if it holds one exception.
-
-    Only that level: a group the caller's body raised itself comes out unchanged.
-    """
-    if len(group.exceptions) != 1:
-        raise group
-    single = group.exceptions[0]
-    context = single.__context__
-    try:
-        raise single
-    finally:
-        # Raising inside ``except`` would chain the group as context; keep the original.
-        single.__context__ = context
 
 
 class Supervisor(Generic[RequestT, EventT, ResultT]):
@@ -741,7 +726,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     finally:
                         nursery.cancel_scope.cancel()
         except BaseExceptionGroup as group:
-            _reraise_unwrapped(group)
+            reraise_unwrapped(group)
         finally:
             with trio.CancelScope(shield=True):
                 await trio.to_thread.run_sync(self._stop_log_listener)
@@ -1419,4 +1404,4 @@ async def _open(
                 with trio.CancelScope(shield=True):
                     await supervisor.aclose()
     except BaseExceptionGroup as group:
-        _reraise_unwrapped(group)
+        reraise_unwrapped(group)

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import trio
 
 from .._errors import ExitReason, RunnerCrashed, RunnerUnavailable, TaskCancelled, TaskFailed
+from .._groups import reraise_unwrapped
 from .._policy import RestartPolicy
 from .._state import BackingOff, Exited, GaveUp, LifecycleChange, Ready, RunnerState, Spawned, Stopped
 
@@ -78,14 +79,7 @@ async def monitor_lateness(interval: float = 0.001) -> AsyncGenerator[LatenessMo
                 nursery.cancel_scope.cancel()
     except BaseExceptionGroup as group:
         # The monitor never raises: an error is the body's, so it comes out as raised.
-        if len(group.exceptions) != 1:
-            raise
-        single = group.exceptions[0]
-        context = single.__context__
-        try:
-            raise single
-        finally:
-            single.__context__ = context
+        reraise_unwrapped(group)
 
 
 # -- processes -------------------------------------------------------------------------------
