@@ -345,3 +345,15 @@ async def test_a_cancel_reaches_a_busy_runner_promptly() -> None:
         with pytest.raises(TaskCancelled):
             await task.wait()
         assert trio.current_time() - start < 0.5
+
+
+async def test_a_second_preload_list_for_a_running_forkserver_is_reported_not_ignored() -> None:
+    script = os.path.join(os.path.dirname(__file__), "scripts", "two_forkserver_preloads.py")
+    with trio.fail_after(60):
+        result = await trio.run_process(
+            [os.sys.executable, script], capture_stdout=True, capture_stderr=True, check=False
+        )
+    assert result.returncode == 0, result.stderr.decode()
+    assert result.stdout.split() == [b"json", b"decimal"]
+    assert b"already running without them" in result.stderr
+    assert b"decimal" in result.stderr

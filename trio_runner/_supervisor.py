@@ -825,11 +825,24 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         listener._thread = None  # pyright: ignore[reportPrivateUsage]
 
     def _ensure_forkserver(self) -> None:
-        context = multiprocessing.get_context("forkserver")
-        if self._spec.preload:
-            context.set_forkserver_preload(list(self._spec.preload))
         from multiprocessing import forkserver
 
+        server: Any = getattr(forkserver, "_forkserver", None)
+        running = server is not None and getattr(server, "_forkserver_pid", None) is not None
+        preloaded = set(getattr(server, "_preload_modules", ()) or ())
+        missing = set(self._spec.preload) - preloaded
+        if running and missing:
+            # The forkserver is one per process and its preload list is fixed
+            # when it starts: say so rather than silently restart slowly.
+            logger.warning(
+                "runner %r asked the forkserver to preload %s, but it is already running without "
+                "them; every restart imports them again. Start supervisors that need different "
+                "preloads in separate processes, or give them all the same preload list",
+                self.name,
+                ", ".join(sorted(missing)),
+            )
+        elif self._spec.preload:
+            multiprocessing.get_context("forkserver").set_forkserver_preload(list(self._spec.preload))
         forkserver.ensure_running()
 
     @staticmethod
