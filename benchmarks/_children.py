@@ -57,6 +57,11 @@ class BenchRunner(Runner[Any, Any, Any]):
             for i in range(request[1]):
                 emit(payload(i))
             return request[1]
+        if command == "events_many":
+            count, chunk = request[1], 256
+            for start in range(0, count, chunk):
+                ctx.emit_many([payload(i) for i in range(start, min(count, start + chunk))])
+            return count
         if command == "blob":
             return len(request[1])
         if command == "stall_reader":

@@ -43,6 +43,11 @@ class EchoRunner(Runner[Any, Any, Any]):
             for i in range(n):
                 ctx.emit(i)
             return n
+        if command == "count_many":
+            n, chunk = args
+            for start in range(0, n, chunk):
+                ctx.emit_many(range(start, min(n, start + chunk)))
+            return n
         if command == "raise":
             raise ValueError(args[0])
         if command == "sleep":

@@ -357,3 +357,21 @@ async def test_a_second_preload_list_for_a_running_forkserver_is_reported_not_ig
     assert result.stdout.split() == [b"json", b"decimal"]
     assert b"already running without them" in result.stderr
     assert b"decimal" in result.stderr
+
+
+async def test_emit_many_and_batches_deliver_every_event_in_order() -> None:
+    async with open_supervisor(EchoRunner, window=64) as sup:
+        async with sup.stream(("count_many", 20_000, 1000)) as task:
+            seen: list[int] = []
+            async for batch in task.batches():
+                assert batch  # never an empty batch
+                seen.extend(batch)
+            assert seen == list(range(20_000))
+            assert task.result == 20_000
+
+
+async def test_batches_raises_the_tasks_error_after_its_events() -> None:
+    async with open_supervisor(EchoRunner) as sup, sup.stream(("raise", "late")) as task:
+        with pytest.raises(TaskFailed):
+            async for _ in task.batches():
+                pass

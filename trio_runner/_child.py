@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterable
 from typing import Any, cast
 
 from . import _protocol as proto
@@ -112,6 +113,27 @@ class Child:
                     return
             outbox.append((proto.EVENTS, ctx.task_id, [event]))
             self._wake_writer()
+
+    def emit_many(self, ctx: TaskContext[Any], events: Iterable[Any]) -> None:
+        pending = list(events)
+        start = 0
+        while start < len(pending):
+            with self.lock:
+                while ctx._credits <= 0 and not ctx._failed:  # pyright: ignore[reportPrivateUsage]
+                    if ctx.cancelled:
+                        raise TaskCancelled(f"task {ctx.task_id} was cancelled while its consumer lagged")
+                    self.credit_available.wait()
+                if ctx._failed:  # pyright: ignore[reportPrivateUsage]
+                    return
+                end = min(len(pending), start + ctx._credits)  # pyright: ignore[reportPrivateUsage]
+                ctx._credits -= end - start  # pyright: ignore[reportPrivateUsage]
+                outbox = self.outbox
+                if outbox and outbox[-1][0] == proto.EVENTS and outbox[-1][1] == ctx.task_id:
+                    outbox[-1][2].extend(pending[start:end])
+                else:
+                    outbox.append((proto.EVENTS, ctx.task_id, pending[start:end]))
+                    self._wake_writer()
+                start = end
 
     def _write_loop(self) -> None:
         while True:

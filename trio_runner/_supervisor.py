@@ -256,6 +256,16 @@ class TaskHandle(Generic[EventT, ResultT]):
             await trio.lowlevel.checkpoint()
         return self.result
 
+    def batches(self) -> AsyncIterator[list[EventT]]:
+        """Iterate the events in batches: each step yields every event that has arrived.
+
+        The same events, in the same order, and the same ending as iterating
+        the handle itself, but one step per batch instead of one per event: use
+        it when events come faster than a per-event ``async for`` can take them.
+        Do not mix the two on one handle.
+        """
+        return _Batches(self._supervisor, self._task)
+
     async def cancel(self) -> None:
         """Ask the runner to cancel this task. Idempotent.
 
@@ -265,6 +275,33 @@ class TaskHandle(Generic[EventT, ResultT]):
         """
         self._supervisor._cancel_task(self._task)  # pyright: ignore[reportPrivateUsage]
         await trio.lowlevel.checkpoint()
+
+
+class _Batches(Generic[EventT]):
+    """The async iterator behind :meth:`TaskHandle.batches`."""
+
+    __slots__ = ("_supervisor", "_task")
+
+    def __init__(self, supervisor: Supervisor[Any, EventT, Any], task: _Task) -> None:
+        self._supervisor = supervisor
+        self._task = task
+
+    def __aiter__(self) -> _Batches[EventT]:
+        return self
+
+    async def __anext__(self) -> list[EventT]:
+        task = self._task
+        while not task.events:
+            if task.done:
+                if task.error is None:
+                    raise StopAsyncIteration
+                raise task.error
+            await self._supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
+        await trio.lowlevel.checkpoint()  # more events may arrive meanwhile: they join this batch
+        batch: list[EventT] = list(task.events)
+        task.events.clear()
+        self._supervisor._consumed(task, len(batch))  # pyright: ignore[reportPrivateUsage]
+        return batch
 
 
 class _Watcher:
