@@ -790,50 +790,24 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 if not started:
                     task_status.started(self)
                     started = True
-                record = await self._run_incarnation(inc)
-                self._inc = None
-                self._last_exit = record
-                self._emit(Exited(record))
-                self._settle_in_flight(record)
-                if self._stop_requested:
+                delay: float | None = None
+                try:
+                    record = await self._run_incarnation(inc)
+                    self._inc = None
+                    self._last_exit = record
+                    self._emit(Exited(record))
+                    self._settle_in_flight(record)
+                    if not self._stop_requested:
+                        delay, failure = self._decide(inc, record)
+                finally:
+                    # After the exit is reported and decided on: closing the
+                    # transport and the process object is bookkeeping, not part
+                    # of detecting a crash.
+                    with trio.CancelScope(shield=True):
+                        await worker.aclose()
+                if delay is None:
                     break
-                now = trio.current_time()
-                if self._before_setup(inc, record):
-                    self._set_state(RunnerState.FAILED)
-                    self._emit(GaveUp(self._tracker.failures, record))
-                    failure = RunnerCrashed(record)
-                    break
-                decision = self._tracker.on_exit(record.reason, now)
-                if decision.action == "stop":
-                    logger.info(
-                        "runner %r exited (%s); policy %r does not restart it",
-                        self.name,
-                        record.describe(),
-                        self._policy.mode,
-                    )
-                    self._set_state(RunnerState.STOPPED)
-                    break
-                if decision.action == "give_up":
-                    logger.error(
-                        "runner %r exited (%s); giving up after %d restarts in a row",
-                        self.name,
-                        record.describe(),
-                        decision.restarts,
-                    )
-                    self._set_state(RunnerState.FAILED)
-                    self._emit(GaveUp(decision.restarts, record))
-                    if self._raise_on_give_up:
-                        failure = RestartLimitExceeded(decision.restarts, record)
-                    break
-                logger.warning(
-                    "runner %r exited (%s); restarting in %.3g s",
-                    self.name,
-                    record.describe(),
-                    decision.delay,
-                )
-                self._set_state(RunnerState.BACKING_OFF)
-                self._emit(BackingOff(decision.delay, self._tracker.total_restarts))
-                with trio.move_on_after(decision.delay):
+                with trio.move_on_after(delay):
                     await self._stop_event.wait()
         finally:
             if self._state is not RunnerState.FAILED:
@@ -846,6 +820,43 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 self._deferred_failure = error
         if failure is not None:
             raise failure
+
+    def _decide(self, inc: _Incarnation, record: ExitRecord) -> tuple[float | None, BaseException | None]:
+        """Apply the policy to an exit: (the backoff before a restart or None to stop, the error to raise)."""
+        if self._before_setup(inc, record):
+            self._set_state(RunnerState.FAILED)
+            self._emit(GaveUp(self._tracker.failures, record))
+            return None, RunnerCrashed(record)
+        decision = self._tracker.on_exit(record.reason, trio.current_time())
+        if decision.action == "stop":
+            logger.info(
+                "runner %r exited (%s); policy %r does not restart it",
+                self.name,
+                record.describe(),
+                self._policy.mode,
+            )
+            self._set_state(RunnerState.STOPPED)
+            return None, None
+        if decision.action == "give_up":
+            logger.error(
+                "runner %r exited (%s); giving up after %d restarts in a row",
+                self.name,
+                record.describe(),
+                decision.restarts,
+            )
+            self._set_state(RunnerState.FAILED)
+            self._emit(GaveUp(decision.restarts, record))
+            failure = RestartLimitExceeded(decision.restarts, record) if self._raise_on_give_up else None
+            return None, failure
+        logger.warning(
+            "runner %r exited (%s); restarting in %.3g s",
+            self.name,
+            record.describe(),
+            decision.delay,
+        )
+        self._set_state(RunnerState.BACKING_OFF)
+        self._emit(BackingOff(decision.delay, self._tracker.total_restarts))
+        return decision.delay, None
 
     def _stop_log_listener(self) -> None:
         """Flush child output to the log handlers, for at most a bounded time (in a thread).
@@ -926,17 +937,11 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         try:
             await worker.start()
         except Exception as exc:
-            with trio.CancelScope(shield=True):
-                await worker.aclose()
             return ExitRecord(
                 ExitReason.STARTUP_FAILED,
                 incarnation=inc.number,
                 detail=f"could not start the runner process: {type(exc).__name__}: {exc}",
             )
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await worker.aclose()
-            raise
         inc.spawned_at = inc.last_progress = trio.current_time()
         logger.info("runner %r spawned (pid %s, incarnation %d)", self.name, worker.pid, inc.number)
         self._emit(Spawned(inc.number, worker.pid))
@@ -961,10 +966,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     await inc.output_done.wait()
                 nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                # Grandchildren survive a graceful exit: the whole group goes.
-                worker.signal(signal.SIGKILL)
-                await worker.aclose()
+            # Grandchildren survive a graceful exit: the whole group goes.
+            worker.signal(signal.SIGKILL)
         if status is None:
             status = ExitStatus(exitcode=None, signal=None, reaped=False)
         return self._classify(inc, status)
