@@ -143,7 +143,7 @@ def _serve_rows(results: dict) -> tuple[list[dict], dict]:
             rows.append(
                 _common.row(
                     f"serve_tps_{i}",
-                    f"serve, streaming clients #{i + 1}: tokens/s, requests/s",
+                    f"serve, {point.get('clients', '?')} streaming clients: tokens/s, requests/s",
                     f"{point['tokens_per_s']:.0f} tok/s, {point['requests_per_s']:.1f} req/s",
                     f"{theirs} {base.get('tokens_per_s', float('nan')):.0f} tok/s, "
                     f"{base.get('requests_per_s', float('nan')):.1f} req/s",
