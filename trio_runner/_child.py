@@ -96,12 +96,21 @@ class Child:
             self.wake_pending = True
             self.wake.set()
 
+    def _await_credit(self, ctx: TaskContext[Any]) -> None:
+        """With the lock held: wait until the task's consumer returns credits (or it failed).
+
+        Raises TaskCancelled if the task is cancelled meanwhile, so a cancelled
+        task never stays blocked on a consumer that stopped reading.
+        """
+        while ctx._credits <= 0 and not ctx._failed:  # pyright: ignore[reportPrivateUsage]
+            if ctx.cancelled:
+                raise TaskCancelled(f"task {ctx.task_id} was cancelled while its consumer lagged")
+            self.credit_available.wait()
+
     def emit(self, ctx: TaskContext[Any], event: Any) -> None:
         with self.lock:
-            while ctx._credits <= 0 and not ctx._failed:  # pyright: ignore[reportPrivateUsage]
-                if ctx.cancelled:
-                    raise TaskCancelled(f"task {ctx.task_id} was cancelled while its consumer lagged")
-                self.credit_available.wait()
+            if ctx._credits <= 0:  # pyright: ignore[reportPrivateUsage]
+                self._await_credit(ctx)
             if ctx._failed:  # pyright: ignore[reportPrivateUsage]
                 return
             ctx._credits -= 1  # pyright: ignore[reportPrivateUsage]
@@ -119,10 +128,8 @@ class Child:
         start = 0
         while start < len(pending):
             with self.lock:
-                while ctx._credits <= 0 and not ctx._failed:  # pyright: ignore[reportPrivateUsage]
-                    if ctx.cancelled:
-                        raise TaskCancelled(f"task {ctx.task_id} was cancelled while its consumer lagged")
-                    self.credit_available.wait()
+                if ctx._credits <= 0:  # pyright: ignore[reportPrivateUsage]
+                    self._await_credit(ctx)
                 if ctx._failed:  # pyright: ignore[reportPrivateUsage]
                     return
                 end = min(len(pending), start + ctx._credits)  # pyright: ignore[reportPrivateUsage]
