@@ -48,7 +48,7 @@ from ._errors import (
 from ._groups import reraise_unwrapped
 from ._policy import RestartPolicy, RestartTracker
 from ._process import ExitStatus, SpawnSpec, Worker, WorkerFactory, process_worker
-from ._runner import Runner
+from ._runner import Runner, check_linger
 from ._state import (
     BackingOff,
     Exited,
@@ -367,6 +367,7 @@ def _describe_runner(cls: object) -> tuple[str, str]:
     concurrency: object = getattr(cast(Any, cls), "concurrency", 1)
     if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
         raise ValueError(f"{qualname}.concurrency={concurrency!r} must be an int >= 1 (tasks served at once)")
+    check_linger(qualname, getattr(cast(Any, cls), "linger", 0.0))
     if module == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
         raise TypeError(
             f"runner class {qualname} is defined in an interactive session, which the child "

@@ -90,7 +90,15 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
     result a :class:`Completion`. The cancel flag is checked at every token.
     Every child seeds MLX's random state from ``os.urandom``: forked children
     would otherwise share one state. A request's ``seed`` reseeds it.
+
+    Tokens that come less than 20 ms apart (``linger``) are sent to the parent
+    in batches at most 20 ms apart; a model slower than 50 tokens/s streams
+    every token the moment it is generated. Set ``linger`` on a subclass to
+    change it (0: every token at once, at about 10% of a fast model's speed
+    on two cores).
     """
+
+    linger = 0.02
 
     def __init__(
         self, model: str | os.PathLike[str] | None = None, *, warmup: bool = True, preloaded: bool = False

@@ -111,6 +111,11 @@ class Token:
     text: str
     token_id: int
 
+    def __reduce__(self) -> tuple[type[Token], tuple[str, int]]:
+        # Several times faster both ways than the dataclass's slots state; a
+        # fast stream pickles thousands of these a second.
+        return (Token, (self.text, self.token_id))
+
 
 @dataclass(frozen=True, slots=True)
 class Completion:
