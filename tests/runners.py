@@ -116,3 +116,23 @@ class ConcurrentEchoRunner(EchoRunner):
 
 class BadConcurrencyRunner(EchoRunner):
     concurrency = 0
+
+
+class BadLingerRunner(EchoRunner):
+    linger = -1.0
+
+
+class PacedRunner(Runner[Any, Any, Any]):
+    """Emits ``i`` for each delay in the request, after that delay, then returns "done"."""
+
+    linger = 0.5
+
+    def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
+        for i, delay in enumerate(request):
+            time.sleep(delay)
+            ctx.emit(i)
+        return "done"
+
+
+class UnpacedRunner(PacedRunner):
+    linger = 0.0
