@@ -181,6 +181,12 @@ class FakeWorker:
             self._to_child.put_data(data)
         await trio.lowlevel.cancel_shielded_checkpoint()
 
+    def send_nowait(self, data: bytes) -> int:
+        if self._closed or self.exit_status is not None or self.factory.refuse_nowait:
+            return 0  # the supervisor falls back to send_all, which knows how to fail
+        self._to_child.put_data(data)
+        return len(data)
+
     async def receive_some(self) -> bytes:
         try:
             return bytes(await self._to_parent.receive_some())
@@ -459,11 +465,14 @@ class FakeFactory:
             ``BrokenResourceError``, as a raw socket whose peer exited does
             (EPIPE). By default the data is dropped quietly instead, as
             ``ProcessWorker.send_all`` does: the death watch reports the death.
+        refuse_nowait: ``send_nowait`` writes nothing, as a full socket does, so
+            every task frame takes the sender task's ``send_all`` path.
     """
 
     scripts: Sequence[Script] = (SERVE,)
     then: Script | None = None
     broken_pipe_after_death: bool = False
+    refuse_nowait: bool = False
     workers: list[FakeWorker] = field(default_factory=list[FakeWorker])
     errors: list[Exception] = field(default_factory=list[Exception])
     timeline: list[tuple[float, LifecycleChange]] = field(default_factory=list[tuple[float, LifecycleChange]])

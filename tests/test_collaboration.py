@@ -478,8 +478,13 @@ async def test_a_task_submitted_while_backing_off_is_served_by_the_next_incarnat
     assert [request for _, _, request in fake.workers[1].tasks] == [("echo", "late")]
 
 
-async def test_every_task_gets_exactly_one_outcome_across_a_crash(autojump_clock: Clock) -> None:
-    fake = FakeFactory([crash_after_ready(after=5.5)], then=SERVE)
+@pytest.mark.parametrize("refuse_nowait", [False, True], ids=["written-at-submit", "socket-full"])
+async def test_every_task_gets_exactly_one_outcome_across_a_crash(
+    autojump_clock: Clock, refuse_nowait: bool
+) -> None:
+    # socket-full: a task written at submit finds the socket full, so its frame
+    # waits in the backlog while the tasks behind it queue: the order holds.
+    fake = FakeFactory([crash_after_ready(after=5.5)], then=SERVE, refuse_nowait=refuse_nowait)
     outcomes: dict[int, list[tuple[float, object]]] = {i: [] for i in range(20)}
 
     async def submit(sup: Any, i: int) -> None:

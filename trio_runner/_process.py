@@ -69,6 +69,12 @@ class Worker(Protocol):
         the death watch reports the death, not the send."""
         ...
 
+    def send_nowait(self, data: bytes) -> int:
+        """Write what the connection takes at once, without blocking: the count
+        written, 0 if none (the connection is full, or the child is gone).
+        The caller sends the rest with :meth:`send_all`."""
+        ...
+
     async def receive_some(self) -> bytes:
         """The next bytes from the child, or ``b""`` at end of file."""
         ...
@@ -130,6 +136,7 @@ class ProcessWorker:
         self._pid: int | None = None
         self._reaped = False
         self._stream: trio.SocketStream | None = None
+        self._sock: socket.socket | None = None
         self._out_fds: list[int] = []
         self._closed = False
 
@@ -169,6 +176,7 @@ class ProcessWorker:
         self._process = process
         self._out_fds = [out_r, err_r]
         self._stream = trio.SocketStream(trio.socket.from_stdlib_socket(parent_sock))
+        self._sock = parent_sock  # non-blocking: trio made it so
 
         def start_in_thread() -> None:
             try:
@@ -212,6 +220,14 @@ class ProcessWorker:
             # The child is gone. Its death watch reports that; a send racing it
             # must not turn a crash into an error of the supervisor's own.
             await trio.lowlevel.checkpoint()
+
+    def send_nowait(self, data: bytes) -> int:
+        if self._sock is None:
+            return 0
+        try:
+            return self._sock.send(data)
+        except OSError:  # full (BlockingIOError), or the child is gone
+            return 0
 
     async def receive_some(self) -> bytes:
         assert self._stream is not None

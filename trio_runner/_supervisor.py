@@ -150,6 +150,9 @@ class _Incarnation:
         self.ready_event = trio.Event()
         self.watch_wake = trio.Event()
         self.send_lock = trio.StrictFIFOLock()
+        # The unsent end of a task frame that ``_submit`` wrote without waiting;
+        # whoever takes ``send_lock`` next sends it first.
+        self.backlog = b""
         self.death_scope = trio.CancelScope()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL)
 
@@ -631,9 +634,50 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 f"{self._max_frame}; send a smaller request or raise max_frame_size"
             )
         task = _Task(next(self._ids), data, retry)
-        self._pending[task.id] = task
-        self._pending_wake.set()
+        if not self._send_now(task):
+            self._pending[task.id] = task
+            self._pending_wake.set()
         return task
+
+    def _send_now(self, task: _Task) -> bool:
+        """Write the task straight to a ready runner's socket if nothing is ahead of it.
+
+        Handing it to the sender task instead costs a loop pass: a third of a
+        small task's round trip. False, having done nothing, if the task must
+        queue (not ready, tasks or bytes ahead of it, a send in progress).
+        """
+        inc = self._inc
+        if (
+            inc is None
+            or self._pending
+            or inc.backlog
+            or not inc.ready_event.is_set()
+            or inc.stop_requested
+            or inc.exited.is_set()
+            or inc.send_lock.locked()
+        ):
+            return False
+        data = self._mark_sent(inc, [task])
+        sent = inc.worker.send_nowait(data)
+        if sent < len(data):
+            inc.backlog = data[sent:]
+            self._pending_wake.set()  # the sender task writes the rest
+        return True
+
+    def _mark_sent(self, inc: _Incarnation, batch: list[_Task]) -> bytes:
+        """Move ``batch`` in flight on ``inc``; the frame that delivers it."""
+        messages: list[Any] = []
+        for task in batch:
+            self._pending.pop(task.id, None)
+            self._in_flight[task.id] = task
+            task.incarnation = inc.number
+            messages.append((proto.TASK, task.id, task.request, self._window))
+            if not task.retry:
+                task.request = None
+        inc.last_progress = trio.current_time()
+        if self._timeouts.stall is not None:
+            inc.poke_watchdog()  # only the stall check depends on what was sent
+        return proto.encode(messages)
 
     def _release(self, task: _Task) -> None:
         task.released = True
@@ -1040,8 +1084,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if inc.kill_reason is None:
             inc.stopped_by = StoppedBy.SHUTDOWN
             with trio.move_on_after(timeouts.graceful):
-                async with inc.send_lock:
-                    await worker.send_all(proto.encode([(proto.SHUTDOWN,)]))
+                await _send_locked(inc, proto.encode([(proto.SHUTDOWN,)]))
                 await inc.exited.wait()
             if inc.exited.is_set():
                 return
@@ -1254,6 +1297,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         limit = self._max_frame // 2
         while not inc.stop_requested:
             if not self._pending:
+                if inc.backlog:
+                    await _send_locked(inc, b"")
+                    continue
                 self._pending_wake = trio.Event()
                 await self._pending_wake.wait()
                 continue
@@ -1265,18 +1311,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     break
                 batch.append(task)
                 size += len(task.request)
-            messages: list[Any] = []
-            for task in batch:
-                del self._pending[task.id]
-                self._in_flight[task.id] = task
-                task.incarnation = inc.number
-                messages.append((proto.TASK, task.id, task.request, self._window))
-                if not task.retry:
-                    task.request = None
-            inc.last_progress = trio.current_time()
-            if self._timeouts.stall is not None:
-                inc.poke_watchdog()  # only the stall check depends on what was sent
-            await _send_locked(inc, proto.encode(messages))
+            await _send_locked(inc, self._mark_sent(inc, batch))
 
     async def _send_control(self, inc: _Incarnation) -> None:
         """The cancel channel: cancels and credits, each write bounded by ``cancel_send``."""
@@ -1308,8 +1343,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             if not messages:
                 continue
             with trio.move_on_after(timeout) as scope:
-                async with inc.send_lock:
-                    await inc.worker.send_all(proto.encode(messages))
+                await _send_locked(inc, proto.encode(messages))
             if scope.cancelled_caught:
                 self._kill(
                     inc,
@@ -1324,12 +1358,15 @@ async def _send_locked(inc: _Incarnation, data: bytes) -> None:
     """``send_all`` under the incarnation's send lock, without a schedule point when the lock is free.
 
     ``async with lock`` yields once even uncontended: a whole loop pass per task sent.
+    The backlog a fast-path send left goes first.
     """
     try:
         inc.send_lock.acquire_nowait()
     except trio.WouldBlock:
         await inc.send_lock.acquire()
     try:
+        if inc.backlog:
+            data, inc.backlog = inc.backlog + data, b""
         await inc.worker.send_all(data)
     finally:
         inc.send_lock.release()
