@@ -45,8 +45,9 @@ from ._errors import TaskCancelled
 from ._runner import Runner, TaskContext, check_linger
 
 _MAX_TEXT = 64 * 1024
-#: A lingering batch of this many events goes out at once.
-_HURRY_EVENTS = 256
+#: This many queued events go out at once, lingering or not: a stream this
+#: fast is batched by its own speed.
+_HURRY_EVENTS = 64
 
 
 def _truncate(text: str) -> str:
@@ -89,6 +90,7 @@ class Child:
         self.linger = 0.0
         self.streaming = False
         self.last_direct = 0.0
+        self.queued = 0  # events in the outbox
         self.closing = False
         self.tasks: queue.SimpleQueue[TaskContext[Any] | None] = queue.SimpleQueue()
         self.contexts: dict[int, TaskContext[Any]] = {}
@@ -142,12 +144,14 @@ class Child:
             ctx._credits -= 1  # pyright: ignore[reportPrivateUsage]
             outbox = self.outbox
             if outbox and outbox[-1][0] == proto.EVENTS and outbox[-1][1] == ctx.task_id:
-                events = outbox[-1][2]
-                events.append(event)
-                if len(events) >= _HURRY_EVENTS:
-                    self._wake_writer()
+                outbox[-1][2].append(event)
             else:
                 outbox.append((proto.EVENTS, ctx.task_id, [event]))
+            self.queued += 1
+            if self.queued >= _HURRY_EVENTS:
+                if self.queued == _HURRY_EVENTS:
+                    self._wake_writer()  # then it is on its way: no need to repeat
+                return
             if ctx._sent_any:  # pyright: ignore[reportPrivateUsage]
                 if self.wake_pending or self.streaming:
                     return  # the writer sends it within ``linger``
@@ -179,7 +183,8 @@ class Child:
                     outbox[-1][2].extend(pending[start:end])
                 else:
                     outbox.append((proto.EVENTS, ctx.task_id, pending[start:end]))
-                    self._wake_writer()
+                self.queued += end - start
+                self._wake_writer()  # already a batch: no lingering
                 start = end
 
     def _write_loop(self) -> None:
@@ -196,6 +201,7 @@ class Child:
                     self.flush_at = 0.0
                     batch = self.outbox
                     self.outbox = []
+                    self.queued = 0
                     closing = self.closing
                     # Keep polling while events flow; an emit seeing this queues without a wake-up.
                     self.streaming = self.linger > 0 and any(message[0] == proto.EVENTS for message in batch)
@@ -233,6 +239,7 @@ class Child:
             with self.lock:
                 batch = self.outbox
                 self.outbox = []
+                self.queued = 0
             if batch:
                 self._send_batch(batch)
         finally:
