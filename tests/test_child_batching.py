@@ -1,0 +1,87 @@
+"""The child's outgoing batching, driven directly: a ``Child`` on a socketpair in this process.
+
+Deterministic where the process tests cannot be: emits interleave exactly as
+written here, and the far end of the socket sees every frame.
+"""
+
+from __future__ import annotations
+
+import pickle
+import socket
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from typing import Any
+
+from trio_runner import _protocol as proto
+from trio_runner._child import Child
+from trio_runner._runner import TaskContext
+
+
+@contextmanager
+def _child(linger: float) -> Iterator[tuple[Child, socket.socket]]:
+    ours, theirs = socket.socketpair()
+    child = Child(theirs, max_frame=1 << 20, heartbeat_interval=60.0, incarnation=1)
+    child.linger = linger
+    child.writer.start()
+    try:
+        yield child, ours
+    finally:
+        child.close_writer(5.0)
+        ours.close()
+        theirs.close()
+
+
+def _events_within(sock: socket.socket, count: int, seconds: float) -> list[tuple[float, int, list[Any]]]:
+    """(arrival, task id, events) for each EVENTS message, until ``count`` events or ``seconds`` pass."""
+    reader = proto.FrameReader(1 << 20)
+    began = time.monotonic()
+    seen: list[tuple[float, int, list[Any]]] = []
+    total = 0
+    sock.settimeout(0.05)
+    while total < count and time.monotonic() - began < seconds:
+        try:
+            data = sock.recv(65536)
+        except TimeoutError:
+            continue
+        for batch in reader.feed(data):
+            for message in batch:
+                if message[0] == proto.EVENTS:
+                    events = pickle.loads(message[2])
+                    seen.append((time.monotonic() - began, message[1], events))
+                    total += len(events)
+    return seen
+
+
+def test_interleaved_tasks_that_emit_fast_are_sent_without_waiting_out_the_linger() -> None:
+    # Two tasks alternate event by event, so no one task's message grows big:
+    # the total queued must hurry the writer, or every batch waits 0.5 s.
+    with _child(linger=0.5) as (child, sock), ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(_events_within, sock, 1000, 5.0)
+        a: TaskContext[int] = TaskContext(child, 1, 10_000)
+        b: TaskContext[int] = TaskContext(child, 2, 10_000)
+        for i in range(500):
+            a.emit(i)
+            b.emit(i)
+        seen = reading.result()
+    assert sum(len(events) for _, _, events in seen) == 1000
+    assert seen[-1][0] < 0.4
+    # In order, per task.
+    for task_id in (1, 2):
+        assert [e for _, t, events in seen if t == task_id for e in events] == list(range(500))
+
+
+def test_a_slow_trickle_lingers_and_goes_out_in_batches() -> None:
+    with _child(linger=0.2) as (child, sock), ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(_events_within, sock, 20, 5.0)
+        ctx: TaskContext[int] = TaskContext(child, 1, 10_000)
+        for i in range(20):
+            ctx.emit(i)
+            time.sleep(0.02)  # 50 events/s: 4 per linger
+        seen = reading.result()
+    assert [e for _, _, events in seen for e in events] == list(range(20))
+    assert len(seen[0][2]) == 1  # the first event goes out alone, at once
+    assert seen[0][0] < 0.15
+    # 20 events over 0.4 s with a 0.2 s linger: a handful of frames, not 20.
+    assert len(seen) <= 8
