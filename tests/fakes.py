@@ -195,6 +195,8 @@ class FakeWorker:
 
     async def wait(self, reap_timeout: float) -> ExitStatus:
         await self._dead.wait()
+        if self.factory.notice_delay:
+            await trio.sleep(self.factory.notice_delay)
         assert self.exit_status is not None
         return self.exit_status
 
@@ -467,12 +469,16 @@ class FakeFactory:
             ``ProcessWorker.send_all`` does: the death watch reports the death.
         refuse_nowait: ``send_nowait`` writes nothing, as a full socket does, so
             every task frame takes the sender task's ``send_all`` path.
+        notice_delay: the death watch wakes this long after the child died
+            (a real kernel takes a while to tear a process down), so the
+            supervisor can still send to a child that is already dead.
     """
 
     scripts: Sequence[Script] = (SERVE,)
     then: Script | None = None
     broken_pipe_after_death: bool = False
     refuse_nowait: bool = False
+    notice_delay: float = 0.0
     workers: list[FakeWorker] = field(default_factory=list[FakeWorker])
     errors: list[Exception] = field(default_factory=list[Exception])
     timeline: list[tuple[float, LifecycleChange]] = field(default_factory=list[tuple[float, LifecycleChange]])

@@ -538,16 +538,17 @@ async def test_a_cancelled_task_reports_task_cancelled_and_the_runner_serves_on(
 async def test_a_task_sent_to_a_runner_that_died_right_after_ready_is_crashed_or_rerun(
     autojump_clock: Clock,
 ) -> None:
-    fake = FakeFactory([crash_after_ready()], then=SERVE)
+    fake = FakeFactory([crash_after_ready()], then=SERVE, notice_delay=0.5)
     async with open_fake_supervisor(fake) as sup:
-        # Submitted before READY: sent at READY, to a runner already dead.
+        # Submitted before READY: sent at READY, to a runner already dead
+        # whose death is noticed 0.5 s later.
         try:
             outcome: object = await sup.run(("echo", 1))
         except RunnerCrashed as exc:
             outcome = exc.reason
         assert outcome in (1, ExitReason.SIGNALED)
         await sup.wait_ready()
-        assert trio.current_time() == 2.0
+        assert trio.current_time() == 2.5
     assert fake.workers[0].sent_after_death != []
 
 

@@ -20,13 +20,14 @@ import socket
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import trio
 
 from . import _child
 
 _RECEIVE_SIZE = 256 * 1024
+_READS_PER_YIELD = 8
 _SOCKET_BUFFER = 1024 * 1024
 _MAX_LINE = 64 * 1024
 
@@ -137,6 +138,8 @@ class ProcessWorker:
         self._reaped = False
         self._stream: trio.SocketStream | None = None
         self._sock: socket.socket | None = None
+        self._pidfd: int | None = None
+        self._reads_in_a_row = 0
         self._out_fds: list[int] = []
         self._closed = False
 
@@ -179,9 +182,13 @@ class ProcessWorker:
         self._sock = parent_sock  # non-blocking: trio made it so
 
         def start_in_thread() -> None:
+            pidfd = None
             try:
                 process.start()  # pyright: ignore[reportUnknownMemberType]
-                self._pid = process.pid  # pyright: ignore[reportUnknownMemberType]
+                pid = cast(int, process.pid)  # pyright: ignore[reportUnknownMemberType]
+                self._pid = pid
+                if spec.start_method == "spawn":  # a forkserver's children are not ours to wait for
+                    pidfd = _open_pidfd(pid)
             finally:
                 child_sock.close()
                 os.close(out_w)
@@ -189,7 +196,11 @@ class ProcessWorker:
             with self._lock:
                 self._started = True
                 abandoned = self._abandoned
+                if not abandoned:
+                    self._pidfd = pidfd
             if abandoned:
+                if pidfd is not None:
+                    os.close(pidfd)
                 self._kill_abandoned()
 
         try:
@@ -230,17 +241,41 @@ class ProcessWorker:
             return 0
 
     async def receive_some(self) -> bytes:
-        assert self._stream is not None
-        try:
-            return await self._stream.receive_some(_RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
+        # Straight on the non-blocking socket: SocketStream.receive_some adds a
+        # schedule point after a read that succeeded at once, a whole loop pass
+        # before each frame is routed. Reads that find data at once still
+        # yield every _READS_PER_YIELD calls, so a chatty child cannot starve
+        # the loop, and cancellation is seen.
+        sock = self._sock
+        assert sock is not None
+        self._reads_in_a_row += 1
+        if self._reads_in_a_row >= _READS_PER_YIELD:
+            self._reads_in_a_row = 0
+            await trio.lowlevel.checkpoint()
+        while True:
+            try:
+                return sock.recv(_RECEIVE_SIZE)
+            except BlockingIOError:
+                pass
+            except OSError:  # closed by aclose(), or reset
+                return b""
+            self._reads_in_a_row = 0
+            try:
+                await trio.lowlevel.wait_readable(sock)
+            except trio.ClosedResourceError:
+                return b""
 
     async def wait(self, reap_timeout: float) -> ExitStatus:
         process = self._process
-        await trio.lowlevel.wait_readable(process.sentinel)
+        if self._pidfd is not None:
+            # Linux, our own child: the pidfd turns readable the moment the
+            # child can be reaped, so the exit code is there at once.
+            await trio.lowlevel.wait_readable(self._pidfd)
+        else:
+            await trio.lowlevel.wait_readable(process.sentinel)
         # The kernel closes the sentinel during teardown, a moment before the
-        # process can be reaped; poll once, then join from a thread.
+        # process can be reaped (and multiprocessing may reap it first); poll
+        # once, then join from a thread.
         code = process.exitcode
         if code is None:
             with trio.move_on_after(reap_timeout):
@@ -281,6 +316,10 @@ class ProcessWorker:
         self._out_fds = []
         if self._stream is not None:
             await trio.aclose_forcefully(self._stream)
+        if self._pidfd is not None:
+            pidfd, self._pidfd = self._pidfd, None
+            trio.lowlevel.notify_closing(pidfd)
+            os.close(pidfd)
         process = self._process
         if process is not None and process.exitcode is not None:
             trio.lowlevel.notify_closing(process.sentinel)
@@ -303,6 +342,17 @@ async def _pump_lines(stream: trio.lowlevel.FdStream, name: str, on_line: Callab
                 pending = pending[_MAX_LINE:]
         if pending:
             on_line(name, pending.decode("utf-8", "replace"))
+
+
+def _open_pidfd(pid: int) -> int | None:
+    """A pidfd for ``pid`` where the platform has them (Linux 5.3+), else None (use the sentinel)."""
+    pidfd_open = getattr(os, "pidfd_open", None)
+    if pidfd_open is None:
+        return None
+    try:
+        return pidfd_open(pid)
+    except OSError:  # an older kernel, a sandbox that forbids it, or already reaped
+        return None
 
 
 def process_worker(spec: SpawnSpec, incarnation: int) -> Worker:

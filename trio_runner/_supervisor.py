@@ -153,6 +153,9 @@ class _Incarnation:
         # The unsent end of a task frame that ``_submit`` wrote without waiting;
         # whoever takes ``send_lock`` next sends it first.
         self.backlog = b""
+        self.reported = False  # its exit has been reported and its tasks settled
+        # What the policy made of the exit: (backoff or None to stop, error to raise).
+        self.decision: tuple[float | None, BaseException | None] = (None, None)
         self.death_scope = trio.CancelScope()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL)
 
@@ -838,12 +841,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 delay: float | None = None
                 try:
                     record = await self._run_incarnation(inc)
-                    self._inc = None
-                    self._last_exit = record
-                    self._emit(Exited(record))
-                    self._settle_in_flight(record)
-                    if not self._stop_requested:
-                        delay, failure = self._decide(inc, record)
+                    self._report_exit(inc, record)  # if _run_incarnation has not already
+                    delay, failure = inc.decision
                 finally:
                     # After the exit is reported and decided on: closing the
                     # transport and the process object is bookkeeping, not part
@@ -1009,13 +1008,35 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 with trio.move_on_after(_DRAIN_BOUND):
                     await inc.eof.wait()
                     await inc.output_done.wait()
+                # Report now, not after the incarnation's tasks have wound down
+                # (a loop pass or two): nothing can be put in flight on it any
+                # more (see _send_tasks and _send_now).
                 nursery.cancel_scope.cancel()
+                record = self._classify(inc, status or ExitStatus(exitcode=None, signal=None, reaped=False))
+                self._report_exit(inc, record)
+                return record
         finally:
             # Grandchildren survive a graceful exit: the whole group goes.
             worker.signal(signal.SIGKILL)
         if status is None:
             status = ExitStatus(exitcode=None, signal=None, reaped=False)
         return self._classify(inc, status)
+
+    def _report_exit(self, inc: _Incarnation, record: ExitRecord) -> None:
+        """Once per incarnation: report the exit, settle the tasks in flight on it, apply the policy.
+
+        The state leaves READY here, so nobody who saw ``Exited`` finds the
+        supervisor still READY. The decision waits in ``inc.decision``.
+        """
+        if inc.reported:
+            return
+        inc.reported = True
+        self._inc = None
+        self._last_exit = record
+        self._emit(Exited(record))
+        self._settle_in_flight(record)
+        if not self._stop_requested:
+            inc.decision = self._decide(inc, record)
 
     def _classify(self, inc: _Incarnation, status: ExitStatus) -> ExitRecord:
         fatal = inc.fatal
@@ -1311,6 +1332,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     break
                 batch.append(task)
                 size += len(task.request)
+            if inc.exited.is_set():
+                return  # the exit is being reported: these wait for the next incarnation
             await _send_locked(inc, self._mark_sent(inc, batch))
 
     async def _send_control(self, inc: _Incarnation) -> None:
