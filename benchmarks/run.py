@@ -8,21 +8,17 @@ Usage::
 
 Every metric is measured in the same run as its baselines; see docs/benchmarks.md.
 
-Only the standard library is imported at module level: the spawn start method
-re-runs this script in every child it starts (as ``__mp_main__``), and a
-heavy import here would inflate every spawn measured, ours and the baselines'.
+Next to nothing is imported at module level: the spawn start method re-runs
+this script in every child it starts (as ``__mp_main__``), and so does the
+forkserver on Python 3.13 and older (CPython gh-126631), so every import here
+would inflate every start measured, ours and the baselines'. The rest is
+imported where it is used.
 """
 
 from __future__ import annotations
 
-import argparse
-import importlib
-import importlib.util
-import json
-import logging
 import os
 import sys
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -43,6 +39,8 @@ ISOLATED = {"mlx": ("mlx", "mlx_lm"), "serve": ("mlx", "mlx_lm", "hypercorn", "s
 
 
 def _isolated_available(name: str, module_name: str) -> tuple[bool, str]:
+    import importlib.util
+
     if not os.path.exists(os.path.join(HERE, f"{module_name}.py")):
         return False, f"benchmarks/{module_name}.py does not exist"
     missing = [dep for dep in ISOLATED[name] if importlib.util.find_spec(dep) is None]
@@ -58,6 +56,7 @@ def _run_isolated(module_name: str, smoke: bool = False) -> dict:
     starts: the MLX suite needs its own (mlx_lm preloaded), not the one the
     restart benchmark already started here.
     """
+    import json
     import subprocess
 
     code = (
@@ -161,6 +160,11 @@ def _serve_rows(results: dict) -> tuple[list[dict], dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import importlib
+    import logging
+    import time
+
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )

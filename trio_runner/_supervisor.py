@@ -47,7 +47,7 @@ from ._errors import (
 )
 from ._groups import reraise_unwrapped
 from ._policy import RestartPolicy, RestartTracker
-from ._process import ExitStatus, SpawnSpec, Worker, WorkerFactory, process_worker
+from ._process import ExitStatus, SpawnSpec, Worker, WorkerFactory, forkserver_preload, process_worker
 from ._runner import Runner, check_linger
 from ._state import (
     BackingOff,
@@ -933,8 +933,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 self.name,
                 ", ".join(sorted(missing)),
             )
-        elif self._spec.preload:
-            multiprocessing.get_context("forkserver").set_forkserver_preload(list(self._spec.preload))
+        elif not running:
+            multiprocessing.get_context("forkserver").set_forkserver_preload(
+                forkserver_preload(self._spec.preload)
+            )
         forkserver.ensure_running()
 
     @staticmethod
