@@ -30,7 +30,7 @@ import trio_runner
 from trio_runner.mlx import Generate, open_mlx_supervisor, prepare_demo_model
 
 TOKENS = 400
-ROUNDS = 15
+ROUNDS = 25
 RESTARTS = 8
 PROMPT = "The supervisor keeps the event loop free while"
 
