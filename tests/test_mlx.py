@@ -285,3 +285,25 @@ def test_a_corrupt_demo_model_is_detected_and_rebuilt_with_a_warning(demo_dir: P
 def test_a_partial_demo_model_without_its_manifest_is_reported(demo_dir: Path, tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text("{}")
     assert verify_demo_model(tmp_path) == "trio-runner-demo.json is missing"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="MLX compiles CPU kernels to a disk cache on Linux only")
+async def test_a_cold_kernel_cache_is_warmed_once_in_a_throwaway_process(
+    demo_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from trio_runner.mlx import warm_kernel_cache
+    from trio_runner.mlx._supervise import kernel_cache_cold, kernel_cache_dir
+
+    monkeypatch.setenv("TMPDIR", str(tmp_path))  # a machine that never ran MLX
+    cache = kernel_cache_dir()
+    assert cache is not None and str(cache).startswith(str(tmp_path))
+    assert kernel_cache_cold()
+    with trio.fail_after(BOUND):
+        assert await warm_kernel_cache(demo_dir) is True
+    # Compiled by a process that is gone: the kernels are on disk, and no
+    # process is left behind (the autouse fixture checks that too).
+    assert any(cache.glob("*.so"))
+    assert not kernel_cache_cold()
+    began = time.perf_counter()
+    assert await warm_kernel_cache(demo_dir) is False
+    assert time.perf_counter() - began < 1.0

@@ -65,6 +65,7 @@ async def _generate(args: argparse.Namespace) -> None:
     from ._state import Exited, Ready
     from .mlx import Generate, demo_model_location, open_mlx_supervisor, prepare_demo_model
     from .mlx._model import verify_demo_model
+    from .mlx._supervise import kernel_cache_cold, warm_kernel_cache
 
     request = Generate(
         prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
@@ -78,6 +79,11 @@ async def _generate(args: argparse.Namespace) -> None:
             nursery.start_soon(show_progress, _note, "building the demo model (first run only)")
             model = str(await prepare_demo_model())
             nursery.cancel_scope.cancel()
+    if await trio.to_thread.run_sync(kernel_cache_cold):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(show_progress, _note, "compiling MLX's CPU kernels (first run only)")
+            await warm_kernel_cache(model)
+            nursery.cancel_scope.cancel()
     # One request: a crash is reported, not retried.
     policy = RestartPolicy(mode="temporary")
     async with open_mlx_supervisor(
@@ -85,9 +91,7 @@ async def _generate(args: argparse.Namespace) -> None:
     ) as sup:
         changes = sup.watch(replay=True)
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                show_progress, _note, "loading the model (the first run also compiles MLX kernels)"
-            )
+            nursery.start_soon(show_progress, _note, "loading the model")
             async for change in changes:
                 if isinstance(change, Ready):
                     break

@@ -79,6 +79,7 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
     from ._state import BackingOff, Exited, Ready, Spawned
     from .mlx import Generate, demo_model_location, open_mlx_supervisor, prepare_demo_model
     from .mlx._model import verify_demo_model
+    from .mlx._supervise import kernel_cache_cold, warm_kernel_cache
 
     ticks = 0
     worst_lateness = 0.0
@@ -132,6 +133,13 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
                 f"demo model: built {location} in {trio.current_time() - began:.1f} s "
                 "(random weights, so its text is noise)"
             )
+        if await trio.to_thread.run_sync(kernel_cache_cold):
+            began = trio.current_time()
+            await with_progress(
+                "compiling MLX's CPU kernels in a throwaway process (first run only)",
+                lambda: warm_kernel_cache(location),
+            )
+            say(f"MLX kernels compiled and cached in {trio.current_time() - began:.1f} s")
         policy = RestartPolicy(initial_delay=0.5)
         request = Generate(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=TEMPERATURE, seed=SEED)
         async with open_mlx_supervisor(

@@ -23,8 +23,9 @@ from ._types import Token as Token
 if TYPE_CHECKING:
     from ._supervise import open_mlx_supervisor as open_mlx_supervisor
     from ._supervise import prepare_demo_model as prepare_demo_model
+    from ._supervise import warm_kernel_cache as warm_kernel_cache
 
-_LAZY = frozenset({"open_mlx_supervisor", "prepare_demo_model"})
+_LAZY = frozenset({"open_mlx_supervisor", "prepare_demo_model", "warm_kernel_cache"})
 
 
 def __getattr__(name: str) -> Any:

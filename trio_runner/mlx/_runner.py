@@ -50,6 +50,14 @@ def start_options(start_method: str = "auto") -> dict[str, Any]:
     raise ValueError(f"start_method={start_method!r} must be 'auto', 'forkserver' or 'spawn'")
 
 
+def warm_up_once(model: str) -> None:
+    """Load ``model`` and run the runner's warm-up in this process (for a throwaway one).
+
+    Leaves MLX's compiled CPU kernels in its disk cache for every later runner.
+    """
+    MlxLmRunner(model).setup()
+
+
 def check_model_argument(model: str | os.PathLike[str] | None) -> str | None:
     """The model argument as the child will see it, or a ValueError that says what is wrong.
 
@@ -94,8 +102,8 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
     Tokens that come less than 20 ms apart (``linger``) are sent to the parent
     in batches at most 20 ms apart; a model slower than 50 tokens/s streams
     every token the moment it is generated. Set ``linger`` on a subclass to
-    change it (0: every token at once, at about 10% of a fast model's speed
-    on two cores).
+    change it (0: every token at once, which costs a fast model about 10% of
+    its speed on two cores).
     """
 
     linger = 0.02

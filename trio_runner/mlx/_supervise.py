@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+import tempfile
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -12,7 +14,7 @@ import trio
 
 from .._supervisor import Supervisor, open_supervisor
 from ._model import demo_model, demo_model_location, verify_demo_model
-from ._runner import MlxLmRunner, check_model_argument, start_options
+from ._runner import MlxLmRunner, check_model_argument, start_options, warm_up_once
 from ._types import Completion, Generate, Token
 
 
@@ -34,6 +36,63 @@ async def prepare_demo_model() -> Path:
     return path
 
 
+# Cache directories this process has warmed already: if MLX's layout ever
+# stops matching kernel_cache_dir(), they are not warmed again on every open.
+_warmed: set[Path] = set()
+
+
+def kernel_cache_dir() -> Path | None:
+    """Where MLX caches its compiled CPU kernels (``$TMPDIR/mlx/<version>/cpu``); None off Linux.
+
+    On macOS, Metal's kernels ship with MLX: there is nothing to compile.
+    """
+    if sys.platform != "linux":
+        return None
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        mlx_version = version("mlx")
+    except PackageNotFoundError:
+        return None
+    return Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "mlx" / mlx_version / "cpu"
+
+
+def kernel_cache_cold() -> bool:
+    """True if MLX has a CPU kernel cache here and it holds no compiled kernel yet."""
+    cache = kernel_cache_dir()
+    return cache is not None and cache not in _warmed and not any(cache.glob("*.so"))
+
+
+async def warm_kernel_cache(model: str | os.PathLike[str] | None = None) -> bool:
+    """Compile MLX's CPU kernels once, in a throwaway process, if their disk cache is cold.
+
+    On Linux, MLX compiles some CPU kernels with g++ the first time they are
+    used and caches them on disk; without a lock, runners that start
+    together on a cold cache would each compile (0.6-2.5 s). This loads
+    ``model`` (``None``: the demo model, built if needed) in a worker
+    process that generates a few tokens, greedy and sampled, and exits, so
+    every runner finds the kernels on disk. The loop stays responsive, and
+    cancelling kills the worker at once.
+
+    Returns:
+        True if it compiled, False if the cache was warm already (or there
+        is no CPU kernel cache: macOS).
+    """
+    if not await trio.to_thread.run_sync(kernel_cache_cold):
+        return False
+    checked = check_model_argument(model)
+    if checked is None:
+        checked = str(await prepare_demo_model())
+    import trio_parallel  # pyright: ignore[reportMissingTypeStubs]
+
+    async with trio_parallel.open_worker_context() as workers:  # pyright: ignore[reportUnknownMemberType]
+        await workers.run_sync(warm_up_once, checked, kill_on_cancel=True)  # pyright: ignore[reportUnknownMemberType]
+    cache = kernel_cache_dir()
+    assert cache is not None
+    _warmed.add(cache)
+    return True
+
+
 @asynccontextmanager
 async def open_mlx_supervisor(
     model: str | os.PathLike[str] | None = None,
@@ -51,7 +110,9 @@ async def open_mlx_supervisor(
         start_method: see :func:`start_options`; ``"auto"`` uses the forkserver
             with mlx-lm preloaded on Linux, so a restart takes tens of
             milliseconds instead of about a second.
-        warmup: passed to :class:`MlxLmRunner`.
+        warmup: passed to :class:`MlxLmRunner`; also, on a machine whose MLX
+            kernel cache is cold, compile the kernels first in a throwaway
+            process (:func:`warm_kernel_cache`), never in the forkserver.
         name: the supervisor's name, for logs.
         supervisor_options: any other :func:`trio_runner.open_supervisor`
             argument: ``policy``, ``timeouts``, ``window`` ...
@@ -62,6 +123,8 @@ async def open_mlx_supervisor(
     checked = check_model_argument(model)
     if checked is None:
         checked = str(await prepare_demo_model())
+    if warmup:
+        await warm_kernel_cache(checked)
     options = start_options(start_method)
     preloaded = options["start_method"] == "forkserver"
     async with open_supervisor(
