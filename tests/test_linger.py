@@ -55,3 +55,18 @@ async def test_an_outcome_is_never_held_behind_lingering_events() -> None:
 def test_linger_must_be_a_number_of_seconds_from_0_to_1() -> None:
     with pytest.raises(ValueError, match="linger"):
         open_supervisor(BadLingerRunner)
+
+
+async def test_faulty_runner_lingers_like_the_runner_it_wraps() -> None:
+    from trio_runner.testing import FaultPlan, FaultyRunner
+
+    with trio.fail_after(30):
+        async with open_supervisor(FaultyRunner, PacedRunner, FaultPlan(())) as sup:
+            await sup.wait_ready()
+            began = trio.current_time()
+            arrivals: list[float] = []
+            async with sup.stream([0.0, 0.01, 1.0]) as task:
+                async for _ in task:
+                    arrivals.append(trio.current_time() - began)
+    # PacedRunner's 0.5 s, not FaultyRunner's own default of 5 ms.
+    assert 0.3 < arrivals[1] - arrivals[0] < 1.4

@@ -135,6 +135,7 @@ class FaultyRunner(Runner[Any, Any, Any]):
             raise TypeError(f"FaultyRunner(runner, plan, ...) takes a FaultPlan, not {type(plan).__name__}")
         self._inner = runner(*args, **kwargs)
         self.concurrency = self._inner.concurrency
+        self.linger = self._inner.linger
         self._faults = list(plan.for_incarnation(current_incarnation()))
         self._task_numbers = itertools.count(1)
         self._lock = threading.Lock()
