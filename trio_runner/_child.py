@@ -13,14 +13,16 @@ neither delay a cancel nor hide the parent's death:
 - the **writer thread** batches outgoing messages into frames and sends a
   heartbeat whenever it has been idle for an interval.
 
-Sending an event is cheap for the thread that emits it. A task's first event,
-and any event after a quiet spell of ``Runner.linger``, goes out at once from
-that thread. Events that come faster are queued without a wake-up: the writer
-thread sends what is queued every ``linger`` while events keep coming (at
-once when the batch is big or the task is out of credits). A fast token stream
-then costs the parent one wake-up per few tokens instead of one per token, and
-the emitting thread neither pickles nor fights the writer for the GIL per
-event. A task's outcome always goes out at once, after its events.
+Events are batched by time. A task's first event, and any event that comes
+``Runner.linger`` or more after the last frame, goes out at once from the
+thread that emits it, with whatever is queued. Events that come faster are
+queued without a wake-up; while they keep coming, the emitting thread sends
+the queue itself once ``linger`` has passed, and the writer thread, polling,
+sends what a stream left queued when it paused (or at once, when 64 events
+are queued or a task is out of credits). A fast token stream then costs the
+parent one wake-up per ``linger`` instead of one per token, and the emitting
+thread never waits for the writer to hand the GIL back. A task's outcome
+always goes out at once, after its events.
 """
 
 from __future__ import annotations
@@ -48,6 +50,8 @@ _MAX_TEXT = 64 * 1024
 #: This many queued events go out at once, lingering or not: a stream this
 #: fast is batched by its own speed.
 _HURRY_EVENTS = 64
+#: How much later than ``linger`` the writer sends what a stream left queued.
+_BACKSTOP_SLACK = 0.002
 
 
 def _truncate(text: str) -> str:
@@ -89,7 +93,6 @@ class Child:
         # every ``linger`` for queued events.
         self.linger = 0.0
         self.streaming = False
-        self.last_direct = 0.0
         self.queued = 0  # events in the outbox
         self.closing = False
         self.tasks: queue.SimpleQueue[TaskContext[Any] | None] = queue.SimpleQueue()
@@ -153,16 +156,18 @@ class Child:
                     self._wake_writer()  # then it is on its way: no need to repeat
                 return
             if ctx._sent_any:  # pyright: ignore[reportPrivateUsage]
-                if self.wake_pending or self.streaming:
-                    return  # the writer sends it within ``linger``
-                now = time.monotonic()
-                if now - self.last_direct < self.linger:
-                    self._wake_writer(self.last_direct + self.linger)
-                    return
-                self.last_direct = now
+                if self.wake_pending:
+                    return  # the writer is on its way
+                if time.monotonic() - self.last_sent < self.linger:
+                    if not self.streaming:
+                        self._wake_writer(self.last_sent + self.linger)
+                    return  # within ``linger`` of the last frame: it waits
+                # ``linger`` has passed: this thread sends what is queued. The
+                # writer would have to take the GIL from this thread to do it,
+                # which stalls a generating thread several times longer than
+                # the send itself takes.
             else:
                 ctx._sent_any = True  # pyright: ignore[reportPrivateUsage]
-                self.last_direct = time.monotonic()
         if not self.flush_nowait():
             with self.lock:
                 self._wake_writer()
@@ -188,9 +193,20 @@ class Child:
                 start = end
 
     def _write_loop(self) -> None:
+        timeout = self.heartbeat_interval
         while True:
-            self.wake.wait(self.linger if self.streaming else self.heartbeat_interval)
+            woken = self.wake.wait(timeout)
             self.wake.clear()
+            timeout = self.heartbeat_interval
+            if not woken and self.streaming:
+                # A poll for events queued during a stream. While they keep
+                # coming, the emitting thread sends them itself once ``linger``
+                # has passed; the writer sends only what a stream that stopped
+                # left behind, a moment later.
+                due = self.last_sent + self.linger + _BACKSTOP_SLACK - time.monotonic()
+                if due > 0:
+                    timeout = due
+                    continue
             delay = self.flush_at - time.monotonic()
             if delay > 0:
                 self.hurry.wait(delay)
@@ -205,6 +221,8 @@ class Child:
                     closing = self.closing
                     # Keep polling while events flow; an emit seeing this queues without a wake-up.
                     self.streaming = self.linger > 0 and any(message[0] == proto.EVENTS for message in batch)
+                if self.streaming:
+                    timeout = self.linger + _BACKSTOP_SLACK
                 if not batch:
                     if closing:
                         return
