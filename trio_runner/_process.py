@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
-import multiprocessing.context
 import os
 import signal
 import socket
@@ -131,12 +130,6 @@ def forkserver_preload(preload: Sequence[str]) -> list[str]:
     return [CHILD_MODULE, *preload] if preload else ["__main__", CHILD_MODULE]
 
 
-def _context(start_method: str) -> multiprocessing.context.BaseContext:
-    # The forkserver's preload list is set once, before it launches, by the
-    # supervisor (Supervisor._ensure_forkserver): it is process-wide.
-    return multiprocessing.get_context(start_method)
-
-
 class ProcessWorker:
     """A real runner process started through ``multiprocessing``."""
 
@@ -162,7 +155,9 @@ class ProcessWorker:
 
     async def start(self) -> None:
         spec = self._spec
-        ctx = _context(spec.start_method)
+        # The forkserver's preload list is not set here: it is process-wide,
+        # fixed when the forkserver launches (Supervisor._ensure_forkserver).
+        ctx = multiprocessing.get_context(spec.start_method)
         parent_sock, child_sock = socket.socketpair()
         for sock in (parent_sock, child_sock):
             for option in (socket.SO_SNDBUF, socket.SO_RCVBUF):

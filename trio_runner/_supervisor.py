@@ -1026,9 +1026,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         finally:
             # Grandchildren survive a graceful exit: the whole group goes.
             worker.signal(signal.SIGKILL)
-        if status is None:
-            status = ExitStatus(exitcode=None, signal=None, reaped=False)
-        return self._classify(inc, status)
 
     def _report_exit(self, inc: _Incarnation, record: ExitRecord) -> None:
         """Once per incarnation: report the exit, settle the tasks in flight on it, apply the policy.

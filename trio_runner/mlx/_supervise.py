@@ -57,9 +57,9 @@ def kernel_cache_dir() -> Path | None:
     return Path(os.environ.get("TMPDIR") or tempfile.gettempdir()) / "mlx" / mlx_version / "cpu"
 
 
-def kernel_cache_cold() -> bool:
-    """True if MLX has a CPU kernel cache here and it holds no compiled kernel yet."""
-    cache = kernel_cache_dir()
+def kernel_cache_cold(cache: Path | None = None) -> bool:
+    """True if MLX has a CPU kernel cache (``cache``, default :func:`kernel_cache_dir`) with no kernel yet."""
+    cache = cache or kernel_cache_dir()
     return cache is not None and cache not in _warmed and not any(cache.glob("*.so"))
 
 
@@ -78,7 +78,8 @@ async def warm_kernel_cache(model: str | os.PathLike[str] | None = None) -> bool
         True if it compiled, False if the cache was warm already (or there
         is no CPU kernel cache: macOS).
     """
-    if not await trio.to_thread.run_sync(kernel_cache_cold):
+    cache = kernel_cache_dir()
+    if cache is None or not await trio.to_thread.run_sync(kernel_cache_cold, cache):
         return False
     checked = check_model_argument(model)
     if checked is None:
@@ -87,8 +88,6 @@ async def warm_kernel_cache(model: str | os.PathLike[str] | None = None) -> bool
 
     async with trio_parallel.open_worker_context() as workers:  # pyright: ignore[reportUnknownMemberType]
         await workers.run_sync(warm_up_once, checked, kill_on_cancel=True)  # pyright: ignore[reportUnknownMemberType]
-    cache = kernel_cache_dir()
-    assert cache is not None
     _warmed.add(cache)
     return True
 
