@@ -37,13 +37,7 @@ def _send_raw(ctx: TaskContext[Any], data: bytes) -> None:
     under the child's send lock, so no batch of the writer's can interleave.
     """
     child = ctx._child  # pyright: ignore[reportPrivateUsage]
-    child.flush_nowait()
-    deadline = time.monotonic() + 1.0
-    while time.monotonic() < deadline:
-        with child.lock:
-            if not child.outbox:
-                break
-        time.sleep(0.001)
+    child.flush(1.0)
     time.sleep(0.05)
     with child.send_lock:
         child.sock.sendall(data)

@@ -264,6 +264,22 @@ class Child:
             self.send_lock.release()
         return True
 
+    def flush(self, timeout: float) -> None:
+        """Wait until everything queued has been written to the socket (at most ``timeout``).
+
+        For ``trio_runner.testing``, which writes raw bytes between frames.
+        """
+        self.flush_nowait()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self.lock:
+                if not self.outbox:
+                    break
+            time.sleep(0.001)
+        # The writer may have taken the batch and still be sending it.
+        with self.send_lock:
+            pass
+
     def _encode(self, batch: list[Any]) -> bytes:
         """Frames for ``batch``: payloads pickled one by one, frames kept under the size limit."""
         frames: list[bytes] = []
