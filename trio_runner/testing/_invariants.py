@@ -382,9 +382,10 @@ class LifecycleError(AssertionError):
     """A lifecycle that the supervisor's state machine cannot produce."""
 
 
-def _possible_delays(policy: RestartPolicy, failures: int) -> tuple[float, float]:
-    delay = policy.delay(failures)
-    return delay * (1 - policy.jitter), delay * (1 + policy.jitter)
+def _delay_fits(policy: RestartPolicy, failures: int, delay: float) -> bool:
+    """Whether ``delay`` is a backoff ``policy`` can choose after ``failures`` failures (jitter included)."""
+    base = policy.delay(failures)
+    return base * (1 - policy.jitter) - 1e-9 <= delay <= base * (1 + policy.jitter) + 1e-9
 
 
 def check_lifecycle(
@@ -478,12 +479,7 @@ def check_lifecycle(
                 if ready_seen:
                     counts = counts | {0}
                 matching = {
-                    c
-                    for c in counts
-                    if c < policy.max_restarts
-                    and _possible_delays(policy, c + 1)[0] - 1e-9
-                    <= change.delay
-                    <= _possible_delays(policy, c + 1)[1] + 1e-9
+                    c for c in counts if c < policy.max_restarts and _delay_fits(policy, c + 1, change.delay)
                 }
                 if not matching:
                     raise fail(
