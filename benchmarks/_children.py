@@ -90,13 +90,18 @@ def bare_ready(conn: Any, megabytes: int = 0, ignore_sigterm: bool = False) -> N
     memory = hold_memory(megabytes) if megabytes else None
     if ignore_sigterm:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _ready_until_eof(conn)
+    del memory
+
+
+def _ready_until_eof(conn: Any) -> None:
+    """Say "ready" over the Pipe, then read (and drop) until the parent closes it."""
     conn.send_bytes(b"ready")
     try:
         while True:
             conn.recv_bytes()
     except EOFError:
         pass
-    del memory
 
 
 def bare_echo(sock: socket.socket) -> None:
@@ -145,12 +150,7 @@ def orig_runner(conn: Any, tasks: Any) -> None:
     It says "ready", then never reads its queue (a runner stuck in native code),
     so a bounded queue fills and ``Queue.put`` blocks.
     """
-    conn.send_bytes(b"ready")
-    try:
-        while True:
-            conn.recv_bytes()
-    except EOFError:
-        pass
+    _ready_until_eof(conn)
 
 
 def noop(x: Any) -> Any:

@@ -11,10 +11,14 @@ import platform
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import _children
 import trio
+
+from trio_runner import RestartPolicy
+
+T = TypeVar("T")
 
 MS = 1e3
 US = 1e6
@@ -119,6 +123,18 @@ class BareChild:
             os.kill(process.pid, 9)
         await trio.to_thread.run_sync(process.join)
         process.close()
+
+
+#: Restart at once, for ever: benchmarks that kill runners on purpose, over and over.
+RESTART = RestartPolicy(initial_delay=0, max_delay=0, max_restarts=1_000_000)
+
+
+async def next_change(changes: AsyncIterator[Any], kind: type[T]) -> T:
+    """The next lifecycle change of type ``kind`` from a ``sup.watch()`` iterator."""
+    async for change in changes:
+        if isinstance(change, kind):
+            return change
+    raise RuntimeError(f"the supervisor stopped before a {kind.__name__} change")
 
 
 async def start_bare(

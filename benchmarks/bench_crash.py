@@ -25,16 +25,9 @@ from typing import Any
 
 import _children
 import trio
-from _common import MS, Config, fmt_ms, row, start_bare, summary
+from _common import MS, RESTART, Config, fmt_ms, next_change, row, start_bare, summary
 
-from trio_runner import Exited, RestartPolicy, RunnerCrashed, open_supervisor
-
-
-async def _next_exited(changes: Any) -> Exited:
-    async for change in changes:
-        if isinstance(change, Exited):
-            return change
-    raise RuntimeError("the supervisor stopped before the runner exited")
+from trio_runner import Exited, RunnerCrashed, open_supervisor
 
 
 async def _bare_sentinel(megabytes: int) -> float:
@@ -89,8 +82,7 @@ async def measure(cfg: Config, megabytes: int) -> dict[str, list[float]]:
         "poll is_alive 10 ms": [],
     }
     runner = _children.BenchRunner
-    policy = RestartPolicy(initial_delay=0, max_delay=0, max_restarts=1_000_000)
-    async with open_supervisor(runner, megabytes, policy=policy, name="bench-crash") as sup:
+    async with open_supervisor(runner, megabytes, policy=RESTART, name="bench-crash") as sup:
         changes = sup.watch()
         for _ in range(count):
             await sup.wait_ready()
@@ -122,7 +114,7 @@ async def measure(cfg: Config, megabytes: int) -> dict[str, list[float]]:
                 await trio.sleep(0.01)  # the task is running in the child
                 started = time.perf_counter()
                 os.kill(pid, signal.SIGKILL)
-                await _next_exited(changes)
+                await next_change(changes, Exited)
                 samples["ours: Exited"].append(time.perf_counter() - started)
             trio.lowlevel.notify_closing(sentinel)
             os.close(sentinel)

@@ -34,27 +34,17 @@ from typing import Any
 import _children
 import trio
 import trio.lowlevel
-from _common import MS, Config, quiet_gc, row, start_bare, summary, ticking
+from _common import MS, RESTART, Config, next_change, quiet_gc, row, start_bare, summary, ticking
 
 from trio_runner import (
     Exited,
     Ready,
-    RestartPolicy,
     RunnerCrashed,
     RunnerUnavailable,
     TaskCancelled,
     Timeouts,
     open_supervisor,
 )
-
-RESTART = RestartPolicy(initial_delay=0, max_delay=0, max_restarts=1_000_000)
-
-
-async def _next(changes: Any, kind: type) -> Any:
-    async for change in changes:
-        if isinstance(change, kind):
-            return change
-    raise RuntimeError(f"no {kind.__name__} change")
 
 
 async def idle(cfg: Config) -> list[float]:
@@ -74,7 +64,7 @@ async def ours_crash_restart(cfg: Config) -> list[float]:
                     pid = sup.statistics().pid
                     assert pid is not None
                     os.kill(pid, signal.SIGKILL)
-                    await _next(changes, Ready)
+                    await next_change(changes, Ready)
                     await trio.sleep(0.02)
     return ticker.samples
 
@@ -191,9 +181,9 @@ async def ours_blocked_cancel(cfg: Config) -> list[float]:
                         await trio.lowlevel.checkpoint()
                     await trio.sleep(0.05)
                     scopes[0].cancel()  # its cancel cannot be written: the runner is HUNG
-                    exited = await _next(changes, Exited)
+                    exited = await next_change(changes, Exited)
                     assert exited.exit.reason.name == "HUNG", exited
-                    await _next(changes, Ready)
+                    await next_change(changes, Ready)
             samples += ticker.samples
     return samples
 

@@ -18,18 +18,9 @@ from typing import Any
 
 import _children
 import psutil
-from _common import MS, Config, fmt_ms, row, start_bare, summary
+from _common import MS, RESTART, Config, fmt_ms, next_change, row, start_bare, summary
 
-from trio_runner import Exited, Ready, RestartPolicy, open_supervisor
-
-RESTART = RestartPolicy(initial_delay=0, max_delay=0, max_restarts=1_000_000)
-
-
-async def _next(changes: Any, kind: type) -> Any:
-    async for change in changes:
-        if isinstance(change, kind):
-            return change
-    raise RuntimeError(f"no {kind.__name__} change")
+from trio_runner import Exited, Ready, open_supervisor
 
 
 async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
@@ -45,9 +36,9 @@ async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
             pid = sup.statistics().pid
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
-            await _next(changes, Exited)
+            await next_change(changes, Exited)
             exited_at = time.perf_counter()
-            await _next(changes, Ready)
+            await next_change(changes, Ready)
             samples["ours"].append(time.perf_counter() - exited_at)
             child, elapsed = await start_bare(_children.bare_ready, method=method)
             samples["bare multiprocessing"].append(elapsed)
@@ -88,7 +79,7 @@ async def cycles(cfg: Config) -> dict[str, Any]:
             pid = sup.statistics().pid
             assert pid is not None
             os.kill(pid, signal.SIGKILL)
-            await _next(changes, Exited)
+            await next_change(changes, Exited)
 
         for _ in range(cfg.n(30, 2)):  # warm: thread cache, lazy imports, allocator
             await cycle()
