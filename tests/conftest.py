@@ -51,6 +51,15 @@ def no_leftover_processes() -> Iterator[None]:
 BOUND = 60
 
 
+def process_gone(pid: int) -> bool:
+    """True once no process has ``pid`` (reaped, or never ours to reap)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def build_demo_model(env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     # In a subprocess: building evaluates MLX, which the test process never does.
     code = "from trio_runner.mlx import demo_model; print(demo_model())"

@@ -9,7 +9,6 @@ lost signal breaks them. The MLX commands use the demo model that
 from __future__ import annotations
 
 import functools
-import os
 import re
 import signal
 import subprocess
@@ -21,6 +20,8 @@ import trio
 
 import trio_runner
 from trio_runner._cli import build_parser
+
+from .conftest import process_gone
 
 pytestmark = pytest.mark.usefixtures("demo_dir")
 
@@ -34,14 +35,6 @@ async def _run(*args: str) -> tuple[int, str, str]:
             [*COMMAND, *args], capture_stdout=True, capture_stderr=True, check=False
         )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 async def test_demo_exits_0_and_tells_the_sigkill_the_restart_and_the_retried_result() -> None:
@@ -165,4 +158,4 @@ async def test_a_signal_during_the_demo_shuts_down_gracefully_with_exit_128_plus
     # not see it once its parent is gone: check every pid the demo reported.
     pids = {int(pid) for pid in re.findall(rb"pid (\d+)", out)}
     assert pids
-    assert all(_gone(pid) for pid in pids), out.decode()
+    assert all(process_gone(pid) for pid in pids), out.decode()

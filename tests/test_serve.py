@@ -28,6 +28,7 @@ import trio
 from trio_runner import RestartPolicy, RunnerState, Supervisor, open_supervisor
 from trio_runner.mlx import Completion, Generate, MlxLmRunner, Token, start_options
 
+from .conftest import process_gone
 from .test_serve_runners import SlowMlxLmRunner
 
 pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
@@ -434,14 +435,6 @@ async def test_shutdown_gives_a_stream_in_flight_the_grace_period_then_ends_it_w
 COMMAND = [sys.executable, "-m", "trio_runner"]
 
 
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
-
-
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_stops_the_command_gracefully_exit_0_and_no_process_left(signum: int) -> None:
     # Starting it does not block; its output is read through trio.to_thread.
@@ -458,7 +451,7 @@ async def test_a_signal_stops_the_command_gracefully_exit_0_and_no_process_left(
     assert "received again" not in err
     events = _events(lines)
     assert events[-1] == "[DONE]" or events[-1]["error"]["code"] == "shutting_down"
-    assert _gone(runner_pid)
+    assert process_gone(runner_pid)
 
 
 async def _serve_until_signal(proc: subprocess.Popen[str], signum: int) -> tuple[int, str, list[str], int]:
