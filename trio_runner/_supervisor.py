@@ -71,7 +71,7 @@ logger = logging.getLogger("trio_runner")
 _DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, at most this long
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
-_CHECKPOINT_EVERY = 64
+_CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
 _WATCH_BUFFER = 1024
 _LOG_QUEUE_SIZE = 10_000  # child output lines waiting for slow log handlers
 _LOG_FLUSH_BOUND = 1.0
@@ -224,6 +224,9 @@ class TaskHandle(Generic[EventT, ResultT]):
                     raise StopAsyncIteration
                 raise task.error
             await self._supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
+            # That wait was a checkpoint: a batch that just arrived is not
+            # interrupted by another one part-way through.
+            self._since_checkpoint = 0
 
     @property
     def result(self) -> ResultT:
