@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,24 +21,16 @@ import trio
 
 import trio_runner
 from trio_runner import RestartPolicy, RunnerCrashed, TaskCancelled, TaskFailed
-from trio_runner.mlx import Completion, Generate, MlxLmRunner, Token, open_mlx_supervisor
+from trio_runner.mlx import Completion, Generate, Token, open_mlx_supervisor
 from trio_runner.mlx._model import DEMO_MODEL_ENV, verify_demo_model
 
 from .conftest import build_demo_model
+from .test_serve_runners import SlowMlxLmRunner
 
 pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
 
 BOUND = 60
 FAST = RestartPolicy(initial_delay=0.05)
-
-
-class SlowMlxLmRunner(MlxLmRunner):
-    """The demo model at about 50 tokens/s, so a test can act between two tokens."""
-
-    def responses(self, prompt: Sequence[int], max_tokens: int, sampler: Any) -> Iterator[Any]:
-        for response in super().responses(prompt, max_tokens, sampler):
-            time.sleep(0.02)
-            yield response
 
 
 async def _collect(sup: Any, request: Generate) -> tuple[list[Token], Completion]:

@@ -1,4 +1,4 @@
-"""Runner classes for tests/test_serve.py, in a module of their own: no tests here.
+"""Runner classes for the MLX and serve tests, in a module of their own: no tests here.
 
 The runner process imports the module that defines its runner class. This one
 imports only what the child needs, so a restart does not pay for httpx, the
@@ -15,7 +15,13 @@ from trio_runner.mlx import MlxLmRunner
 
 
 class SlowMlxLmRunner(MlxLmRunner):
-    """The demo model at about 50 tokens/s, so a test can act between two tokens."""
+    """The demo model at about 50 tokens/s, so a test can act between two tokens.
+
+    Every token is sent the moment it exists (no linger), so what a test sees
+    after acting is the runner's doing, not a batch already on its way.
+    """
+
+    linger = 0.0
 
     def responses(self, prompt: Sequence[int], max_tokens: int, sampler: Any) -> Iterator[Any]:
         for response in super().responses(prompt, max_tokens, sampler):
