@@ -18,7 +18,7 @@ Events are batched by time. A task's first event, and any event that comes
 thread that emits it, with whatever is queued. Events that come faster are
 queued without a wake-up; while they keep coming, the emitting thread sends
 the queue itself once ``linger`` has passed, and the writer thread, polling,
-sends what a stream left queued when it paused (or at once, when 64 events
+sends what a stream left queued when it paused (or at once, when 256 events
 are queued or a task is out of credits). A fast token stream then costs the
 parent one wake-up per ``linger`` instead of one per token, and the emitting
 thread never waits for the writer to hand the GIL back. A task's outcome
@@ -48,8 +48,10 @@ from ._runner import Runner, TaskContext, check_linger
 
 _MAX_TEXT = 64 * 1024
 #: This many queued events go out at once, lingering or not: a stream this
-#: fast is batched by its own speed.
-_HURRY_EVENTS = 64
+#: fast is batched by its own speed. Above the roughly 70 tokens a fast MLX
+#: model queues in ``MlxLmRunner.linger``: a hurried batch is sent by the
+#: writer, which costs a generating thread more than sending it itself.
+_HURRY_EVENTS = 256
 #: How much later than ``linger`` the writer sends what a stream left queued.
 _BACKSTOP_SLACK = 0.002
 
