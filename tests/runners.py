@@ -48,6 +48,18 @@ class EchoRunner(Runner[Any, Any, Any]):
             for start in range(0, n, chunk):
                 ctx.emit_many(range(start, min(n, start + chunk)))
             return n
+        if command == "emit_forever":
+            # Never checks ctx.cancelled: only emit can stop it. Paced, so the
+            # consumer's credits never run out.
+            i = 0
+            while True:
+                ctx.emit(i)
+                i += 1
+                time.sleep(args[0])
+        if command == "sleep_then_return":
+            # Ignores a cancel that comes while it sleeps, and returns anyway.
+            time.sleep(args[0])
+            return args[1]
         if command == "raise":
             raise ValueError(args[0])
         if command == "sleep":

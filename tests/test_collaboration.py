@@ -503,14 +503,15 @@ async def test_every_task_gets_exactly_one_outcome_across_a_crash(
         stats = sup.statistics()
         assert (stats.in_flight, stats.pending, stats.tasks_completed) == (0, 0, 20)
 
-    # Tasks 0-4 finished before the crash at 5.5; task 5 was running. The retry
-    # tasks re-run in order on the runner respawned at 7.5; the others crashed.
+    # Tasks 0-4 finished before the crash at 5.5; task 5 was running (not
+    # retry=True), so it alone crashed. Tasks 6-19 had been delivered but never
+    # started: they run in order on the runner respawned at 7.5, retry or not.
     expected: dict[int, list[tuple[float, object]]] = {i: [(i + 1.0, i)] for i in range(5)}
-    expected.update({i: [(5.5, RunnerCrashed)] for i in range(5, 20, 2)})
-    expected.update({i: [(7.5 + (i - 4) // 2, i)] for i in range(6, 20, 2)})
+    expected[5] = [(5.5, RunnerCrashed)]
+    expected.update({i: [(7.5 + (i - 5), i)] for i in range(6, 20)})
     assert outcomes == expected
     rerun = [request[2] for _, _, request in fake.workers[1].tasks]
-    assert rerun == list(range(6, 20, 2))
+    assert rerun == list(range(6, 20))
 
 
 async def test_a_cancelled_task_reports_task_cancelled_and_the_runner_serves_on(

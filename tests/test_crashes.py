@@ -42,7 +42,7 @@ from trio_runner import (
     open_supervisor,
 )
 
-from .fault_runners import FaultRunner
+from .fault_runners import ConcurrentFaultRunner, FaultRunner
 from .runners import EchoRunner
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2)
@@ -322,6 +322,38 @@ async def test_a_result_sent_just_before_the_runner_dies_is_delivered() -> None:
         assert sup.statistics().restarts == 3
 
 
+@pytest.mark.parametrize("runner", [FaultRunner, ConcurrentFaultRunner], ids=["one-at-a-time", "two-at-once"])
+async def test_a_crash_fails_only_the_started_tasks_and_the_backlog_runs_on_the_next_runner(
+    runner: type[FaultRunner],
+) -> None:
+    async with open_supervisor(runner, policy=FAST) as sup:
+        first_pid = await sup.run(("pid",))
+        outcomes: dict[int, object] = {}
+
+        async def queued(i: int, request: tuple[object, ...] = ("pid",)) -> None:
+            try:
+                outcomes[i] = await sup.run(request)
+            except RunnerCrashed as exc:
+                outcomes[i] = exc
+
+        async with trio.open_nursery() as nursery:
+            async with sup.stream(("die_by_signal", signal.SIGKILL)) as dying:
+                await dying.__anext__()  # handle() runs
+                if runner.concurrency > 1:
+                    # Started beside the dying task: it fails with it.
+                    nursery.start_soon(queued, -1, ("sleep", 30))
+                    await trio.sleep(0.05)
+                for i in range(10):
+                    nursery.start_soon(queued, i)
+                with pytest.raises(RunnerCrashed):
+                    await dying.wait()
+    # Written to the dying runner but never started there: served by the next one.
+    assert {i: outcomes[i] for i in range(10)} == {i: outcomes[0] for i in range(10)}
+    assert outcomes[0] != first_pid and isinstance(outcomes[0], int)
+    if runner.concurrency > 1:
+        assert isinstance(outcomes[-1], RunnerCrashed)
+
+
 async def test_a_retry_task_runs_again_after_a_crash_and_succeeds(tmp_path: Path) -> None:
     marker = tmp_path / "attempted"
     async with open_supervisor(FaultRunner, policy=FAST, timeouts=QUICK) as sup:
@@ -383,17 +415,18 @@ async def test_a_corrupt_frame_read_together_with_a_good_one_is_still_a_protocol
 DEATH_WATCH = Timeouts(heartbeat=1.0, graceful=0.5, terminate=0.5, kill=1)
 
 
-async def test_a_task_sent_to_a_dying_runner_fails_with_runner_crashed_and_the_runner_restarts() -> None:
+async def test_a_task_sent_to_a_dying_runner_is_delivered_again_to_the_next_runner() -> None:
     async with open_supervisor(FaultRunner, policy=FAST, timeouts=DEATH_WATCH) as sup:
         first_pid = await sup.run(("pid",))
         async with sup.stream(("break_socket",)) as breaker:
             await trio.sleep(0.3)  # the child shuts its socket within a few ms of the task starting
-            with trio.fail_after(DEATH_WATCH.heartbeat + 3), pytest.raises(RunnerCrashed) as info:
-                await sup.run(("pid",))
-            with pytest.raises(RunnerCrashed):
+            # The runner never saw this task start (no ACK): it runs on the next one.
+            with trio.fail_after(DEATH_WATCH.heartbeat + 10):
+                second_pid = await sup.run(("pid",))
+            with pytest.raises(RunnerCrashed) as info:
                 await breaker.wait()
+        assert second_pid != first_pid
         assert info.value.reason is ExitReason.HUNG
-        assert await sup.run(("pid",)) != first_pid
 
 
 async def test_a_cancel_sent_to_a_dying_runner_ends_the_task_as_cancelled_and_the_runner_restarts() -> None:

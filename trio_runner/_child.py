@@ -115,6 +115,16 @@ class Child:
             if wake:
                 self._wake_writer()
 
+    def send_now(self, message: tuple[Any, ...]) -> None:
+        """Write ``message``, after everything queued, from this thread; waits out a send in progress."""
+        with self.send_lock:
+            with self.lock:
+                batch = self.outbox
+                batch.append(message)
+                self.outbox = []
+                self.queued = 0
+            self._send_batch(batch)
+
     def _wake_writer(self, linger_until: float = 0.0) -> None:
         # Called with the lock held. The writer clears ``wake`` before it resets
         # ``wake_pending`` (under the lock), so a wake-up is never lost.
@@ -135,17 +145,17 @@ class Child:
         """
         if self.outbox:
             self._wake_writer()  # the consumer cannot return credits for events not yet sent
-        while ctx._credits <= 0 and not ctx._failed:  # pyright: ignore[reportPrivateUsage]
-            if ctx.cancelled:
+        while ctx._credits <= 0:  # pyright: ignore[reportPrivateUsage]
+            if ctx.cancelled:  # a task that failed to send is cancelled too
                 raise TaskCancelled(f"task {ctx.task_id} was cancelled while its consumer lagged")
             self.credit_available.wait()
 
     def emit(self, ctx: TaskContext[Any], event: Any) -> None:
         with self.lock:
+            if ctx.cancelled:
+                raise TaskCancelled(f"task {ctx.task_id} was cancelled")
             if ctx._credits <= 0:  # pyright: ignore[reportPrivateUsage]
                 self._await_credit(ctx)
-            if ctx._failed:  # pyright: ignore[reportPrivateUsage]
-                return
             ctx._credits -= 1  # pyright: ignore[reportPrivateUsage]
             outbox = self.outbox
             if outbox and outbox[-1][0] == proto.EVENTS and outbox[-1][1] == ctx.task_id:
@@ -179,10 +189,10 @@ class Child:
         start = 0
         while start < len(pending):
             with self.lock:
+                if ctx.cancelled:
+                    raise TaskCancelled(f"task {ctx.task_id} was cancelled")
                 if ctx._credits <= 0:  # pyright: ignore[reportPrivateUsage]
                     self._await_credit(ctx)
-                if ctx._failed:  # pyright: ignore[reportPrivateUsage]
-                    return
                 end = min(len(pending), start + ctx._credits)  # pyright: ignore[reportPrivateUsage]
                 ctx._credits -= end - start  # pyright: ignore[reportPrivateUsage]
                 outbox = self.outbox
@@ -318,7 +328,7 @@ class Child:
             with self.lock:
                 ctx = self.contexts.get(task_id)
                 if ctx is not None:
-                    ctx._failed = True  # pyright: ignore[reportPrivateUsage]
+                    # Its later emits raise TaskCancelled; its outcome here is this error.
                     ctx.cancelled = True
                     self.credit_available.notify_all()  # an emit waiting for credits must see it
             name, text, tb = _format_exception(exc)
@@ -383,7 +393,23 @@ class Child:
                 targets = [] if ctx is None else [ctx]
             for ctx in targets:
                 ctx.cancelled = True
+            if targets and self.queued:
+                self._drop_events({ctx.task_id: ctx for ctx in targets})
             self.credit_available.notify_all()
+
+    def _drop_events(self, cancelled: dict[int, TaskContext[Any]]) -> None:
+        """With the lock held: drop the queued events of cancelled tasks. Cancel means stop:
+        their consumers get nothing more (what a send already took, the parent drops)."""
+        kept: list[Any] = []
+        for message in self.outbox:
+            ctx = cancelled.get(message[1]) if message[0] == proto.EVENTS else None
+            if ctx is None:
+                kept.append(message)
+            else:
+                count = len(message[2])
+                ctx._dropped += count  # pyright: ignore[reportPrivateUsage]
+                self.queued -= count
+        self.outbox = kept
 
     def _orphaned(self) -> None:
         """The parent is gone. Take the whole process group down, grandchildren too."""
@@ -401,8 +427,9 @@ class Child:
         if ctx.cancelled:
             outcome = (proto.CANCELLED, task_id)
         else:
-            # Rides along with the task's first events or its outcome.
-            self.send((proto.ACK, task_id), wake=False)
+            # On the wire before handle() runs: if the runner dies, the parent
+            # fails the tasks it saw start and delivers the others again.
+            self.send_now((proto.ACK, task_id))
             try:
                 request = pickle.loads(request_bytes)
                 del request_bytes
@@ -417,6 +444,10 @@ class Child:
             else:
                 outcome = (proto.RESULT, task_id, result)
         with self.lock:
+            if ctx.cancelled:
+                # The cancel came before the outcome went out: cancel means stop,
+                # whatever handle() did after it.
+                outcome = (proto.CANCELLED, task_id, ctx._dropped)  # pyright: ignore[reportPrivateUsage]
             # Queued after this task's events, under the same lock: the result never
             # overtakes them.
             del self.contexts[task_id]

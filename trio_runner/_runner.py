@@ -27,12 +27,12 @@ class TaskContext(Generic[EventT]):
         task_id: the supervisor's id of this task, unique within one supervisor.
     """
 
-    __slots__ = ("_child", "_credits", "_failed", "_sent_any", "cancelled", "task_id")
+    __slots__ = ("_child", "_credits", "_dropped", "_sent_any", "cancelled", "task_id")
 
     def __init__(self, child: Child, task_id: int, window: int) -> None:
         self._child = child
         self._credits = window
-        self._failed = False
+        self._dropped = 0  # events still queued here when the cancel came, never sent
         self._sent_any = False  # the first event goes out at once
         self.task_id = task_id
         #: True once a cancel for this task reached the child. The child's reader
@@ -48,8 +48,9 @@ class TaskContext(Generic[EventT]):
         up.
 
         Raises:
-            TaskCancelled: if the task is cancelled while ``emit`` waits for the
-                consumer, so a cancelled task never stays blocked here.
+            TaskCancelled: if the task has been cancelled (also while ``emit``
+                waits for the consumer), so a handler that only emits stops
+                even if it never checks ``cancelled``.
         """
         self._child.emit(self, event)
 
@@ -58,7 +59,8 @@ class TaskContext(Generic[EventT]):
         with one lock round trip per window instead of one per event.
 
         Raises:
-            TaskCancelled: as for ``emit``; the events before the cancel were sent.
+            TaskCancelled: as for ``emit``; the events queued before the cancel
+                arrived are dropped, not sent.
         """
         self._child.emit_many(self, events)
 

@@ -93,6 +93,8 @@ class SupervisorStatistics:
         tasks_completed: tasks that ended, in any outcome.
         log_lines_dropped: lines of child output dropped because the log
             handlers fell more than 10,000 lines behind.
+        events_dropped: events of cancelled tasks dropped instead of delivered
+            (cancel means stop), in the runner or in this process.
     """
 
     state: RunnerState
@@ -106,3 +108,4 @@ class SupervisorStatistics:
     last_exit: ExitRecord | None
     tasks_completed: int
     log_lines_dropped: int = 0
+    events_dropped: int = 0

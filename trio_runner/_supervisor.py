@@ -478,6 +478,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._incarnations = 0
         self._last_exit: ExitRecord | None = None
         self._completed = 0
+        self._events_dropped = 0
         self._stop_requested = False
         self._stop_event = trio.Event()
         self._done = trio.Event()
@@ -522,6 +523,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             last_exit=self._last_exit,
             tasks_completed=self._completed,
             log_lines_dropped=self._log_dropped,
+            events_dropped=self._events_dropped,
         )
 
     def watch(self, *, replay: bool = False) -> AsyncIterator[LifecycleChange]:
@@ -614,7 +616,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             # died never reaches the next.
             self._control_send.send_nowait((proto.CANCEL, None, 0, inc.number))
             for task in self._in_flight.values():
-                task.cancel_sent = True
+                self._cancel_sent(task)
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -683,9 +685,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._pending.pop(task.id, None)
             self._in_flight[task.id] = task
             task.incarnation = inc.number
+            # The request stays until the runner acknowledges the task: one the
+            # runner never started is delivered again if it dies.
             messages.append((proto.TASK, task.id, task.request, self._window))
-            if not task.retry:
-                task.request = None
         inc.last_progress = trio.current_time()
         if self._timeouts.stall is not None:
             inc.poke_watchdog()  # only the stall check depends on what was sent
@@ -706,8 +708,14 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if task.id in self._pending:
             self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
         elif not task.cancel_sent:
-            task.cancel_sent = True
+            self._cancel_sent(task)
             self._control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
+
+    def _cancel_sent(self, task: _Task) -> None:
+        """Cancel means stop: the consumer gets no event from now on, and the runner no credits."""
+        task.cancel_sent = True
+        self._events_dropped += len(task.events)
+        task.events.clear()
 
     def _finish(
         self, task: _Task, result: Any = None, error: TaskError | RunnerUnavailable | None = None
@@ -740,7 +748,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     def _consumed(self, task: _Task, count: int) -> None:
         task.unreturned += count
-        if task.unreturned >= self._credit_batch and not task.done:
+        if task.unreturned >= self._credit_batch and not task.done and not task.cancel_sent:
             self._control_send.send_nowait((proto.CREDIT, task.id, task.unreturned, task.incarnation))
             task.returned += task.unreturned
             task.unreturned = 0
@@ -961,10 +969,21 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             )
         )
 
-    def _settle_in_flight(self, record: ExitRecord) -> None:
+    def _settle_in_flight(self, inc: _Incarnation, record: ExitRecord) -> None:
         retried: dict[int, _Task] = {}
         for task in list(self._in_flight.values()):
-            if task.cancel_sent:
+            if (
+                task.id not in inc.running
+                and not task.cancel_sent
+                and record.reason is not ExitReason.REQUESTED
+            ):
+                # Never started: the runner writes a task's ACK before handle() runs,
+                # and the socket was read to EOF. Deliver it again, as if it had waited.
+                del self._in_flight[task.id]
+                task.events.clear()
+                task.received = task.returned = task.unreturned = 0
+                retried[task.id] = task
+            elif task.cancel_sent:
                 # Cancelled, and the runner died before confirming: that is its outcome.
                 self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled"))
             elif task.retry and not task.released and record.reason is not ExitReason.REQUESTED:
@@ -978,7 +997,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             else:
                 self._finish(task, error=RunnerCrashed(record))
         if retried:
-            self._pending = {**retried, **self._pending}
+            self._pending = {**dict(sorted(retried.items())), **self._pending}
             self._pending_wake.set()
 
     # -- one incarnation ----------------------------------------------------------
@@ -1042,7 +1061,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._inc = None
         self._last_exit = record
         self._emit(Exited(record))
-        self._settle_in_flight(record)
+        self._settle_in_flight(inc, record)
         if not self._stop_requested:
             inc.decision = self._decide(inc, record)
 
@@ -1235,8 +1254,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 if events is None:
                     return
                 task.received += len(events)
-                if task.released:
-                    self._consumed(task, len(events))
+                if task.cancel_sent:
+                    self._events_dropped += len(events)  # cancel means stop
                 else:
                     task.events.extend(events)
                     task.wake()
@@ -1251,12 +1270,18 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 _, task_id, remote_type, text, tb = message
                 self._task_outcome(inc, task_id, now, error=TaskFailed(remote_type, text, tb))
             elif tag == proto.CANCELLED:
+                # (CANCELLED, task_id[, events the runner dropped])
+                self._events_dropped += message[2] if len(message) > 2 else 0
                 self._task_outcome(
                     inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled")
                 )
             elif tag == proto.ACK:
-                # Not progress: the ACK rides along lazily and may arrive late.
+                # handle() is about to run: from now on, a crash fails this task
+                # (unless retry=True), so the request is no longer needed.
                 inc.running.add(message[1])
+                task = self._in_flight.get(message[1])
+                if task is not None and not task.retry:
+                    task.request = None
             elif tag == proto.HELLO:
                 inc.hello = True
             elif tag == proto.READY:
