@@ -185,6 +185,26 @@ async def test_cancelling_after_5_tokens_yields_at_most_one_more(demo_dir: Path)
             assert sup.statistics().pid == pid
 
 
+async def test_after_cancel_returns_a_fast_batched_stream_yields_no_more_tokens(demo_dir: Path) -> None:
+    # The real runner lingers 50 ms to batch tokens: dozens are queued in the
+    # child or in flight when the consumer cancels. Cancel means stop.
+    with trio.fail_after(BOUND):
+        async with open_mlx_supervisor(demo_dir) as sup:
+            await sup.wait_ready()
+            after_cancel = 0
+            seen = 0
+            with pytest.raises(TaskCancelled):
+                async with sup.stream(Generate(prompt="Count", max_tokens=2000)) as task:
+                    async for _ in task:
+                        seen += 1
+                        if seen == 5:
+                            await task.cancel()
+                        elif seen > 5:
+                            after_cancel += 1
+            assert (seen, after_cancel) == (5, 0)
+            assert sup.statistics().events_dropped > 0
+
+
 async def test_invalid_requests_fail_at_the_call_and_leave_the_runner_untouched(demo_dir: Path) -> None:
     with trio.fail_after(BOUND):
         async with open_mlx_supervisor(demo_dir) as sup:
