@@ -164,6 +164,8 @@ class FakeWorker:
 
     async def start(self) -> None:
         await trio.lowlevel.checkpoint()
+        if self.factory.start_error is not None:
+            raise self.factory.start_error
         self._pid = FAKE_PID_BASE + self.incarnation
         self.spawned_at = trio.current_time()
         trio.lowlevel.spawn_system_task(self._child_main, name=f"fake-runner-{self.incarnation}")
@@ -472,6 +474,7 @@ class FakeFactory:
         notice_delay: the death watch wakes this long after the child died
             (a real kernel takes a while to tear a process down), so the
             supervisor can still send to a child that is already dead.
+        start_error: every ``start`` raises this instead of starting.
     """
 
     scripts: Sequence[Script] = (SERVE,)
@@ -479,6 +482,7 @@ class FakeFactory:
     broken_pipe_after_death: bool = False
     refuse_nowait: bool = False
     notice_delay: float = 0.0
+    start_error: Exception | None = None
     workers: list[FakeWorker] = field(default_factory=list[FakeWorker])
     errors: list[Exception] = field(default_factory=list[Exception])
     timeline: list[tuple[float, LifecycleChange]] = field(default_factory=list[tuple[float, LifecycleChange]])

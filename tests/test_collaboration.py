@@ -92,6 +92,26 @@ async def test_giving_up_raises_restart_limit_exceeded_bare_out_of_the_block(aut
     assert sup.state is RunnerState.FAILED
 
 
+async def test_a_process_that_cannot_be_started_is_startup_failed_and_restarted(
+    autojump_clock: Clock,
+) -> None:
+    fake = FakeFactory(start_error=OSError(24, "Too many open files"))
+    with pytest.raises(RestartLimitExceeded) as info:
+        async with open_fake_supervisor(fake):
+            await trio.sleep_forever()
+    assert info.value.last_exit.reason is ExitReason.STARTUP_FAILED
+    assert "Too many open files" in info.value.last_exit.detail
+    assert len(fake.workers) == 11
+
+
+async def test_a_bug_in_starting_the_worker_raises_as_itself_without_restarts(autojump_clock: Clock) -> None:
+    fake = FakeFactory(start_error=RuntimeError("a bug in the library"))
+    with pytest.raises(RuntimeError, match="a bug in the library"):
+        async with open_fake_supervisor(fake):
+            await trio.sleep_forever()
+    assert len(fake.workers) == 1
+
+
 async def test_after_giving_up_the_lifecycle_ends_with_gave_up_then_stopped(autojump_clock: Clock) -> None:
     fake = FakeFactory([crash_after_ready()])
     with pytest.raises(RestartLimitExceeded):

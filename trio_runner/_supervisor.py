@@ -1010,7 +1010,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             inc.escalate.set()
         try:
             await worker.start()
-        except Exception as exc:
+        except (OSError, EOFError) as exc:
+            # What starting a process can meet: fork or exec failing, too many
+            # open files, a forkserver that died (EOFError). Anything else is a
+            # bug, and raises as one rather than pass for a runner that failed.
             return ExitRecord(
                 ExitReason.STARTUP_FAILED,
                 incarnation=inc.number,
