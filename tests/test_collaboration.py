@@ -106,9 +106,10 @@ async def test_a_process_that_cannot_be_started_is_startup_failed_and_restarted(
 
 async def test_a_bug_in_starting_the_worker_raises_as_itself_without_restarts(autojump_clock: Clock) -> None:
     fake = FakeFactory(start_error=RuntimeError("a bug in the library"))
-    with pytest.raises(RuntimeError, match="a bug in the library"):
+    with pytest.raises(RuntimeError, match="a bug in the library") as info:
         async with open_fake_supervisor(fake):
             await trio.sleep_forever()
+    assert type(info.value) is RuntimeError  # not RestartLimitExceeded, a RuntimeError too
     assert len(fake.workers) == 1
 
 
