@@ -13,6 +13,10 @@ Side by side in the same run, on the same model:
 - **restart-to-ready**: ``Ready.startup_seconds`` (spawn to READY: model
   loaded and warm) of restarted runners, with spawn and with the forkserver
   (mlx-lm preloaded). Goal for the forkserver: at most 45 ms.
+- **tokens after cancel**: a consumer reads a few tokens of a long
+  generation, calls ``cancel()``, and counts the tokens it still receives
+  (goal: at most 1), against the tokens queued for it at that moment in the
+  runner and in the parent (dropped instead; ``statistics().events_dropped``).
 
 Each round runs the supervisor and in-process generation back to back, in
 alternating order, so drift in the machine's load hits both. Run: ``python benchmarks/bench_mlx.py``.
@@ -35,6 +39,7 @@ from trio_runner.mlx import Generate, open_mlx_supervisor, prepare_demo_model
 TOKENS = 400
 ROUNDS = 40
 RESTARTS = 8
+CANCELS = 20
 PROMPT = "The supervisor keeps the event loop free while"
 
 
@@ -123,12 +128,39 @@ async def _restart_to_ready(path: str, start_method: str) -> dict[str, float]:
     return {"startup_ms": _median_ms(startups), "exit_to_ready_ms": _median_ms(gaps)}
 
 
+async def _after_cancel(path: str) -> dict[str, Any]:
+    """Tokens a consumer gets after ``cancel()`` returns, against those queued for it then (dropped)."""
+    afters: list[int] = []
+    dropped: list[int] = []
+    async with open_mlx_supervisor(path) as sup:
+        await sup.wait_ready()
+        for round_ in range(CANCELS):
+            before = sup.statistics().events_dropped
+            after = 0
+            async with sup.stream(Generate(prompt=PROMPT, max_tokens=2000)) as task:
+                seen = 0
+                async for _token in task:
+                    seen += 1
+                    if seen == 5 + 7 * round_ % 40:
+                        break
+                await task.cancel()
+                try:
+                    async for _token in task:
+                        after += 1
+                except trio_runner.TaskCancelled:
+                    pass
+            afters.append(after)
+            dropped.append(sup.statistics().events_dropped - before)
+    return {"after_cancel": afters, "dropped": dropped, "worst": max(afters)}
+
+
 async def _bench() -> dict[str, Any]:
     path = str(await prepare_demo_model())
     results: dict[str, Any] = {}
     results["forkserver"] = await _restart_to_ready(path, "forkserver")
     results["spawn"] = await _restart_to_ready(path, "spawn")
     results["throughput"] = await _throughput(path)
+    results["cancel"] = await _after_cancel(path)
     return results
 
 
@@ -159,6 +191,14 @@ def main() -> dict[str, Any]:
                 f"{r['exit_to_ready_ms']:.1f} ms exit seen->READY",
             )
         )
+    c = results["cancel"]
+    rows.append(
+        (
+            "tokens after cancel() returns",
+            f"worst {c['worst']} over {len(c['after_cancel'])} cancels (goal <= 1)",
+            f"median {statistics.median(c['dropped']):.0f} queued for the consumer then, dropped",
+        )
+    )
     width = max(len(name) for name, _, _ in rows)
     print(f"MLX demo model, {TOKENS} tokens x {ROUNDS} rounds, {RESTARTS} restarts per method (medians)")
     for name, value, note in rows:

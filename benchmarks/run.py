@@ -30,6 +30,7 @@ SUITES = [
     ("roundtrip", "bench_roundtrip"),
     ("lifecycle", "bench_lifecycle"),
     ("scaling", "bench_scaling"),
+    ("cancel", "bench_cancel"),
     ("mlx", "bench_mlx"),
     ("serve", "bench_serve"),
 ]
@@ -75,6 +76,8 @@ def _run_isolated(module_name: str, smoke: bool = False) -> dict:
 
 def _mlx_rows(results: dict) -> tuple[list[dict], dict]:
     """Rows for bench_mlx.py's ``main()`` figures (that module runs its own trio loop and prints)."""
+    import statistics
+
     import _common
 
     rows: list[dict] = []
@@ -109,6 +112,21 @@ def _mlx_rows(results: dict) -> tuple[list[dict], dict]:
                     **r,
                 )
             )
+        c = results["cancel"]
+        rows.append(
+            _common.row(
+                "mlx_cancel_events_after",
+                "MLX tokens received after cancel() returns (worst / median)",
+                f"{c['worst']} / {statistics.median(c['after_cancel']):.0f} "
+                f"over {len(c['after_cancel'])} cancels",
+                f"queued for the consumer at that moment (dropped instead): median "
+                f"{statistics.median(c['dropped']):.0f}, max {max(c['dropped'])}",
+                "—",
+                "≤ 1 token",
+                c["worst"] <= 1,
+                **c,
+            )
+        )
     except (KeyError, TypeError) as exc:
         rows.append(
             _common.row("mlx", "MLX benchmarks", "see results.json", "—", "—", "—", None, error=repr(exc))
