@@ -33,7 +33,7 @@ nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests", "lint", "typing", "docs"]
 
 # Directories that may not exist yet are skipped rather than failing ruff.
-LINT_PATHS = ["trio_runner", "tests", "benchmarks", "noxfile.py", "dev.py", "docs"]
+LINT_PATHS = ["trio_runner", "tests", "benchmarks", "noxfile.py", "dev.py", "docs", "tools"]
 
 
 def _existing(paths: list[str]) -> list[str]:
