@@ -1,5 +1,8 @@
 """Developer and CI tasks for trio-runner.
 
+Run them through ``python3 dev.py SESSION`` (which sets up ``.venv/`` with nox
+and uv first), or with a nox you installed yourself.
+
 Sessions (``nox -l`` lists them; ``nox`` alone runs the first four):
 
 - ``tests``: the pytest suite, with the package installed editable plus ``[test,mlx,serve]``.
@@ -24,22 +27,31 @@ import os
 
 import nox
 
-nox.options.default_venv_backend = "venv"
+# uv installs in seconds what pip takes minutes for; plain venv + pip where uv is missing.
+nox.options.default_venv_backend = "uv|venv"
 nox.options.reuse_existing_virtualenvs = True
 nox.options.sessions = ["tests", "lint", "typing", "docs"]
 
 # Directories that may not exist yet are skipped rather than failing ruff.
-LINT_PATHS = ["trio_runner", "tests", "benchmarks", "noxfile.py", "docs"]
+LINT_PATHS = ["trio_runner", "tests", "benchmarks", "noxfile.py", "dev.py", "docs", "tools"]
 
 
 def _existing(paths: list[str]) -> list[str]:
     return [path for path in paths if os.path.exists(path)]
 
 
+def _install_project(session: nox.Session, extras: str, *more: str) -> None:
+    """The project, editable, with ``extras``. Compat mode puts a plain path entry on
+    ``sys.path``, which type checkers and IDEs resolve (the default import hook they do not)."""
+    if "mlx" in extras:
+        session.log("installing MLX and mlx-lm with the project (the first run only; about a minute) ...")
+    session.install("-e", f".[{extras}]", "--config-settings", "editable_mode=compat", *more)
+
+
 @nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (the MLX tests run on the offline demo model, on the CPU)."""
-    session.install("-e", ".[test,mlx,serve]")
+    _install_project(session, "test,mlx,serve")
     session.run("pytest", *session.posargs)
 
 
@@ -55,28 +67,34 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typing(session: nox.Session) -> None:
     """Type-check the package with pyright (strict)."""
-    session.install("-e", ".[test,mlx,serve]", "pyright")
+    _install_project(session, "test,mlx,serve", "pyright")
     session.run("pyright", *session.posargs)
+    # The editable install must resolve for type checkers and IDEs outside this tree too.
+    probe = os.path.join(session.create_tmp(), "uses_trio_runner.py")
+    with open(probe, "w") as file:
+        file.write("import trio_runner\nimport trio_runner.mlx\nimport trio_runner.testing\n")
+    python = os.path.join(session.virtualenv.location, "bin", "python")
+    session.run("pyright", "--pythonpath", python, probe)
 
 
 @nox.session
 def docs(session: nox.Session) -> None:
     """Build the documentation, failing on any warning."""
-    session.install("-e", ".[docs]")
+    _install_project(session, "docs")
     session.run("mkdocs", "build", "--strict", "--site-dir", "build/site")
 
 
 @nox.session
 def demo(session: nox.Session) -> None:
     """Run the ``trio-runner demo`` command."""
-    session.install("-e", ".[mlx]")
+    _install_project(session, "mlx")
     session.run("trio-runner", "demo", *session.posargs)
 
 
 @nox.session
 def faults(session: nox.Session) -> None:
     """The fault-injection suites at full size (5,000 property examples)."""
-    session.install("-e", ".[test]")
+    _install_project(session, "test")
     session.run(
         "pytest",
         "tests/test_property_faults.py",
@@ -91,7 +109,7 @@ def faults(session: nox.Session) -> None:
 @nox.session
 def soak(session: nox.Session) -> None:
     """10,000 crash/restart cycles: parent fds, threads and RSS must not grow."""
-    session.install("-e", ".[test]")
+    _install_project(session, "test")
     session.run(
         "pytest", "tests/test_soak_restarts.py", "-s", *session.posargs, env={"TRIO_RUNNER_SOAK": "1"}
     )
@@ -103,5 +121,5 @@ def bench(session: nox.Session) -> None:
     script = os.path.join("benchmarks", "run.py")
     if not os.path.exists(script):
         session.skip(f"{script} does not exist yet")
-    session.install("-e", ".[test,mlx,serve]", "matplotlib")
+    _install_project(session, "test,mlx,serve", "matplotlib")
     session.run("python", script, *session.posargs)

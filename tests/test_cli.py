@@ -51,7 +51,9 @@ async def test_demo_exits_0_and_tells_the_sigkill_the_restart_and_the_retried_re
     assert re.search(r"backing off 0\.5 s before restart 1", out)
     assert "(same seed, same start: True)" in out
     assert re.search(r"worst lateness [\d.]+ ms", out)
-    assert len(out.splitlines()) <= 16
+    # Concise: progress notes of a slow step (a cold kernel cache compiles for
+    # seconds on a loaded machine) come on top, one every few seconds.
+    assert len([line for line in out.splitlines() if "... still " not in line]) <= 16
 
 
 async def test_generate_streams_text_to_stdout_and_one_stats_line_to_stderr() -> None:

@@ -3,12 +3,14 @@
 Every ``docs/examples/*.py`` with a main guard runs in a subprocess from the
 repository root, with ``docs/examples`` on the path (as when you run the script
 yourself, its own directory comes first). Its stdout must match the expected
-lines below, and every ``--8<--`` snippet include in ``docs/*.md`` must point
-at a file that exists.
+lines below. The pages show each example inline (readable as plain Markdown),
+after an ``<!-- example: PATH -->`` marker; the code shown must be the file,
+verbatim (``python tools/sync_doc_examples.py`` copies it in).
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import sys
@@ -20,8 +22,8 @@ import trio
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 EXAMPLES = DOCS / "examples"
+SYNC = ROOT / "tools" / "sync_doc_examples.py"
 MAIN_GUARD = re.compile(r"^if __name__ == [\"']__main__[\"']:", re.MULTILINE)
-SNIPPET = re.compile(r"""^\s*(?:;)?--8<--\s+["']([^"']+)["']""", re.MULTILINE)
 
 # Each script's stdout, line by line, as regular expressions (fullmatch).
 EXPECTED: dict[str, list[str]] = {
@@ -94,18 +96,35 @@ async def test_example_script_runs_and_prints_the_documented_output(name: str) -
         assert re.fullmatch(pattern, line), f"{line!r} does not match {pattern!r}"
 
 
-def test_every_snippet_include_in_the_docs_points_at_an_existing_file() -> None:
-    includes = [
-        (page.name, target)
+def _shown() -> list[tuple[str, str, str]]:
+    """(page, example path, code shown) for every example block in the docs."""
+    spec = importlib.util.spec_from_file_location("sync_doc_examples", SYNC)
+    assert spec is not None and spec.loader is not None
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    shown_examples = tool.shown_examples
+    return [
+        (page.name, path, code)
         for page in sorted(DOCS.glob("*.md"))
-        for target in SNIPPET.findall(page.read_text())
+        for path, code in shown_examples(page.read_text())
     ]
-    assert includes, "the docs include no examples at all"
-    missing = [(page, target) for page, target in includes if not (ROOT / target).is_file()]
-    assert not missing, f"snippet includes pointing at nothing: {missing}"
 
 
-def test_every_example_is_included_in_the_docs() -> None:
-    included = {target for page in DOCS.glob("*.md") for target in SNIPPET.findall(page.read_text())}
+def test_every_example_shown_in_the_docs_is_the_file_verbatim() -> None:
+    shown = _shown()
+    assert shown, "the docs show no examples at all"
+    missing = [(page, path) for page, path, _ in shown if not (ROOT / path).is_file()]
+    assert not missing, f"example blocks naming no file: {missing}"
+    stale = [(page, path) for page, path, code in shown if code != (ROOT / path).read_text()]
+    assert not stale, f"run 'python tools/sync_doc_examples.py': blocks that differ from their files: {stale}"
+
+
+def test_no_page_uses_snippet_includes_that_plain_markdown_cannot_show() -> None:
+    pages = [page.name for page in sorted(DOCS.glob("*.md")) if "--8<--" in page.read_text()]
+    assert not pages, f"show the code inline (tools/sync_doc_examples.py) instead of --8<-- in {pages}"
+
+
+def test_every_example_is_shown_in_the_docs() -> None:
+    shown = {path for _, path, _ in _shown()}
     examples = {path.relative_to(ROOT).as_posix() for path in EXAMPLES.glob("*.py")}
-    assert examples <= included, f"examples no page shows: {sorted(examples - included)}"
+    assert examples <= shown, f"examples no page shows: {sorted(examples - shown)}"
