@@ -19,6 +19,10 @@ class NeedsTwoArguments(Exception):
         super().__init__(a)
 
 
+class NotAnException(BaseException):
+    """A BaseException of the runner's own, like asyncio.CancelledError."""
+
+
 class EchoRunner(Runner[Any, Any, Any]):
     """A small runner driven by the request: ``(command, *args)``."""
 
@@ -50,6 +54,12 @@ class EchoRunner(Runner[Any, Any, Any]):
             return n
         if command == "raise":
             raise ValueError(args[0])
+        if command == "raise_base":
+            # A BaseException that is not an Exception: KeyboardInterrupt, say.
+            kind = {"KeyboardInterrupt": KeyboardInterrupt, "GeneratorExit": GeneratorExit}
+            raise kind.get(args[0], NotAnException)(args[1])
+        if command == "sys_exit":
+            sys.exit(args[0])
         if command == "sleep":
             time.sleep(args[0])
             return "slept"
