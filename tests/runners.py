@@ -133,9 +133,13 @@ class BadLingerRunner(EchoRunner):
 
 
 class PacedRunner(Runner[Any, Any, Any]):
-    """Emits ``i`` for each delay in the request, after that delay, then returns "done"."""
+    """Emits ``i`` for each delay in the request, after that delay, then returns "done".
 
-    linger = 0.5
+    Lingers the longest a runner may (1 s), so the tests' bounds can sit far
+    from both 0 and ``linger`` on a loaded machine.
+    """
+
+    linger = 1.0
 
     def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
         for i, delay in enumerate(request):
