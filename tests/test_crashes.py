@@ -42,7 +42,7 @@ from trio_runner import (
     open_supervisor,
 )
 
-from .fault_runners import FaultRunner
+from .fault_runners import FaultRunner, MissingModuleRunner
 from .runners import EchoRunner
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2)
@@ -268,6 +268,37 @@ async def test_a_runner_the_child_cannot_load_fails_at_once_without_restarts(
     assert "importable" in crash.exit.detail  # the hint
     stats = sup.statistics()
     assert (stats.incarnation, stats.restarts, stats.state) == (1, 0, RunnerState.FAILED)
+
+
+@pytest.mark.parametrize(
+    ("module", "hide", "hint"),
+    [
+        ("mlx_lm", True, "pip install 'trio-runner[mlx]'"),
+        ("prometheus_client", True, "pip install 'trio-runner[serve]'"),
+        ("trio_runner_no_such_module", False, "install it where the runner runs"),
+    ],
+)
+async def test_a_module_missing_in_setup_fails_at_once_with_an_install_hint_and_no_restart(
+    module: str, hide: bool, hint: str
+) -> None:
+    # A restart would wait a minute: only failing at once passes the bound.
+    patient = RestartPolicy(initial_delay=60.0)
+    with trio.fail_after(30), pytest.raises(RunnerCrashed) as info:
+        async with open_supervisor(MissingModuleRunner, module, hide, policy=patient, timeouts=QUICK) as sup:
+            await trio.sleep_forever()
+    crash = info.value
+    assert crash.reason is ExitReason.STARTUP_FAILED
+    assert f"setup() raised ModuleNotFoundError: No module named '{module}'" in crash.exit.detail
+    assert hint in crash.exit.detail
+    assert "\n" not in crash.exit.detail
+    stats = sup.statistics()
+    assert (stats.incarnation, stats.restarts, stats.state) == (1, 0, RunnerState.FAILED)
+    assert [type(change).__name__ async for change in sup.watch(replay=True)] == [
+        "Spawned",
+        "Exited",
+        "GaveUp",
+        "Stopped",
+    ]
 
 
 async def test_a_script_without_a_main_guard_fails_fast_naming_the_guard_and_leaves_no_process() -> None:

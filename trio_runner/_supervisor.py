@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.process
 import pickle
 import queue
+import re
 import signal
 import sys
 import traceback
@@ -950,15 +951,14 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     @staticmethod
     def _before_setup(inc: _Incarnation, record: ExitRecord) -> bool:
-        """A failure no restart can fix: the runner never got as far as ``setup``."""
-        return (
-            record.reason is ExitReason.STARTUP_FAILED
-            and inc.kill_reason is None
-            and not inc.hello
-            and (
-                (inc.fatal is not None and inc.fatal[0] == proto.STAGE_LOAD)
-                or (record.signal is None and record.reaped and record.exitcode is not None)
-            )
+        """A failure no restart can fix: the runner never got as far as ``setup``, or lacks a module."""
+        if record.reason is not ExitReason.STARTUP_FAILED or inc.kill_reason is not None:
+            return False
+        if _missing_module(inc.fatal) is not None:
+            return True  # in setup() too: a restart cannot install it
+        return not inc.hello and (
+            (inc.fatal is not None and inc.fatal[0] == proto.STAGE_LOAD)
+            or (record.signal is None and record.reaped and record.exitcode is not None)
         )
 
     def _settle_in_flight(self, record: ExitRecord) -> None:
@@ -1069,6 +1069,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     "guard, the spawn start method re-runs it in the child: add the guard. "
                     "Anything the child printed then went to this process's stderr"
                 )
+            missing = _missing_module(fatal)
+            if missing is not None:
+                detail += f"; {_install_hint(missing)}"
         elif status.signal is not None:
             reason = ExitReason.SIGNALED
         elif status.exitcode == 0:
@@ -1383,6 +1386,36 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     "the runner has stopped reading its control socket",
                 )
                 return
+
+
+#: The top-level modules that come with one of trio-runner's extras (pyproject.toml).
+_EXTRA_OF_MODULE = {
+    "mlx": "mlx",
+    "mlx_lm": "mlx",
+    "tokenizers": "mlx",
+    "hypercorn": "serve",
+    "starlette": "serve",
+    "anyio": "serve",
+    "prometheus_client": "serve",
+}
+_NO_MODULE_NAMED = re.compile(r"No module named '([^']+)'")
+
+
+def _missing_module(fatal: tuple[str, str, str, str] | None) -> str | None:
+    """The module a child's fatal ``ModuleNotFoundError`` names ("" if its message names none)."""
+    if fatal is None or fatal[1] != "ModuleNotFoundError":
+        return None
+    match = _NO_MODULE_NAMED.match(fatal[2])
+    return "" if match is None else match[1]
+
+
+def _install_hint(module: str) -> str:
+    """What to do about a missing module: no restart can install it."""
+    extra = _EXTRA_OF_MODULE.get(module.partition(".")[0])
+    if extra is not None:
+        return f"no restart can install {module}; it comes with an extra: pip install 'trio-runner[{extra}]'"
+    what = module or "the missing module"
+    return f"no restart can install {what}; install it where the runner runs ({sys.executable})"
 
 
 async def _send_locked(inc: _Incarnation, data: bytes) -> None:
