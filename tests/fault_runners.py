@@ -128,6 +128,11 @@ class FaultRunner(EchoRunner):
             child._orphaned = lambda: None  # type: ignore[method-assign]
             child.sock.shutdown(socket.SHUT_RDWR)
             time.sleep(60)
+        if command == "shut_control_socket":
+            # Runner code that ends its side of the control connection and lives
+            # on (the orphan guard armed: the reader thread still reads).
+            ctx._child.sock.shutdown(socket.SHUT_WR)  # pyright: ignore[reportPrivateUsage]
+            time.sleep(60)
         return super().handle(request, ctx)
 
 

@@ -410,8 +410,8 @@ async def test_a_corrupt_frame_read_together_with_a_good_one_is_still_a_protocol
 # Between a runner's death and the death watch waking, the supervisor may still
 # write to the runner's socket and get EPIPE. "break_socket" holds that moment
 # open: the child shuts its control socket and lives on, so each send path (task,
-# cancel, Shutdown) meets a broken pipe every time. The heartbeat timeout then
-# ends the runner as HUNG.
+# cancel, Shutdown) meets a broken pipe every time. The supervisor then kills the
+# runner as PROTOCOL_ERROR, a second after the end of file.
 
 DEATH_WATCH = Timeouts(heartbeat=1.0, graceful=0.5, terminate=0.5, kill=1)
 
@@ -425,7 +425,7 @@ async def test_a_task_sent_to_a_dying_runner_fails_with_runner_crashed_and_the_r
                 await sup.run(("pid",))
             with pytest.raises(RunnerCrashed):
                 await breaker.wait()
-        assert info.value.reason is ExitReason.HUNG
+        assert info.value.reason is ExitReason.PROTOCOL_ERROR
         assert await sup.run(("pid",)) != first_pid
 
 
@@ -438,7 +438,25 @@ async def test_a_cancel_sent_to_a_dying_runner_ends_the_task_as_cancelled_and_th
             with trio.fail_after(DEATH_WATCH.heartbeat + 3), pytest.raises(TaskCancelled):
                 await task.wait()
         assert await sup.run(("pid",)) != first_pid
-    assert await lifecycle(sup) == restarted_once(ExitReason.HUNG)
+    assert await lifecycle(sup) == restarted_once(ExitReason.PROTOCOL_ERROR)
+
+
+async def test_a_runner_that_shuts_its_control_connection_is_killed_at_once_as_a_protocol_error() -> None:
+    # The heartbeat timeout is far away: only the end of file can explain it in time.
+    timeouts = Timeouts(heartbeat=60.0, graceful=0.5, terminate=0.5, kill=1)
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=timeouts) as sup:
+        first_pid = await sup.run(("pid",))
+        with trio.fail_after(15), pytest.raises(RunnerCrashed) as info:
+            await sup.run(("shut_control_socket",))
+        assert await sup.run(("pid",)) != first_pid
+    crash = info.value.exit
+    assert (crash.reason, crash.stopped_by, crash.pid) == (
+        ExitReason.PROTOCOL_ERROR,
+        StoppedBy.SIGKILL,
+        first_pid,
+    )
+    assert "closed its control connection" in crash.detail
+    assert "frozen" not in crash.detail
 
 
 async def test_leaving_open_supervisor_while_the_runner_dies_is_bounded_and_raises_nothing() -> None:

@@ -70,6 +70,10 @@ ResultT = TypeVar("ResultT")
 logger = logging.getLogger("trio_runner")
 
 _DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, at most this long
+# EOF on the control socket from a process still alive this long after it: the
+# runner closed its connection. A dying process closes it too, a moment before
+# its death is seen.
+_EOF_GRACE = 1.0
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
 _CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
@@ -1153,8 +1157,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             inc.death_scope.cancel()
 
     async def _watchdog(self, inc: _Incarnation) -> None:
-        """Enforces the startup, heartbeat and stall timeouts."""
+        """Enforces the startup, heartbeat and stall timeouts, and a control connection closed early."""
         timeouts = self._timeouts
+        eof_at: float | None = None
         while not (inc.stop_requested or inc.exited.is_set()):
             checks: list[tuple[float, ExitReason, str]] = []
             if not inc.ready:
@@ -1165,13 +1170,25 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                         f"setup did not finish within Timeouts(startup={timeouts.startup})",
                     )
                 )
-            if inc.last_frame is not None:
+            if inc.eof.is_set():
+                # The runner can no longer report anything, and no heartbeat will
+                # come: say what happened instead of waiting to call it frozen.
+                eof_at = trio.current_time() if eof_at is None else eof_at
+                checks.append(
+                    (
+                        eof_at + _EOF_GRACE,
+                        ExitReason.PROTOCOL_ERROR,
+                        "the runner closed its control connection (end of file from a process still "
+                        "alive), so it can no longer report results",
+                    )
+                )
+            elif inc.last_frame is not None:
                 checks.append(
                     (
                         inc.last_frame + timeouts.heartbeat,
                         ExitReason.HUNG,
-                        f"no heartbeat for Timeouts(heartbeat={timeouts.heartbeat}) seconds: "
-                        "the runner is frozen (stopped, or stuck holding the GIL)",
+                        f"no heartbeat for Timeouts(heartbeat={timeouts.heartbeat}) seconds: the runner is "
+                        "frozen (stopped, or stuck holding the GIL), or cannot write to its control socket",
                     )
                 )
             if timeouts.stall is not None and inc.ready and self._busy(inc):
@@ -1225,6 +1242,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._kill(inc, ExitReason.PROTOCOL_ERROR, str(exc))
         finally:
             inc.eof.set()
+            inc.poke_watchdog()
 
     def _route(self, inc: _Incarnation, message: Any, now: float) -> None:
         try:
