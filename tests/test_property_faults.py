@@ -49,11 +49,15 @@ from trio_runner.testing import (
     Fault,
     FaultPlan,
     FaultyRunner,
+    HoldGil,
+    HostileException,
     InSetup,
     OnShutdown,
+    OversizePayload,
     RequestSequence,
     Signal,
     StallReader,
+    StderrFlood,
     Submission,
     check_lifecycle,
     fault_plans,
@@ -91,6 +95,29 @@ from .test_property_support import (
 DRAW_NATIVE_FAULTS = os.environ.get("TRIO_RUNNER_NATIVE_FAULTS") == "1"
 
 REQUESTS = st.integers(0, 4).map(lambda n: ("count", n))
+
+
+def native_fault_examples(test: Any) -> Any:
+    """With DRAW_NATIVE_FAULTS, one sure example per native fault kind, drawn or not."""
+    if not DRAW_NATIVE_FAULTS:
+        return test
+    for kind in (
+        HoldGil(0.3),
+        StderrFlood(300_000),
+        OversizePayload(2 * 1024 * 1024, result=True),
+        OversizePayload(80 * 1024 * 1024),
+        HostileException("str_raises"),
+        HostileException("huge_message", size=80 * 1024 * 1024),
+    ):
+        test = example(
+            plan=FaultPlan((Fault(kind, BeforeEvent(task=1, event=1)),)),
+            policy=RestartPolicy(initial_delay=0, max_delay=0, max_restarts=1),
+            runner=EchoRunner,
+            sequence=RequestSequence((Submission(("count", 3)), Submission(("count", 2)))),
+        )(test)
+    return test
+
+
 FD_SLACK = 4
 
 _fd_baseline: list[int] = []
@@ -196,6 +223,7 @@ async def check_one_run(
         (Submission(("count", 3), cancel_after=1), Submission(("count", 2))), concurrent=True
     ),
 )
+@native_fault_examples
 async def test_every_fault_plan_keeps_the_supervisor_invariants(
     plan: FaultPlan, policy: RestartPolicy, runner: type[EchoRunner], sequence: RequestSequence
 ) -> None:

@@ -378,8 +378,9 @@ _FATAL_WHILE_SERVING: dict[type[FaultKind], frozenset[ExitReason]] = {
     OversizeFrame: frozenset({ExitReason.PROTOCOL_ERROR}),
     SlowStartup: frozenset(),
     SpawnGrandchild: frozenset(),
-    # The contract (issue 11): each fails at most its own task, never the runner.
-    StderrFlood: frozenset(),
+    # The contract (issue 11): each fails at most its own task, never the runner. A flood
+    # is no progress, though: one that outlasts Timeouts.stall is a stalled task.
+    StderrFlood: frozenset({ExitReason.HUNG}),
     OversizePayload: frozenset(),
     HostileException: frozenset(),
 }
@@ -392,7 +393,9 @@ def exit_reasons(kind: FaultKind, trigger: Trigger) -> frozenset[ExitReason]:
     task is only detected by it) and a startup timeout shorter than any
     :class:`SlowStartup` you expect to fail. A :class:`HoldGil` for a number of seconds
     is given the exits of one held for ever: it ends the incarnation only if it outlasts
-    the heartbeat (or startup) timeout, which this table cannot know.
+    the heartbeat (or startup) timeout, which this table cannot know; likewise a
+    :class:`StderrFlood` in a task, which emits nothing, and so is HUNG if writing it
+    outlasts a finite ``Timeouts.stall``.
     """
     if isinstance(trigger, InTeardown | OnShutdown):
         return frozenset()  # a stop was requested: any exit is REQUESTED
