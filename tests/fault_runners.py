@@ -6,6 +6,7 @@ anything heavy, and every class lives at module level.
 
 from __future__ import annotations
 
+import importlib
 import multiprocessing
 import os
 import resource
@@ -127,7 +128,38 @@ class FaultRunner(EchoRunner):
             child._orphaned = lambda: None  # type: ignore[method-assign]
             child.sock.shutdown(socket.SHUT_RDWR)
             time.sleep(60)
+        if command == "shut_control_socket":
+            # Runner code that ends its side of the control connection and lives
+            # on (the orphan guard armed: the reader thread still reads).
+            ctx._child.sock.shutdown(socket.SHUT_WR)  # pyright: ignore[reportPrivateUsage]
+            time.sleep(60)
         return super().handle(request, ctx)
+
+
+class _Hide:
+    """A meta path finder that makes ``module`` missing, as the import system reports it."""
+
+    def __init__(self, module: str) -> None:
+        self.module = module
+
+    def find_spec(self, name: str, path: object, target: object = None) -> None:
+        if name.partition(".")[0] == self.module:
+            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+
+
+class MissingModuleRunner(EchoRunner):
+    """Its ``setup()`` imports ``module``, which this child cannot find (``hide``: made missing)."""
+
+    def __init__(self, module: str, hide: bool = False) -> None:
+        super().__init__()
+        self.module = module
+        self.hide = hide
+
+    def setup(self) -> None:
+        if self.hide:
+            sys.modules.pop(self.module, None)
+            sys.meta_path.insert(0, _Hide(self.module))  # type: ignore[arg-type]
+        importlib.import_module(self.module)
 
 
 class ConcurrentFaultRunner(FaultRunner):

@@ -19,6 +19,10 @@ class NeedsTwoArguments(Exception):
         super().__init__(a)
 
 
+class NotAnException(BaseException):
+    """A BaseException of the runner's own, like asyncio.CancelledError."""
+
+
 class EchoRunner(Runner[Any, Any, Any]):
     """A small runner driven by the request: ``(command, *args)``."""
 
@@ -62,6 +66,12 @@ class EchoRunner(Runner[Any, Any, Any]):
             return args[1]
         if command == "raise":
             raise ValueError(args[0])
+        if command == "raise_base":
+            # A BaseException that is not an Exception: KeyboardInterrupt, say.
+            kind = {"KeyboardInterrupt": KeyboardInterrupt, "GeneratorExit": GeneratorExit}
+            raise kind.get(args[0], NotAnException)(args[1])
+        if command == "sys_exit":
+            sys.exit(args[0])
         if command == "sleep":
             time.sleep(args[0])
             return "slept"
@@ -135,9 +145,13 @@ class BadLingerRunner(EchoRunner):
 
 
 class PacedRunner(Runner[Any, Any, Any]):
-    """Emits ``i`` for each delay in the request, after that delay, then returns "done"."""
+    """Emits ``i`` for each delay in the request, after that delay, then returns "done".
 
-    linger = 0.5
+    Lingers the longest a runner may (1 s), so the tests' bounds can sit far
+    from both 0 and ``linger`` on a loaded machine.
+    """
+
+    linger = 1.0
 
     def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
         for i, delay in enumerate(request):

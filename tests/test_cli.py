@@ -9,6 +9,7 @@ lost signal breaks them. The MLX commands use the demo model that
 from __future__ import annotations
 
 import functools
+import os
 import re
 import signal
 import subprocess
@@ -29,10 +30,10 @@ COMMAND = [sys.executable, "-m", "trio_runner"]
 BOUND = 60
 
 
-async def _run(*args: str) -> tuple[int, str, str]:
+async def _run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str, str]:
     with trio.fail_after(BOUND):
         result = await trio.run_process(
-            [*COMMAND, *args], capture_stdout=True, capture_stderr=True, check=False
+            [*COMMAND, *args], capture_stdout=True, capture_stderr=True, check=False, env=env
         )
     return result.returncode, result.stdout.decode(), result.stderr.decode()
 
@@ -96,6 +97,25 @@ async def test_generate_with_a_model_that_cannot_load_prints_its_cause_and_exits
         f"trio-runner: error: the runner could not load {tmp_path}: FileNotFoundError: "
         f"[Errno 2] No such file or directory: '{tmp_path / 'config.json'}'"
     )
+
+
+@pytest.mark.parametrize("command", [["generate", "Hi"], ["demo"]], ids=["generate", "demo"])
+async def test_a_runner_without_mlx_lm_prints_one_error_line_with_the_install_hint_and_exits_1(
+    command: list[str], demo_dir: Path
+) -> None:
+    from trio_runner.mlx import warm_kernel_cache
+
+    await warm_kernel_cache(demo_dir)  # so the runner's own setup() is what meets the missing module
+    hidden = str(Path(__file__).parent / "scripts" / "without_mlx_lm")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([hidden, os.environ.get("PYTHONPATH", "")])}
+    # Within BOUND: restarting ten times, as before, took about two minutes.
+    code, _, err = await _run(*command, env=env)
+    assert code == 1, err
+    assert "Traceback" not in err
+    errors = [line for line in err.splitlines() if "error:" in line]
+    assert len(errors) == 1, err
+    assert "ModuleNotFoundError: No module named 'mlx_lm'" in errors[0]
+    assert "pip install 'trio-runner[mlx]'" in errors[0]
 
 
 async def test_version_prints_the_package_version() -> None:

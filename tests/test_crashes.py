@@ -42,13 +42,15 @@ from trio_runner import (
     open_supervisor,
 )
 
-from .fault_runners import ConcurrentFaultRunner, FaultRunner
+from .fault_runners import ConcurrentFaultRunner, FaultRunner, MissingModuleRunner
 from .runners import EchoRunner
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2)
 QUICK = Timeouts(heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
 SCRIPTS = Path(__file__).parent / "scripts"
-LATENESS_BOUND = 0.25  # a 1 ms sleep waking this late means the loop was blocked
+# A 1 ms sleep waking this late means the loop was blocked: a blocking join,
+# put or send on the trio thread shows up far above it, a loaded machine not.
+LATENESS_BOUND = 0.5
 
 
 class Ticker:
@@ -134,7 +136,7 @@ async def test_signal_mid_stream_fails_task_with_runner_crashed_naming_the_signa
     assert (crash.exit.pid, crash.exit.stopped_by) == (first_pid, StoppedBy.SELF)
     # The child printed the moment it signalled itself (CLOCK_MONOTONIC is system-wide).
     died_at = float(next(line for line in crash.exit.stderr_tail if line.startswith("dying at")).split()[-1])
-    assert noticed - died_at < 2.0
+    assert noticed - died_at < 4.0  # not a liveness poll every 5 s (exo's)
     assert (stats.restarts, stats.incarnation) == (1, 2)
     assert await lifecycle(sup) == restarted_once(ExitReason.SIGNALED)
     assert ticker.worst < LATENESS_BOUND
@@ -266,6 +268,37 @@ async def test_a_runner_the_child_cannot_load_fails_at_once_without_restarts(
     assert "importable" in crash.exit.detail  # the hint
     stats = sup.statistics()
     assert (stats.incarnation, stats.restarts, stats.state) == (1, 0, RunnerState.FAILED)
+
+
+@pytest.mark.parametrize(
+    ("module", "hide", "hint"),
+    [
+        ("mlx_lm", True, "pip install 'trio-runner[mlx]'"),
+        ("prometheus_client", True, "pip install 'trio-runner[serve]'"),
+        ("trio_runner_no_such_module", False, "install it where the runner runs"),
+    ],
+)
+async def test_a_module_missing_in_setup_fails_at_once_with_an_install_hint_and_no_restart(
+    module: str, hide: bool, hint: str
+) -> None:
+    # A restart would wait a minute: only failing at once passes the bound.
+    patient = RestartPolicy(initial_delay=60.0)
+    with trio.fail_after(30), pytest.raises(RunnerCrashed) as info:
+        async with open_supervisor(MissingModuleRunner, module, hide, policy=patient, timeouts=QUICK) as sup:
+            await trio.sleep_forever()
+    crash = info.value
+    assert crash.reason is ExitReason.STARTUP_FAILED
+    assert f"setup() raised ModuleNotFoundError: No module named '{module}'" in crash.exit.detail
+    assert hint in crash.exit.detail
+    assert "\n" not in crash.exit.detail
+    stats = sup.statistics()
+    assert (stats.incarnation, stats.restarts, stats.state) == (1, 0, RunnerState.FAILED)
+    assert [type(change).__name__ async for change in sup.watch(replay=True)] == [
+        "Spawned",
+        "Exited",
+        "GaveUp",
+        "Stopped",
+    ]
 
 
 async def test_a_script_without_a_main_guard_fails_fast_naming_the_guard_and_leaves_no_process() -> None:
@@ -409,8 +442,8 @@ async def test_a_corrupt_frame_read_together_with_a_good_one_is_still_a_protocol
 # Between a runner's death and the death watch waking, the supervisor may still
 # write to the runner's socket and get EPIPE. "break_socket" holds that moment
 # open: the child shuts its control socket and lives on, so each send path (task,
-# cancel, Shutdown) meets a broken pipe every time. The heartbeat timeout then
-# ends the runner as HUNG.
+# cancel, Shutdown) meets a broken pipe every time. The supervisor then kills the
+# runner as PROTOCOL_ERROR, a second after the end of file.
 
 DEATH_WATCH = Timeouts(heartbeat=1.0, graceful=0.5, terminate=0.5, kill=1)
 
@@ -426,7 +459,7 @@ async def test_a_task_sent_to_a_dying_runner_is_delivered_again_to_the_next_runn
             with pytest.raises(RunnerCrashed) as info:
                 await breaker.wait()
         assert second_pid != first_pid
-        assert info.value.reason is ExitReason.HUNG
+        assert info.value.reason is ExitReason.PROTOCOL_ERROR
 
 
 async def test_a_cancel_sent_to_a_dying_runner_ends_the_task_as_cancelled_and_the_runner_restarts() -> None:
@@ -438,7 +471,25 @@ async def test_a_cancel_sent_to_a_dying_runner_ends_the_task_as_cancelled_and_th
             with trio.fail_after(DEATH_WATCH.heartbeat + 3), pytest.raises(TaskCancelled):
                 await task.wait()
         assert await sup.run(("pid",)) != first_pid
-    assert await lifecycle(sup) == restarted_once(ExitReason.HUNG)
+    assert await lifecycle(sup) == restarted_once(ExitReason.PROTOCOL_ERROR)
+
+
+async def test_a_runner_that_shuts_its_control_connection_is_killed_at_once_as_a_protocol_error() -> None:
+    # The heartbeat timeout is far away: only the end of file can explain it in time.
+    timeouts = Timeouts(heartbeat=60.0, graceful=0.5, terminate=0.5, kill=1)
+    async with open_supervisor(FaultRunner, policy=FAST, timeouts=timeouts) as sup:
+        first_pid = await sup.run(("pid",))
+        with trio.fail_after(15), pytest.raises(RunnerCrashed) as info:
+            await sup.run(("shut_control_socket",))
+        assert await sup.run(("pid",)) != first_pid
+    crash = info.value.exit
+    assert (crash.reason, crash.stopped_by, crash.pid) == (
+        ExitReason.PROTOCOL_ERROR,
+        StoppedBy.SIGKILL,
+        first_pid,
+    )
+    assert "closed its control connection" in crash.detail
+    assert "frozen" not in crash.detail
 
 
 async def test_leaving_open_supervisor_while_the_runner_dies_is_bounded_and_raises_nothing() -> None:
@@ -446,7 +497,7 @@ async def test_leaving_open_supervisor_while_the_runner_dies_is_bounded_and_rais
     async with open_supervisor(FaultRunner, policy=FAST, timeouts=DEATH_WATCH) as sup:
         async with sup.stream(("break_socket",)):
             await trio.sleep(0.3)
-    assert trio.current_time() - start < DEATH_WATCH.shutdown_bound + 2
+    assert trio.current_time() - start < DEATH_WATCH.shutdown_bound + 10
     exit_record = sup.statistics().last_exit
     assert exit_record is not None
     assert exit_record.reason is ExitReason.REQUESTED

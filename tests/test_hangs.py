@@ -55,7 +55,7 @@ async def test_leaving_open_supervisor_sigkills_a_runner_that_ignores_sigterm_wi
             start = trio.current_time()
         elapsed = trio.current_time() - start
     assert pid is not None
-    assert elapsed < timeouts.shutdown_bound + 2
+    assert elapsed < timeouts.shutdown_bound + 10
     record = sup.statistics().last_exit
     assert record is not None
     assert (record.reason, record.stopped_by, record.signal) == (
@@ -75,7 +75,7 @@ async def test_a_sigstopped_runner_is_killed_as_hung_by_the_heartbeat_timeout_an
         os.kill(pid, signal.SIGSTOP)
         try:
             stopped_at = trio.current_time()
-            with trio.fail_after(timeouts.heartbeat + 3):
+            with trio.fail_after(timeouts.heartbeat + 15):
                 async for change in changes:
                     if isinstance(change, Exited):
                         break
@@ -87,7 +87,7 @@ async def test_a_sigstopped_runner_is_killed_as_hung_by_the_heartbeat_timeout_an
     record = change.exit
     assert (record.reason, record.stopped_by, record.pid) == (ExitReason.HUNG, StoppedBy.SIGKILL, pid)
     assert "heartbeat" in record.detail
-    assert noticed < timeouts.heartbeat + 2
+    assert noticed < timeouts.heartbeat + 5
     assert _gone(pid)
 
 
@@ -106,7 +106,7 @@ async def test_a_runner_that_stops_reading_trips_the_cancel_send_timeout_and_is_
                 await task.cancel()
                 cancelled_at = trio.current_time()
                 # Cancelled, and the runner killed before confirming: cancelled is its outcome.
-                with trio.fail_after(timeouts.cancel_send + 3), pytest.raises(TaskCancelled):
+                with trio.fail_after(timeouts.cancel_send + 15), pytest.raises(TaskCancelled):
                     await task.wait()
                 noticed = trio.current_time() - cancelled_at
             del big
@@ -115,7 +115,7 @@ async def test_a_runner_that_stops_reading_trips_the_cancel_send_timeout_and_is_
     assert record is not None
     assert (record.reason, record.stopped_by, record.pid) == (ExitReason.HUNG, StoppedBy.SIGKILL, pid)
     assert "cancel_send" in record.detail
-    assert noticed < timeouts.cancel_send + 2
+    assert noticed < timeouts.cancel_send + 5
     assert ticker.worst < LATENESS_BOUND
 
 
@@ -124,21 +124,21 @@ async def test_a_busy_task_that_sends_nothing_for_the_stall_timeout_is_killed_as
     async with open_supervisor(EchoRunner, policy=FAST, timeouts=timeouts) as sup:
         pid = await sup.run(("pid",))
         start = trio.current_time()
-        with trio.fail_after(timeouts.stall + 3), pytest.raises(RunnerCrashed) as info:
-            await sup.run(("sleep", 5))
+        with trio.fail_after(timeouts.stall + 15), pytest.raises(RunnerCrashed) as info:
+            await sup.run(("sleep", 30))
         elapsed = trio.current_time() - start
         assert await sup.run(("pid",)) != pid
     assert info.value.reason is ExitReason.HUNG
     assert "stall" in info.value.exit.detail
-    assert elapsed < timeouts.stall + 2
+    assert elapsed < timeouts.stall + 5  # the task alone would take 30 s
 
 
 async def test_a_consumer_that_stops_reading_is_not_mistaken_for_a_stalled_runner() -> None:
-    timeouts = Timeouts(stall=0.3, heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
+    timeouts = Timeouts(stall=1.0, heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
     async with open_supervisor(EchoRunner, policy=FAST, timeouts=timeouts, window=64) as sup:
         pid = await sup.run(("pid",))
         async with sup.stream(("count", 1000)) as task:
-            await trio.sleep(1.0)  # over three stall periods with the window full
+            await trio.sleep(3.5)  # over three stall periods with the window full
             stats = sup.statistics()
             assert (stats.pid, stats.restarts, stats.incarnation) == (pid, 0, 1)
             events = [event async for event in task]
@@ -150,11 +150,11 @@ async def test_setup_slower_than_the_startup_timeout_is_killed_as_startup_failed
     timeouts = Timeouts(startup=0.5, heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
     policy = RestartPolicy(initial_delay=0.05, max_delay=0.2, max_restarts=0)
     start = trio.current_time()
-    with trio.fail_after(timeouts.startup + 5), pytest.raises(RestartLimitExceeded) as info:
-        async with open_supervisor(EchoRunner, 5.0, policy=policy, timeouts=timeouts):
+    with trio.fail_after(timeouts.startup + 15), pytest.raises(RestartLimitExceeded) as info:
+        async with open_supervisor(EchoRunner, 30.0, policy=policy, timeouts=timeouts):
             await trio.sleep_forever()
     elapsed = trio.current_time() - start
     record = info.value.last_exit
     assert (record.reason, record.stopped_by) == (ExitReason.STARTUP_FAILED, StoppedBy.SIGKILL)
     assert "startup" in record.detail
-    assert elapsed < timeouts.startup + 3
+    assert elapsed < timeouts.startup + 10  # setup alone would take 30 s

@@ -17,11 +17,13 @@ then checks:
 - no file descriptors leak from one example to the next.
 
 ``TRIO_RUNNER_FAULT_EXAMPLES`` sets the number of examples (CI default: 200;
-``nox -s faults``: 5,000).
+``nox -s faults``: 5,000). ``DRAW_NATIVE_FAULTS`` (below) adds the faults a
+native workload produces.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -47,11 +49,15 @@ from trio_runner.testing import (
     Fault,
     FaultPlan,
     FaultyRunner,
+    HoldGil,
+    HostileException,
     InSetup,
     OnShutdown,
+    OversizePayload,
     RequestSequence,
     Signal,
     StallReader,
+    StderrFlood,
     Submission,
     check_lifecycle,
     fault_plans,
@@ -74,12 +80,44 @@ from .test_property_support import (
     examples,
     is_prefixes,
     open_fds,
+    oversize_payloads,
     possible_exits,
     real_process_settings,
     setup_fault_must_fire,
 )
 
+#: Also draw the faults a native workload produces: StderrFlood, OversizePayload,
+#: HostileException, and HoldGil for a number of seconds. OFF until the library copes
+#: with each (issue 11: stderr handled in batches off the trio thread, big payloads
+#: (un)pickled in a worker thread, guarded error formatting); until then a hostile
+#: exception crashes the runner and a flood stalls the loop. Turn it on here, or with
+#: TRIO_RUNNER_NATIVE_FAULTS=1 in the environment.
+DRAW_NATIVE_FAULTS = os.environ.get("TRIO_RUNNER_NATIVE_FAULTS") == "1"
+
 REQUESTS = st.integers(0, 4).map(lambda n: ("count", n))
+
+
+def native_fault_examples(test: Any) -> Any:
+    """With DRAW_NATIVE_FAULTS, one sure example per native fault kind, drawn or not."""
+    if not DRAW_NATIVE_FAULTS:
+        return test
+    for kind in (
+        HoldGil(0.3),
+        StderrFlood(300_000),
+        OversizePayload(2 * 1024 * 1024, result=True),
+        OversizePayload(80 * 1024 * 1024),
+        HostileException("str_raises"),
+        HostileException("huge_message", size=80 * 1024 * 1024),
+    ):
+        test = example(
+            plan=FaultPlan((Fault(kind, BeforeEvent(task=1, event=1)),)),
+            policy=RestartPolicy(initial_delay=0, max_delay=0, max_restarts=1),
+            runner=EchoRunner,
+            sequence=RequestSequence((Submission(("count", 3)), Submission(("count", 2)))),
+        )(test)
+    return test
+
+
 FD_SLACK = 4
 
 _fd_baseline: list[int] = []
@@ -124,7 +162,9 @@ async def check_one_run(
             if entry.outcome == "result":
                 assert entry.value == n
             if isinstance(entry.error, TaskFailed):
-                assert entry.error.remote_type.endswith("InjectedFault"), entry.error
+                assert entry.error.remote_type.endswith(("InjectedFault", "HostileFault")) or (
+                    oversize_payloads(plan)
+                ), entry.error
             if isinstance(entry.error, RunnerCrashed):
                 assert entry.error.reason in crash_reasons, (entry.error, plan)
 
@@ -157,7 +197,7 @@ async def check_one_run(
 
 @real_process_settings(examples("TRIO_RUNNER_FAULT_EXAMPLES", 200))
 @given(
-    plan=fault_plans(max_faults=2, incarnations=(1, 2, None)),
+    plan=fault_plans(max_faults=2, incarnations=(1, 2, None), native_faults=DRAW_NATIVE_FAULTS),
     policy=restart_policies(),
     runner=st.sampled_from([EchoRunner, ConcurrentEchoRunner]),
     sequence=request_sequences(REQUESTS, max_size=5),
@@ -183,6 +223,7 @@ async def check_one_run(
         (Submission(("count", 3), cancel_after=1), Submission(("count", 2))), concurrent=True
     ),
 )
+@native_fault_examples
 async def test_every_fault_plan_keeps_the_supervisor_invariants(
     plan: FaultPlan, policy: RestartPolicy, runner: type[EchoRunner], sequence: RequestSequence
 ) -> None:

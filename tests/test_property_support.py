@@ -17,7 +17,10 @@ from trio_runner.testing import (
     AfterEvent,
     BeforeEvent,
     FaultPlan,
+    HoldGil,
+    HostileException,
     InSetup,
+    OversizePayload,
     Raise,
     SlowStartup,
     Submission,
@@ -68,9 +71,15 @@ def any_crash(plan: FaultPlan) -> frozenset[ExitReason]:
 
 
 def fails_tasks(plan: FaultPlan) -> bool:
-    return any(
-        isinstance(f.kind, Raise) and isinstance(f.trigger, BeforeEvent | AfterEvent) for f in plan.faults
+    return oversize_payloads(plan) or any(
+        isinstance(f.kind, Raise | HostileException) and isinstance(f.trigger, BeforeEvent | AfterEvent)
+        for f in plan.faults
     )
+
+
+def oversize_payloads(plan: FaultPlan) -> bool:
+    """Whether a task may fail because its event or result is too big to send."""
+    return any(isinstance(f.kind, OversizePayload) for f in plan.faults)
 
 
 def allowed_outcomes(
@@ -106,6 +115,7 @@ def setup_fault_must_fire(plan: FaultPlan) -> bool:
     return any(
         isinstance(f.trigger, InSetup)
         and not isinstance(f.kind, SlowStartup)  # fails only past Timeouts.startup
+        and not (isinstance(f.kind, HoldGil) and f.kind.seconds is not None)  # likewise
         and f.applies_to(1)
         and f.exit_reasons()
         for f in plan.faults

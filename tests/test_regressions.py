@@ -115,8 +115,10 @@ async def test_crash_exit_is_reported_promptly() -> None:
         start = time.monotonic()
         with pytest.raises(RunnerCrashed):
             await sup.run(("exit", 3))
-        # No writer-thread or drain delay of a second on the way.
-        assert time.monotonic() - start < 0.8
+        # Only a hang: the claim "no writer-thread or drain delay of a second on
+        # the way" is a timing claim, measured by benchmarks/bench_crash.py
+        # (crash detection over the kernel's floor, same run).
+        assert time.monotonic() - start < 5.0
 
 
 async def test_a_retry_task_that_is_never_rerun_ends_with_its_crash() -> None:

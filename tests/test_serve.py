@@ -248,7 +248,7 @@ async def test_a_streaming_client_that_disconnects_cancels_its_task_in_the_runne
         metrics = server.metrics
         await _wait_until(lambda: metrics.requests["chat", "disconnected"] == 1, "the outcome")
         assert sup.statistics().tasks_completed == 1
-    assert cancelled_after < 2.0  # a runner finishing the request would take about 20 s
+    assert cancelled_after < 10.0  # a runner finishing the request would take about 20 s
     assert metrics.tokens_generated < 100
 
 

@@ -41,16 +41,16 @@ from trio_runner.testing import (
 async def test_lateness_monitor_reports_a_blocking_call_on_the_loop() -> None:
     async with monitor_lateness() as monitor:
         await trio.sleep(0.02)
-        time.sleep(0.3)  # noqa: ASYNC251 -- the blocking call it must detect
+        time.sleep(1.0)  # noqa: ASYNC251 -- the blocking call it must detect
         await trio.sleep(0.02)
-    assert monitor.worst >= 0.25
+    assert monitor.worst >= 0.95
 
 
 async def test_lateness_monitor_stays_low_on_a_loop_that_only_awaits() -> None:
     async with monitor_lateness() as monitor:
         await trio.sleep(0.2)
     assert monitor.samples > 10
-    assert monitor.worst < 0.2
+    assert monitor.worst < 0.5  # the 1 s block above shows; a loaded machine does not
 
 
 async def test_lateness_monitor_lets_the_body_exception_out_unwrapped() -> None:

@@ -11,18 +11,28 @@ from hypothesis import strategies as st
 
 import trio_runner
 import trio_runner.testing
+from trio_runner import ExitReason
 from trio_runner.testing import (
+    NATIVE_FAULT_KINDS,
     AfterEvent,
     BeforeEvent,
     Exit,
     Fault,
     FaultPlan,
     Hang,
+    HoldGil,
+    HostileException,
+    InSetup,
+    InTeardown,
     OnShutdown,
+    OversizePayload,
     Raise,
     Signal,
     SlowStartup,
+    StderrFlood,
     Submission,
+    exit_reasons,
+    fault_kinds,
     fault_plans,
     request_sequences,
     restart_policies,
@@ -62,11 +72,54 @@ def test_request_sequence_and_policy_reprs_are_python_that_rebuild_them(
         lambda: Fault(Hang(), BeforeEvent(), incarnation=0),
         lambda: SlowStartup(-1),
         lambda: Submission("x", cancel_after=-1),
+        lambda: HoldGil(-1),
+        lambda: HoldGil(float("inf")),
+        lambda: StderrFlood(-1),
+        lambda: OversizePayload(-1),
+        lambda: Fault(OversizePayload(), InSetup()),
+        lambda: Fault(OversizePayload(), InTeardown()),
+        lambda: Fault(HostileException(), OnShutdown()),
+        lambda: HostileException("politely"),
+        lambda: HostileException(size=-1),
     ],
 )
 def test_a_fault_that_cannot_fire_is_refused_with_value_error(build: object) -> None:
     with pytest.raises(ValueError):
         build()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    "kind",
+    [
+        HoldGil(),
+        HoldGil(0.25),
+        StderrFlood(300_000),
+        OversizePayload(8 * 1024 * 1024, result=True),
+        HostileException("huge_message", size=1024),
+        HostileException("str_raises"),
+    ],
+)
+def test_each_native_fault_kind_has_a_repr_that_rebuilds_it(kind: object) -> None:
+    fault = Fault(kind, BeforeEvent(task=2, event=1), incarnation=None)  # type: ignore[arg-type]
+    assert eval(repr(fault), NAMESPACE) == fault
+
+
+def test_native_faults_fail_at_most_their_task_while_serving_and_setup_while_starting() -> None:
+    serving = BeforeEvent()
+    for kind in (OversizePayload(), HostileException()):
+        assert exit_reasons(kind, serving) == frozenset(), kind
+    # A flood emits nothing: one that outlasts Timeouts.stall is a stalled task.
+    assert exit_reasons(StderrFlood(), serving) == {ExitReason.HUNG}
+    assert exit_reasons(StderrFlood(), InSetup()) == frozenset()
+    assert exit_reasons(HostileException(), InSetup()) == {ExitReason.STARTUP_FAILED}
+    # A hold may outlast the heartbeat timeout; the table cannot know the timeouts.
+    assert exit_reasons(HoldGil(0.1), serving) == {ExitReason.HUNG}
+
+
+@given(kind=fault_kinds(native_faults=False))
+def test_without_native_faults_the_strategy_draws_only_the_older_kinds(kind: object) -> None:
+    assert not isinstance(kind, NATIVE_FAULT_KINDS)
+    assert not (isinstance(kind, HoldGil) and kind.seconds is not None)
 
 
 def test_a_plan_only_takes_faults() -> None:

@@ -436,7 +436,9 @@ class Child:
                 result = runner.handle(request, ctx)
             except TaskCancelled:
                 outcome = (proto.CANCELLED, task_id)
-            except Exception as exc:
+            except SystemExit:
+                raise  # sys.exit() in runner code ends the process, as in any Python program
+            except BaseException as exc:  # KeyboardInterrupt too: this task's failure, not the runner's
                 if ctx.cancelled and isinstance(exc, TaskCancelled):
                     outcome = (proto.CANCELLED, task_id)
                 else:

@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import NoReturn
 
 from . import __version__
-from ._errors import ExitRecord, TrioRunnerError
+from ._errors import ExitRecord, RestartLimitExceeded, RunnerCrashed, TrioRunnerError
 
 PROG = "trio-runner"
 EXIT_OK = 0
@@ -397,7 +397,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         matched, rest = group.split(expected)
         if matched is None or rest is not None:
             raise
-        for exc in _leaves(matched):
+        leaves = _leaves(matched)
+        # The supervisor's own failure (a runner that can never start, a policy
+        # that gave up) is the cause; the body's errors beside it are its echoes.
+        causes = [exc for exc in leaves if isinstance(exc, RunnerCrashed | RestartLimitExceeded)]
+        for exc in causes or leaves:
             _report(exc)
         return EXIT_FAILED
 

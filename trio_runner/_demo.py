@@ -46,11 +46,18 @@ def _ms(seconds: float) -> str:
 
 
 async def _next_change(changes: AsyncIterator[LifecycleChange], kind: type[ChangeT]) -> ChangeT:
-    """The next lifecycle change of type ``kind``, skipping the others."""
+    """The next lifecycle change of type ``kind``, skipping the others.
+
+    Raises:
+        RunnerUnavailable: the supervisor stopped first (its own error, such as
+            a runner that can never start, comes out of ``open_supervisor``).
+    """
+    from ._errors import RunnerUnavailable
+
     async for change in changes:
         if isinstance(change, kind):
             return change
-    raise RuntimeError(f"the supervisor stopped before a {kind.__name__} change")
+    raise RunnerUnavailable(f"the supervisor stopped before a {kind.__name__} change")
 
 
 async def show_progress(say: Callable[[str], None], what: str, every: float = 2.0) -> None:
@@ -72,6 +79,7 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
 
     Raises:
         trio.TooSlowError: the story took longer than ``bound`` seconds.
+        RunnerCrashed: the runner can never start (say, mlx-lm is missing).
     """
     import trio
 
@@ -195,11 +203,14 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
         )
 
     began = trio.current_time()
-    with trio.fail_after(bound):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(ticker)
-            await story()
-            nursery.cancel_scope.cancel()
+    try:
+        with trio.fail_after(bound):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(ticker)
+                await story()
+                nursery.cancel_scope.cancel()
+    except trio.TooSlowError:
+        raise trio.TooSlowError(f"the demo did not finish within {bound:g} s") from None
     say(
         f"event loop: a 1 ms ticker ran {ticks} times over {trio.current_time() - began:.2f} s; "
         f"worst lateness {_ms(worst_lateness)}"

@@ -22,6 +22,7 @@ import multiprocessing
 import multiprocessing.process
 import pickle
 import queue
+import re
 import signal
 import sys
 import traceback
@@ -69,6 +70,10 @@ ResultT = TypeVar("ResultT")
 logger = logging.getLogger("trio_runner")
 
 _DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, at most this long
+# EOF on the control socket from a process still alive this long after it: the
+# runner closed its connection. A dying process closes it too, a moment before
+# its death is seen.
+_EOF_GRACE = 1.0
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
 _CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
@@ -958,15 +963,14 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     @staticmethod
     def _before_setup(inc: _Incarnation, record: ExitRecord) -> bool:
-        """A failure no restart can fix: the runner never got as far as ``setup``."""
-        return (
-            record.reason is ExitReason.STARTUP_FAILED
-            and inc.kill_reason is None
-            and not inc.hello
-            and (
-                (inc.fatal is not None and inc.fatal[0] == proto.STAGE_LOAD)
-                or (record.signal is None and record.reaped and record.exitcode is not None)
-            )
+        """A failure no restart can fix: the runner never got as far as ``setup``, or lacks a module."""
+        if record.reason is not ExitReason.STARTUP_FAILED or inc.kill_reason is not None:
+            return False
+        if _missing_module(inc.fatal) is not None:
+            return True  # in setup() too: a restart cannot install it
+        return not inc.hello and (
+            (inc.fatal is not None and inc.fatal[0] == proto.STAGE_LOAD)
+            or (record.signal is None and record.reaped and record.exitcode is not None)
         )
 
     def _settle_in_flight(self, inc: _Incarnation, record: ExitRecord) -> None:
@@ -1091,6 +1095,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     "guard, the spawn start method re-runs it in the child: add the guard. "
                     "Anything the child printed then went to this process's stderr"
                 )
+            missing = _missing_module(fatal)
+            if missing is not None:
+                detail += f"; {_install_hint(missing)}"
         elif status.signal is not None:
             reason = ExitReason.SIGNALED
         elif status.exitcode == 0:
@@ -1172,8 +1179,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             inc.death_scope.cancel()
 
     async def _watchdog(self, inc: _Incarnation) -> None:
-        """Enforces the startup, heartbeat and stall timeouts."""
+        """Enforces the startup, heartbeat and stall timeouts, and a control connection closed early."""
         timeouts = self._timeouts
+        eof_at: float | None = None
         while not (inc.stop_requested or inc.exited.is_set()):
             checks: list[tuple[float, ExitReason, str]] = []
             if not inc.ready:
@@ -1184,13 +1192,25 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                         f"setup did not finish within Timeouts(startup={timeouts.startup})",
                     )
                 )
-            if inc.last_frame is not None:
+            if inc.eof.is_set():
+                # The runner can no longer report anything, and no heartbeat will
+                # come: say what happened instead of waiting to call it frozen.
+                eof_at = trio.current_time() if eof_at is None else eof_at
+                checks.append(
+                    (
+                        eof_at + _EOF_GRACE,
+                        ExitReason.PROTOCOL_ERROR,
+                        "the runner closed its control connection (end of file from a process still "
+                        "alive), so it can no longer report results",
+                    )
+                )
+            elif inc.last_frame is not None:
                 checks.append(
                     (
                         inc.last_frame + timeouts.heartbeat,
                         ExitReason.HUNG,
-                        f"no heartbeat for Timeouts(heartbeat={timeouts.heartbeat}) seconds: "
-                        "the runner is frozen (stopped, or stuck holding the GIL)",
+                        f"no heartbeat for Timeouts(heartbeat={timeouts.heartbeat}) seconds: the runner is "
+                        "frozen (stopped, or stuck holding the GIL), or cannot write to its control socket",
                     )
                 )
             if timeouts.stall is not None and inc.ready and self._busy(inc):
@@ -1244,6 +1264,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._kill(inc, ExitReason.PROTOCOL_ERROR, str(exc))
         finally:
             inc.eof.set()
+            inc.poke_watchdog()
 
     def _route(self, inc: _Incarnation, message: Any, now: float) -> None:
         try:
@@ -1411,6 +1432,36 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     "the runner has stopped reading its control socket",
                 )
                 return
+
+
+#: The top-level modules that come with one of trio-runner's extras (pyproject.toml).
+_EXTRA_OF_MODULE = {
+    "mlx": "mlx",
+    "mlx_lm": "mlx",
+    "tokenizers": "mlx",
+    "hypercorn": "serve",
+    "starlette": "serve",
+    "anyio": "serve",
+    "prometheus_client": "serve",
+}
+_NO_MODULE_NAMED = re.compile(r"No module named '([^']+)'")
+
+
+def _missing_module(fatal: tuple[str, str, str, str] | None) -> str | None:
+    """The module a child's fatal ``ModuleNotFoundError`` names ("" if its message names none)."""
+    if fatal is None or fatal[1] != "ModuleNotFoundError":
+        return None
+    match = _NO_MODULE_NAMED.match(fatal[2])
+    return "" if match is None else match[1]
+
+
+def _install_hint(module: str) -> str:
+    """What to do about a missing module: no restart can install it."""
+    extra = _EXTRA_OF_MODULE.get(module.partition(".")[0])
+    if extra is not None:
+        return f"no restart can install {module}; it comes with an extra: pip install 'trio-runner[{extra}]'"
+    what = module or "the missing module"
+    return f"no restart can install {what}; install it where the runner runs ({sys.executable})"
 
 
 async def _send_locked(inc: _Incarnation, data: bytes) -> None:

@@ -240,14 +240,18 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
 class _StopScanner:
     """Holds back tokens that might begin a stop string, and cuts the text where one appears.
 
-    Without stop strings every token passes straight through.
+    Without stop strings every token passes straight through. Linear in the
+    length of the generation: it keeps only the end of the text a match can
+    still use (the held tokens, and the ``longest - 1`` characters before the
+    newest token, where a stop string that ends in it may begin).
     """
 
     def __init__(self, stops: Sequence[str]) -> None:
         self.stops = tuple(stops)
         self.longest = max((len(s) for s in self.stops), default=0)
-        self.text = ""  # everything generated so far: released, then held
-        self.released = 0  # characters of ``text`` already released
+        self.text = ""  # the end of everything generated so far: see ``_trim``
+        self.base = 0  # where ``text`` starts in the whole generation
+        self.released = 0  # characters of the whole generation already released
         self.held: deque[Token] = deque()
 
     def push(self, text: str, token_id: int) -> tuple[list[Token], bool]:
@@ -255,16 +259,18 @@ class _StopScanner:
         if not self.stops:
             return [Token(text, token_id)], False
         # A new match must end in the new text, so it starts no earlier than this.
-        start = max(0, len(self.text) - self.longest + 1)
+        start = max(0, self.base + len(self.text) - self.longest + 1)
         self.text += text
         self.held.append(Token(text, token_id))
-        hits = [i for i in (self.text.find(stop, start) for stop in self.stops) if i >= 0]
+        hits = [i for i in (self.text.find(stop, start - self.base) for stop in self.stops) if i >= 0]
         if hits:
-            return self._release(min(hits), cut=True), True
-        return self._release(len(self.text) - self._partial_match()), False
+            return self._release(self.base + min(hits), cut=True), True
+        ready = self._release(self.base + len(self.text) - self._partial_match())
+        self._trim()
+        return ready, False
 
     def flush(self) -> list[Token]:
-        return self._release(len(self.text))
+        return self._release(self.base + len(self.text))
 
     def _partial_match(self) -> int:
         """The length of the longest end of ``text`` that begins some stop string."""
@@ -274,6 +280,14 @@ class _StopScanner:
             if any(stop.startswith(suffix) for stop in self.stops):
                 return size
         return 0
+
+    def _trim(self) -> None:
+        """Drop the text no later match or release needs, so each push costs what it keeps."""
+        end = self.base + len(self.text)
+        keep_from = min(self.released, end - self.longest + 1)
+        if keep_from > self.base:
+            self.text = self.text[keep_from - self.base :]
+            self.base = keep_from
 
     def _release(self, end: int, cut: bool = False) -> list[Token]:
         out: list[Token] = []

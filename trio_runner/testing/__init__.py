@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._faulty import FaultyRunner as FaultyRunner
+from ._plan import NATIVE_FAULT_KINDS as NATIVE_FAULT_KINDS
 from ._plan import AfterEvent as AfterEvent
 from ._plan import BeforeEvent as BeforeEvent
 from ._plan import CorruptFrame as CorruptFrame
@@ -26,16 +27,20 @@ from ._plan import FaultKind as FaultKind
 from ._plan import FaultPlan as FaultPlan
 from ._plan import Hang as Hang
 from ._plan import HoldGil as HoldGil
+from ._plan import HostileException as HostileException
+from ._plan import HostileFault as HostileFault
 from ._plan import InjectedFault as InjectedFault
 from ._plan import InSetup as InSetup
 from ._plan import InTeardown as InTeardown
 from ._plan import OnShutdown as OnShutdown
 from ._plan import OversizeFrame as OversizeFrame
+from ._plan import OversizePayload as OversizePayload
 from ._plan import Raise as Raise
 from ._plan import Signal as Signal
 from ._plan import SlowStartup as SlowStartup
 from ._plan import SpawnGrandchild as SpawnGrandchild
 from ._plan import StallReader as StallReader
+from ._plan import StderrFlood as StderrFlood
 from ._plan import Stop as Stop
 from ._plan import StopHeartbeats as StopHeartbeats
 from ._plan import Trigger as Trigger

@@ -16,7 +16,7 @@ import signal
 import sys
 import threading
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from .. import _child
 from .. import _protocol as proto
@@ -30,16 +30,20 @@ from ._plan import (
     FaultPlan,
     Hang,
     HoldGil,
+    HostileException,
+    HostileFault,
     InjectedFault,
     InSetup,
     InTeardown,
     OnShutdown,
     OversizeFrame,
+    OversizePayload,
     Raise,
     Signal,
     SlowStartup,
     SpawnGrandchild,
     StallReader,
+    StderrFlood,
     Stop,
     StopHeartbeats,
 )
@@ -67,6 +71,54 @@ def _block_forever() -> None:
         time.sleep(3600)
 
 
+def _hold_gil(seconds: float | None) -> None:
+    """Keep the GIL for ``seconds`` (None: for ever) inside one C call, as a native library can.
+
+    ``sum`` over ``itertools.repeat`` runs entirely in C and never reaches the
+    eval loop, where a thread gives the GIL up. A short run first measures how
+    many items this machine sums per second.
+    """
+    if seconds is None:
+        sum(itertools.repeat(0))
+        return
+    probe = 1 << 20
+    began = time.perf_counter()
+    sum(itertools.repeat(0, probe))
+    took = max(time.perf_counter() - began, 1e-9)
+    sum(itertools.repeat(0, int(probe * seconds / took)))
+
+
+def _flood_stderr(lines: int) -> None:
+    """Write ``lines`` short lines to stderr as fast as the pipe takes them (big writes)."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    chunk = 10_000
+    for start in range(0, lines, chunk):
+        data = "".join(f"flood line {i}\n" for i in range(start, min(lines, start + chunk))).encode()
+        view = memoryview(data)
+        while view:
+            view = view[os.write(2, view) :]
+
+
+def _unpad(value: Any, padding: bytes) -> Any:
+    """Unpickling a padded payload: the value, without its padding."""
+    del padding
+    return value
+
+
+class _Padded:
+    """A value that pickles to more than ``size`` bytes and unpickles to itself."""
+
+    __slots__ = ("size", "value")
+
+    def __init__(self, value: Any, size: int) -> None:
+        self.value = value
+        self.size = size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_unpad, (self.value, bytes(self.size)))
+
+
 class _FaultyContext:
     """Stands in for the task's :class:`TaskContext`; fires event-triggered faults around ``emit``."""
 
@@ -75,6 +127,8 @@ class _FaultyContext:
         self._ctx = ctx
         self._faults = faults
         self._events = 0
+        self._pad_next: int | None = None  # an OversizePayload's size, for the next event
+        self.pad_result: int | None = None  # ... or for the task's result
 
     @property
     def task_id(self) -> int:
@@ -96,13 +150,26 @@ class _FaultyContext:
         self._events += 1
         for fault in self._faults:
             if isinstance(fault.trigger, BeforeEvent) and fault.trigger.event == index:
-                self._owner._fire(fault)  # pyright: ignore[reportPrivateUsage]
+                self._fire(fault)
+        if self._pad_next is not None:
+            event, self._pad_next = _Padded(event, self._pad_next), None
         self._ctx.emit(event)
         after = [f for f in self._faults if isinstance(f.trigger, AfterEvent) and f.trigger.event == index]
         if after:
             self._owner._flush()  # pyright: ignore[reportPrivateUsage]
             for fault in after:
-                self._owner._fire(fault)  # pyright: ignore[reportPrivateUsage]
+                self._fire(fault)
+
+    def _fire(self, fault: Fault) -> None:
+        kind = fault.kind
+        if isinstance(kind, OversizePayload):
+            # Not a fault of the process: it pads what this task sends next.
+            if kind.result:
+                self.pad_result = kind.size
+            else:
+                self._pad_next = kind.size
+            return
+        self._owner._fire(fault)  # pyright: ignore[reportPrivateUsage]
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._ctx, name)
@@ -191,8 +258,11 @@ class FaultyRunner(Runner[Any, Any, Any]):
         ]
         if not faults:
             return self._inner.handle(request, ctx)
-        wrapped: Any = _FaultyContext(self, ctx, faults)
-        return self._inner.handle(request, wrapped)
+        wrapped = _FaultyContext(self, ctx, faults)
+        result = self._inner.handle(request, cast(Any, wrapped))
+        if wrapped.pad_result is not None:
+            return _Padded(result, wrapped.pad_result)
+        return result
 
     def teardown(self) -> None:
         self._fire_all(InTeardown)
@@ -235,8 +305,7 @@ class FaultyRunner(Runner[Any, Any, Any]):
         elif isinstance(kind, Hang):
             _block_forever()
         elif isinstance(kind, HoldGil):
-            # sum() over an endless iterator runs in C and never gives up the GIL.
-            sum(itertools.repeat(0))
+            _hold_gil(kind.seconds)
         elif isinstance(kind, Stop):
             os.kill(os.getpid(), signal.SIGSTOP)
             _block_forever()
@@ -254,8 +323,13 @@ class FaultyRunner(Runner[Any, Any, Any]):
             self._send_raw(_OVERSIZE_FRAME)
         elif isinstance(kind, SlowStartup):
             time.sleep(kind.seconds)
-        else:
-            assert isinstance(kind, SpawnGrandchild)
+        elif isinstance(kind, StderrFlood):
+            _flood_stderr(kind.lines)
+        elif isinstance(kind, HostileException):
+            huge = kind.how == "huge_message"
+            raise HostileFault("x" * kind.size if huge else "unprintable", str_raises=not huge)
+        elif isinstance(kind, SpawnGrandchild):
             import subprocess
 
             subprocess.Popen([sys.executable, "-c", "import time; time.sleep(3600)"])
+        # An OversizePayload is fired by the task's context: it pads what the task sends next.

@@ -9,6 +9,7 @@ Hypothesis failure prints a plan you can paste into a regression test.
 
 from __future__ import annotations
 
+import math
 import signal
 from dataclasses import dataclass
 
@@ -125,8 +126,18 @@ class Hang:
 
 @dataclass(frozen=True)
 class HoldGil:
-    """A busy loop in C that never releases the GIL: every thread of the child, heartbeat
-    writer included, freezes."""
+    """A busy loop in C that keeps the GIL for ``seconds`` (None: for ever), as a native
+    call that never releases it does: every other thread of the child, heartbeat writer
+    and reader included, freezes meanwhile. Then the runner goes on."""
+
+    seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        seconds = self.seconds
+        if seconds is not None and (
+            isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf  # pyright: ignore[reportUnnecessaryIsInstance]
+        ):
+            raise ValueError(f"HoldGil(seconds={self.seconds!r}) must be a finite number >= 0, or None")
 
 
 @dataclass(frozen=True)
@@ -168,6 +179,54 @@ class SlowStartup:
 
 
 @dataclass(frozen=True)
+class StderrFlood:
+    """The runner writes ``lines`` short lines to stderr as fast as it can, then goes on."""
+
+    lines: int = 100_000
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lines, bool) or not isinstance(self.lines, int) or self.lines < 0:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"StderrFlood(lines={self.lines!r}) must be an int >= 0")
+
+
+@dataclass(frozen=True)
+class OversizePayload:
+    """The task's next event (or, with ``result=True``, its result) travels padded to more
+    than ``size`` bytes; the parent unpickles the very same value. Above the supervisor's
+    ``max_frame_size`` it cannot be sent, and the task fails with ``TaskFailed``. Only with
+    the :class:`BeforeEvent` and :class:`AfterEvent` triggers."""
+
+    size: int = 2 * 1024 * 1024
+    result: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"OversizePayload(size={self.size!r}) must be an int >= 0 (bytes)")
+        if not isinstance(self.result, bool):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise TypeError(f"OversizePayload(result={self.result!r}) must be a bool")
+
+
+@dataclass(frozen=True)
+class HostileException:
+    """Raises a :class:`HostileFault` that is hard to report: ``how="str_raises"``, its
+    ``__str__`` raises; ``how="huge_message"``, its message is ``size`` characters long
+    (make it larger than ``max_frame_size``). Like :class:`Raise`, it should fail only
+    its task."""
+
+    how: str = "str_raises"
+    size: int = 80 * 1024 * 1024
+
+    def __post_init__(self) -> None:
+        if self.how not in HOSTILE_WAYS:
+            raise ValueError(f"HostileException(how={self.how!r}) must be one of {', '.join(HOSTILE_WAYS)}")
+        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"HostileException(size={self.size!r}) must be an int >= 0 (characters)")
+
+
+HOSTILE_WAYS = ("str_raises", "huge_message")
+
+
+@dataclass(frozen=True)
 class SpawnGrandchild:
     """The runner starts a grandchild process that sleeps for an hour, then goes on.
     The supervisor must take it down with the runner's process group."""
@@ -186,6 +245,9 @@ FaultKind = (
     | OversizeFrame
     | SlowStartup
     | SpawnGrandchild
+    | StderrFlood
+    | OversizePayload
+    | HostileException
 )
 
 FAULT_KINDS: tuple[type[FaultKind], ...] = (
@@ -201,7 +263,14 @@ FAULT_KINDS: tuple[type[FaultKind], ...] = (
     OversizeFrame,
     SlowStartup,
     SpawnGrandchild,
+    StderrFlood,
+    OversizePayload,
+    HostileException,
 )
+#: Kinds for the faults a native workload produces (December 2026), beside ``HoldGil``
+#: with a number of ``seconds``: an stderr flood, an oversize payload, a hostile
+#: exception. The strategies draw them unless told ``native_faults=False``.
+NATIVE_FAULT_KINDS: tuple[type[FaultKind], ...] = (StderrFlood, OversizePayload, HostileException)
 TRIGGERS: tuple[type[Trigger], ...] = (InSetup, BeforeEvent, AfterEvent, InTeardown, OnShutdown)
 
 
@@ -209,14 +278,33 @@ class InjectedFault(Exception):
     """The exception a :class:`Raise` fault raises."""
 
 
+class HostileFault(InjectedFault):
+    """The exception a :class:`HostileException` fault raises: hard to turn into text."""
+
+    def __init__(self, message: str, str_raises: bool) -> None:
+        super().__init__(message)
+        self.str_raises = str_raises
+
+    def __str__(self) -> str:
+        if self.str_raises:
+            raise RuntimeError("HostileFault.__str__ raises on purpose")
+        return super().__str__()
+
+    def __reduce__(self) -> tuple[object, ...]:
+        return (type(self), (self.args[0] if self.args else "", self.str_raises))
+
+
 def _allowed(kind: FaultKind, trigger: Trigger) -> str | None:
     """Why ``kind`` cannot fire at ``trigger``, or None if it can."""
     if isinstance(kind, SlowStartup) and not isinstance(trigger, InSetup):
         return "SlowStartup only fires InSetup()"
-    if isinstance(kind, Raise) and isinstance(trigger, OnShutdown):
+    if isinstance(kind, Raise | HostileException) and isinstance(trigger, OnShutdown):
         return (
-            "Raise cannot fire OnShutdown(): it would only kill the child's reader thread; use InTeardown()"
+            f"{type(kind).__name__} cannot fire OnShutdown(): it would only kill the child's reader thread; "
+            "use InTeardown()"
         )
+    if isinstance(kind, OversizePayload) and not isinstance(trigger, BeforeEvent | AfterEvent):
+        return "OversizePayload pads a task's event or result: it fires only BeforeEvent() or AfterEvent()"
     return None
 
 
@@ -290,6 +378,11 @@ _FATAL_WHILE_SERVING: dict[type[FaultKind], frozenset[ExitReason]] = {
     OversizeFrame: frozenset({ExitReason.PROTOCOL_ERROR}),
     SlowStartup: frozenset(),
     SpawnGrandchild: frozenset(),
+    # The contract (issue 11): each fails at most its own task, never the runner. A flood
+    # is no progress, though: one that outlasts Timeouts.stall is a stalled task.
+    StderrFlood: frozenset({ExitReason.HUNG}),
+    OversizePayload: frozenset(),
+    HostileException: frozenset(),
 }
 
 
@@ -298,12 +391,16 @@ def exit_reasons(kind: FaultKind, trigger: Trigger) -> frozenset[ExitReason]:
 
     Assumes a finite ``Timeouts.stall`` (a :class:`Hang` or :class:`StallReader` in a
     task is only detected by it) and a startup timeout shorter than any
-    :class:`SlowStartup` you expect to fail.
+    :class:`SlowStartup` you expect to fail. A :class:`HoldGil` for a number of seconds
+    is given the exits of one held for ever: it ends the incarnation only if it outlasts
+    the heartbeat (or startup) timeout, which this table cannot know; likewise a
+    :class:`StderrFlood` in a task, which emits nothing, and so is HUNG if writing it
+    outlasts a finite ``Timeouts.stall``.
     """
     if isinstance(trigger, InTeardown | OnShutdown):
         return frozenset()  # a stop was requested: any exit is REQUESTED
     if isinstance(trigger, InSetup):
-        if isinstance(kind, SpawnGrandchild):
+        if isinstance(kind, SpawnGrandchild | StderrFlood):
             return frozenset()
         if isinstance(kind, StallReader):
             return frozenset({ExitReason.HUNG})  # READY, but tasks are never read

@@ -14,6 +14,8 @@ from hypothesis import strategies as st
 from .._policy import Mode, RestartPolicy
 from ._plan import (
     FAULT_KINDS,
+    HOSTILE_WAYS,
+    NATIVE_FAULT_KINDS,
     TRIGGERS,
     AfterEvent,
     BeforeEvent,
@@ -24,15 +26,18 @@ from ._plan import (
     FaultPlan,
     Hang,
     HoldGil,
+    HostileException,
     InSetup,
     InTeardown,
     OnShutdown,
     OversizeFrame,
+    OversizePayload,
     Raise,
     Signal,
     SlowStartup,
     SpawnGrandchild,
     StallReader,
+    StderrFlood,
     Stop,
     StopHeartbeats,
     Trigger,
@@ -41,22 +46,43 @@ from ._plan import (
 )
 from ._sequence import RequestSequence, Submission
 
+#: The sizes an :class:`OversizePayload` or a huge :class:`HostileException` message is
+#: drawn from: above the 1 MiB at which payloads leave the trio thread, and above the
+#: default ``max_frame_size`` (64 MiB).
+_BIG_SIZES = (2 * 1024 * 1024, 80 * 1024 * 1024)
+
 
 def fault_kinds(
-    kinds: Sequence[type[FaultKind]] = FAULT_KINDS, *, max_slow_startup: float = 0.2
+    kinds: Sequence[type[FaultKind]] = FAULT_KINDS,
+    *,
+    max_slow_startup: float = 0.2,
+    native_faults: bool = True,
+    max_gil_hold: float = 0.5,
+    max_flood_lines: int = 300_000,
 ) -> st.SearchStrategy[FaultKind]:
     """Fault kinds, from the classes in ``kinds``.
 
     Args:
-        kinds: which kinds to draw (default: all twelve).
+        kinds: which kinds to draw (default: all of them).
         max_slow_startup: the longest :class:`SlowStartup` drawn, in seconds.
+        native_faults: also draw the faults a native workload produces
+            (:data:`NATIVE_FAULT_KINDS`, and :class:`HoldGil` for a number of
+            seconds besides for ever); False keeps to the kinds a plan could
+            hold before them.
+        max_gil_hold: the longest :class:`HoldGil` drawn with ``seconds``.
+        max_flood_lines: the most lines a :class:`StderrFlood` drawn writes.
     """
+    hold_gil = st.just(HoldGil())
+    if native_faults:
+        hold_gil |= st.builds(HoldGil, st.floats(0.0, max_gil_hold))
+    else:
+        kinds = [kind for kind in kinds if kind not in NATIVE_FAULT_KINDS]
     options: dict[type[FaultKind], st.SearchStrategy[Any]] = {
         Signal: st.builds(Signal, st.sampled_from(fatal_signals())),
         Exit: st.builds(Exit, st.integers(0, 255)),
         Raise: st.builds(Raise, st.text(max_size=20)),
         Hang: st.just(Hang()),
-        HoldGil: st.just(HoldGil()),
+        HoldGil: hold_gil,
         Stop: st.just(Stop()),
         StopHeartbeats: st.just(StopHeartbeats()),
         StallReader: st.just(StallReader()),
@@ -64,6 +90,11 @@ def fault_kinds(
         OversizeFrame: st.just(OversizeFrame()),
         SlowStartup: st.builds(SlowStartup, st.floats(0, max_slow_startup)),
         SpawnGrandchild: st.just(SpawnGrandchild()),
+        StderrFlood: st.builds(StderrFlood, st.integers(0, max_flood_lines)),
+        OversizePayload: st.builds(OversizePayload, st.sampled_from(_BIG_SIZES), st.booleans()),
+        HostileException: st.builds(
+            HostileException, st.sampled_from(HOSTILE_WAYS), st.sampled_from(_BIG_SIZES)
+        ),
     }
     unknown = [kind for kind in kinds if kind not in options]
     if unknown or not kinds:
@@ -97,12 +128,16 @@ def faults(
     max_task: int = 3,
     max_event: int = 3,
     max_slow_startup: float = 0.2,
+    native_faults: bool = True,
 ) -> st.SearchStrategy[Fault]:
-    """Single faults: a kind, a trigger it can fire at, and an incarnation from ``incarnations``."""
+    """Single faults: a kind, a trigger it can fire at, and an incarnation from ``incarnations``.
+
+    ``native_faults``: see :func:`fault_kinds`.
+    """
 
     @st.composite
     def build(draw: st.DrawFn) -> Fault:
-        kind = draw(fault_kinds(kinds, max_slow_startup=max_slow_startup))
+        kind = draw(fault_kinds(kinds, max_slow_startup=max_slow_startup, native_faults=native_faults))
         usable = [t for t in trigger_kinds if _allowed(kind, _example(t)) is None]
         if not usable:
             from hypothesis import reject
@@ -127,6 +162,7 @@ def fault_plans(
     max_task: int = 3,
     max_event: int = 3,
     max_slow_startup: float = 0.2,
+    native_faults: bool = True,
 ) -> st.SearchStrategy[FaultPlan]:
     """Fault plans of 0 to ``max_faults`` faults; see :func:`faults` for the rest.
 
@@ -143,6 +179,7 @@ def fault_plans(
                 max_task=max_task,
                 max_event=max_event,
                 max_slow_startup=max_slow_startup,
+                native_faults=native_faults,
             ),
             max_size=max_faults,
         ).map(tuple),

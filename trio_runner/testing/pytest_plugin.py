@@ -11,7 +11,8 @@ module with ``pytestmark = pytest.mark.usefixtures("no_descendants")``.
 - ``loop_lateness``: a :class:`~trio_runner.testing.LatenessMonitor` running for
   the whole (pytest-trio) test; fails it if the loop was ever late by more than
   the bound: ``@pytest.mark.lateness_bound(seconds)``, else the ini option
-  ``trio_runner_lateness_bound`` (default 0.25 s).
+  ``trio_runner_lateness_bound`` (default 0.5 s: a blocking call on the trio
+  thread shows up far above it, a loaded machine does not).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import pytest
 
 from ._invariants import LatenessMonitor, descendants
 
-_DEFAULT_LATENESS = 0.25
+_DEFAULT_LATENESS = 0.5
 _DEFAULT_GRACE = 5.0
 
 
