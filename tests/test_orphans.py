@@ -210,12 +210,18 @@ async def test_a_runner_busy_in_c_with_a_live_parent_is_never_killed() -> None:
         assert sup.statistics().restarts == 0
 
 
-def _guardian_of(runner: int) -> int | None:
-    """The runner's guardian: the process in the runner's session that leads a group of its own."""
-    for pid in psutil.pids():
-        with contextlib.suppress(OSError):  # gone meanwhile
-            if pid != runner and os.getsid(pid) == runner and os.getpgid(pid) == pid and _running(pid):
-                return pid
+async def _guardian_of(runner: int) -> int | None:
+    """The runner's guardian: the process in the runner's session that leads a group of its own.
+
+    It starts beside the runner (a fresh interpreter), so it may come a moment
+    after READY: polled, for at most 10 s.
+    """
+    for _ in range(500):
+        for pid in psutil.pids():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if pid != runner and os.getsid(pid) == runner and os.getpgid(pid) == pid and _running(pid):
+                    return pid
+        await trio.sleep(0.02)
     return None
 
 
@@ -223,7 +229,7 @@ async def _runner_and_guardian(sup: Supervisor[object, object, object]) -> tuple
     await sup.wait_ready()
     runner = sup.statistics().pid
     assert runner is not None
-    guardian = _guardian_of(runner)
+    guardian = await _guardian_of(runner)
     assert guardian is not None, "the runner has no guardian"
     # Reparented away at once: the autouse fixture cannot see it, so every test
     # here checks it explicitly.
@@ -264,7 +270,7 @@ async def test_no_guardian_outlives_a_runner_whose_setup_fails() -> None:
                 assert change.pid is not None
                 # setup() sleeps for a second before it raises
                 await trio.sleep(0.2)
-                guardian = _guardian_of(change.pid)
+                guardian = await _guardian_of(change.pid)
                 assert guardian is not None
                 found.append(guardian)
             if isinstance(change, Stopped):

@@ -501,9 +501,9 @@ def main(
     with contextlib.suppress(OSError):
         os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The guardian, which outlives a runner that holds the GIL or is stopped,
-    # is forked now: before any thread starts (a fork is safe only then) and
-    # before the runner's module is imported (the guardian stays small).
+    # The guardian, which acts when a runner that holds the GIL or is stopped
+    # cannot, starts first thing. A supervisor that dies before the guardian
+    # runs is still seen: the lifeline is at end-of-file by then.
     lifeline: int | None = config.get("lifeline")
     guarded = lifeline is not None and _guardian.start(lifeline)
     _redirect_stdio(stdout_fd, stderr_fd)
@@ -540,7 +540,6 @@ def main(
     except BaseException as exc:
         die(proto.STAGE_LOAD, exc, proto.EXIT_LOAD_FAILED)
         raise  # unreachable; for the type checker
-    _guardian.reap_launcher()
     # Sent synchronously, before setup runs: a setup that dies at once must still
     # be seen as loaded, or it would pass for a runner that can never start.
     with child.send_lock:

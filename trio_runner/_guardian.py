@@ -2,9 +2,9 @@
 
 The runner's own orphan check is a thread, so it cannot run while the
 runner's main thread holds the GIL in native code, nor while the runner is
-SIGSTOPped. The guardian is a tiny process that the runner forks first thing
-(before any thread exists, which is when a fork is safe), with one job: when
-the supervisor is gone, the runner and everything it started go too.
+SIGSTOPped. The guardian is a tiny process the runner starts first thing,
+with one job: when the supervisor is gone, the runner and everything it
+started go too.
 
 It blocks on two pipes that nobody ever writes to:
 
@@ -23,28 +23,33 @@ one that is reparented away later (its parent died) is still known, and a pid
 reused by a stranger is never signalled. The scan reads ``/proc`` on Linux and
 runs ``ps`` elsewhere (macOS).
 
-The one design decision: a double fork. The guardian is the runner's
-grandchild and is reparented away at once, so the runner never has a child of
-ours to reap, nor one to trip over in ``os.wait()``. It stays in the runner's
-session but leads a process group of its own: the supervisor's signals to the
-runner's group (SIGTERM on escalation, SIGKILL at reap) are not meant for it,
-and it outlives the runner by one sweep. While the guardian lives in the
-runner's session, the runner's pid (the session id) cannot be given to another
-process, so signalling the runner's group by that number is safe even after
-the runner has been reaped.
+The one design decision: the guardian is a fresh interpreter
+(``python -I -S``, running this file), started with ``posix_spawn``, not a
+fork of the runner. A forked guardian shares the runner's pages, so every
+page the runner writes afterwards is copied: measured, that added 5-10 ms of
+the runner's CPU to each restart, against the couple of milliseconds allowed.
+``posix_spawn`` costs the runner a fraction of a millisecond; the guardian's
+own start (about 10 ms of CPU, with nothing imported but ``os``, ``sys`` and
+``select``) runs beside it. The spawned process forks once and exits, so the
+guardian is reparented away at once and the runner never has a child of ours
+to trip over in ``os.wait()``. The guardian stays in the runner's session but
+leads a process group of its own: the supervisor's signals to the runner's
+group (SIGTERM on escalation, SIGKILL at reap) are not meant for it, and it
+outlives the runner by one sweep. While it lives in the runner's session, the
+runner's pid (the session id) cannot be given to another process, so
+signalling the runner's group by that number is safe even after the runner
+has been reaped.
 
-Child side: the standard library only, nothing heavy (every spawn pays for
-each import).
+Child side: the standard library only, and at import only what a bare
+interpreter has already loaded, or nearly (every import here costs each
+restart twice: in the runner and in its guardian).
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
-import signal
 import sys
-from typing import NamedTuple
 
 #: How often the guardian records the runner's descendants that left its group.
 #: A /proc scan of a hundred processes costs about a millisecond.
@@ -53,75 +58,108 @@ _SCAN_INTERVAL = 1.0
 #: still grows after this many is swept as far as it was read.
 _FREEZE_ROUNDS = 4
 _PS_TIMEOUT = 10.0
+#: The same on every POSIX system; importing ``signal`` would cost the guardian
+#: 6 ms (it imports ``enum``), so it is imported only in :func:`sweep`.
+_SIGKILL = 9
 
 #: The pid of the short-lived process between the runner and its guardian,
 #: until the runner has reaped it (None in any other process, or once reaped).
+#: While it lives, the guardian is its child, so a descendant of the runner's.
 _launcher: int | None = None
 
 
-class Proc(NamedTuple):
+class Proc:
     """One row of the process table: what the sweep needs to know about a process."""
 
-    ppid: int
-    pgid: int
-    #: When it started, in the platform's own terms: with the pid, its identity.
-    start: str
-    #: A zombie: it runs nothing and cannot be signalled.
-    dead: bool
+    __slots__ = ("dead", "pgid", "ppid", "start")
+
+    def __init__(self, ppid: int, pgid: int, start: str, dead: bool) -> None:
+        self.ppid = ppid
+        self.pgid = pgid
+        #: When it started, in the platform's own terms: with the pid, its identity.
+        self.start = start
+        #: A zombie: it runs nothing and cannot be signalled.
+        self.dead = dead
 
 
 # -- the runner's side ------------------------------------------------------
 
 
 def start(lifeline: int) -> bool:
-    """Fork the guardian of this process, which must lead its own process group.
+    """Start the guardian of this process, which must lead its own process group.
 
-    Call it before any thread starts. Takes over ``lifeline`` (the read end of
-    the supervisor's pipe): this process closes its copy. Returns False (with
-    no guardian) if this process does not lead its group, whose id the
-    guardian kills by, or if it cannot fork.
+    Takes over ``lifeline`` (the read end of the supervisor's pipe): this
+    process closes its copy. Returns False (with no guardian) if this process
+    does not lead its group, whose id the guardian kills by, or if the
+    guardian cannot be started. The process in between is reaped by a thread,
+    so the runner's start never waits for it.
     """
     global _launcher
     runner = os.getpid()
-    if os.getpgid(0) != runner:
-        os.close(lifeline)
-        return False
-    runner_r, runner_w = os.pipe()  # close-on-exec: a program the runner execs does not hold it
+    runner_r, runner_w = os.pipe()  # close-on-exec: a program the runner runs does not hold it
+    pid: int | None = None
     try:
-        pid = os.fork()
-    except OSError:
-        for fd in (lifeline, runner_r, runner_w):
-            os.close(fd)
+        if os.getpgid(0) == runner and sys.executable:
+            # Exactly these fds, at their own numbers, and /dev/null as stdio:
+            # whatever the guardian held would stay open as long as it lives (the
+            # supervisor's stdio pipes and control socket, the resource tracker's pipe).
+            actions: list[tuple[object, ...]] = [
+                (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)
+            ]
+            actions += [
+                (os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in (lifeline, runner_r)
+            ]
+            os.set_inheritable(lifeline, True)
+            os.set_inheritable(runner_r, True)
+            code = (
+                f"import sys; sys.path.append({os.path.dirname(os.path.abspath(__file__))!r}); "
+                "import _guardian; _guardian.main(sys.argv[1:])"
+            )
+            argv = [sys.executable, "-I", "-S", "-c", code, str(lifeline), str(runner_r), str(runner)]
+            try:
+                pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions)
+            except OSError:  # out of processes or memory, or no interpreter to run
+                pid = None
+    finally:
+        os.close(runner_r)
+        os.close(lifeline)
+        if pid is None:
+            os.close(runner_w)
+    if pid is None:
         return False
-    if pid == 0:
-        # The launcher: forks the guardian and exits, so the guardian is reparented away.
-        code = 1
-        try:
-            if os.fork() == 0:
-                try:
-                    os.close(runner_w)
-                    _guard(lifeline, runner_r, runner)
-                finally:
-                    os._exit(0)
-            code = 0
-        finally:
-            os._exit(code)
     _launcher = pid
-    os.close(runner_r)
-    os.close(lifeline)
+    import threading  # loaded in the runner already; here it would cost the guardian
+
+    threading.Thread(target=_reap_launcher, args=(pid,), name="trio-runner-guardian", daemon=True).start()
     return True
 
 
-def reap_launcher() -> None:
+def _inheritable_fds() -> list[int]:
+    """This process's fds that a spawned program would inherit, 0-2 aside."""
+    try:
+        names = os.listdir("/dev/fd")
+    except OSError:
+        return []
+    fds: list[int] = []
+    for name in names:
+        fd = int(name)
+        if fd > 2:
+            try:
+                if os.get_inheritable(fd):
+                    fds.append(fd)
+            except OSError:  # the directory listdir read, closed by now
+                continue
+    return fds
+
+
+def _reap_launcher(pid: int) -> None:
     """Reap the launcher (gone within a moment of :func:`start`); say so if it failed."""
     global _launcher
-    pid, _launcher = _launcher, None
-    if pid is None:
-        return
     try:
         _, status = os.waitpid(pid, 0)
     except ChildProcessError:  # runner code reaped it already (os.wait(), or SIGCHLD ignored)
-        return
+        status = 0
+    _launcher = None
     if status != 0:
         print(
             "trio-runner: the guardian process could not be started; if the supervisor dies "
@@ -138,38 +176,61 @@ def kill_escaped_descendants() -> None:
     it are found only through their parent links, which break when this
     process exits, so the runner calls this on its way out.
     """
-    reap_launcher()  # so that the guardian is no descendant of ours
-    sweep(os.getpid(), os.getpgid(0), {}, kill_group=False)
+    launcher = _launcher  # the guardian is its child until it exits: not to be swept
+    sweep(os.getpid(), os.getpgid(0), {}, kill_group=False, spare=launcher)
 
 
 # -- the guardian -----------------------------------------------------------
 
 
+def main(argv: list[str]) -> None:
+    """The launcher's entry point (``python -I -S -c ...``): fork the guardian, and exit."""
+    lifeline, runner_pipe, runner = (int(arg) for arg in argv)
+    if os.fork() != 0:
+        os._exit(0)  # reaped by the runner; the guardian is reparented away
+    try:
+        os.setpgid(0, 0)
+        _guard(lifeline, runner_pipe, runner)
+    finally:
+        os._exit(0)
+
+
 def _guard(lifeline: int, runner_pipe: int, runner: int) -> None:
     """The guardian's whole life: wait for either end-of-file, recording escapees meanwhile; then sweep."""
-    os.setpgid(0, 0)
-    _keep_only_fds(lifeline, runner_pipe)
     recorded: dict[int, str] = {}
     me = os.getpid()
-    while not _readable(lifeline, runner_pipe, _SCAN_INTERVAL):
+    runner_died = False
+    while not runner_died:
+        if _readable((lifeline, runner_pipe), _SCAN_INTERVAL):
+            runner_died = _readable((runner_pipe,), 0)
+            if not runner_died:
+                break  # the supervisor is gone
+            continue
         table = process_table()
         if table is None:
             continue
-        if not _alive(table, runner):
-            # Its pipe is still open only because a process it forked holds a copy.
-            break
-        recorded = escaped(table, {runner, *recorded}, runner, recorded, exclude=me)
-    sweep(runner, runner, recorded, kill_group=True)
+        # Dead with its pipe still open: a process it forked holds a copy.
+        runner_died = not _alive(table, runner)
+        if not runner_died:
+            recorded = escaped(table, {runner, *recorded}, runner, recorded, exclude=me)
+    if runner_died and not recorded:
+        # Nothing is known outside the group, and the dead runner's parent links
+        # lead nowhere: no tree to read. Its group goes (the supervisor kills it
+        # too, if it lives), without a scan that would compete with the start
+        # of the runner's successor.
+        _signal_group(runner, _SIGKILL)
+        return
+    sweep(runner, runner, recorded, kill_group=True, spare=me)
 
 
-def _readable(a: int, b: int, timeout: float) -> bool:
-    """Wait up to ``timeout`` for either fd; nobody writes to them, so readable means end-of-file."""
+def _readable(fds: tuple[int, ...], timeout: float) -> bool:
+    """Wait up to ``timeout`` for any of ``fds``; nobody writes to them, so readable means end-of-file."""
     if hasattr(select, "poll"):
         poller = select.poll()
-        poller.register(a, select.POLLIN)
-        poller.register(b, select.POLLIN)
+        for fd in fds:
+            poller.register(fd, select.POLLIN)
         return bool(poller.poll(timeout * 1000))
-    readable, _, _ = select.select([a, b], [], [], timeout)
+    readable, _, _ = select.select(fds, [], [], timeout)
     return bool(readable)
 
 
@@ -185,34 +246,6 @@ def _alive(table: dict[int, Proc], pid: int) -> bool:
     except PermissionError:
         return True
     return True
-
-
-def _keep_only_fds(*keep: int) -> None:
-    """Close every fd but ``keep``, with /dev/null as stdio.
-
-    Whatever the guardian holds stays open as long as it lives: the
-    supervisor's stdio pipes (the drain would wait), the parent's stdout (a
-    ``communicate()`` on the parent would wait), multiprocessing's resource
-    tracker pipe (the tracker would live on).
-    """
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        if fd != null:
-            os.dup2(null, fd)
-    wanted = {0, 1, 2, *keep}
-    try:
-        open_fds = [int(name) for name in os.listdir("/dev/fd")]
-    except OSError:  # no /dev/fd: every fd up to the limit
-        first = 3
-        for fd in sorted(wanted - {0, 1, 2}):
-            os.closerange(first, fd)
-            first = fd + 1
-        os.closerange(first, os.sysconf("SC_OPEN_MAX"))
-        return
-    for fd in open_fds:
-        if fd not in wanted:
-            with contextlib.suppress(OSError):  # the fd listdir used, closed by now
-                os.close(fd)
 
 
 # -- the process table and the sweep ----------------------------------------
@@ -280,9 +313,11 @@ def ps_table() -> dict[int, Proc] | None:
 
 
 def escaped(
-    table: dict[int, Proc], roots: set[int], group: int, known: dict[int, str], *, exclude: int
+    table: dict[int, Proc], roots: set[int], group: int, known: dict[int, str], *, exclude: int | None
 ) -> dict[int, str]:
     """The live descendants of ``roots`` outside process group ``group``, with their start times.
+
+    ``exclude`` and its descendants are not searched.
 
     ``known`` escapees still alive with the same start time are kept (and
     searched from), whether or not a parent link still leads to them.
@@ -309,46 +344,53 @@ def escaped(
     return found
 
 
-def sweep(root: int, group: int, known: dict[int, str], *, kill_group: bool) -> None:
+def sweep(root: int, group: int, known: dict[int, str], *, kill_group: bool, spare: int | None) -> None:
     """SIGKILL the descendants of ``root`` outside ``group`` (and the group, if ``kill_group``).
 
     Everything is stopped first and the tree read again until nothing new
     turns up: a stopped process neither forks nor exits, so no parent link
     breaks and no pid is freed for reuse between reading and killing.
+    ``spare`` and its descendants are left alone.
     """
-    me = os.getpid()
+    from signal import SIGSTOP
+
     if kill_group:
-        _signal_group(group, signal.SIGSTOP)
+        _signal_group(group, SIGSTOP)
     stopped: dict[int, str] = {}
     leaders: set[int] = set()
     for _ in range(_FREEZE_ROUNDS):
         table = process_table()
         if table is None:
             break
-        found = escaped(table, {root, *known, *stopped}, group, {**known, **stopped}, exclude=me)
+        found = escaped(table, {root, *known, *stopped}, group, {**known, **stopped}, exclude=spare)
         new = [pid for pid in found if pid not in stopped]
         for pid in new:
-            _signal(pid, signal.SIGSTOP)
+            _signal(pid, SIGSTOP)
             stopped[pid] = found[pid]
             if table[pid].pgid == pid:
                 leaders.add(pid)
         if not new:
             break
     if kill_group:
-        _signal_group(group, signal.SIGKILL)
+        _signal_group(group, _SIGKILL)
     for pid in stopped:
         if pid in leaders:
             # Its group may hold processes that no parent link leads to any more.
-            _signal_group(pid, signal.SIGKILL)
+            _signal_group(pid, _SIGKILL)
         else:
-            _signal(pid, signal.SIGKILL)
+            _signal(pid, _SIGKILL)
 
 
+# try/except rather than contextlib.suppress: one import less for the guardian.
 def _signal(pid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:  # noqa: SIM105
         os.kill(pid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _signal_group(pgid: int, signum: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    try:  # noqa: SIM105
         os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
