@@ -29,6 +29,7 @@ SUITES = [
     ("events", "bench_throughput"),
     ("roundtrip", "bench_roundtrip"),
     ("lifecycle", "bench_lifecycle"),
+    ("guardian", "bench_guardian"),
     ("scaling", "bench_scaling"),
     ("mlx", "bench_mlx"),
     ("serve", "bench_serve"),

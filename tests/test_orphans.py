@@ -277,3 +277,30 @@ async def test_no_guardian_outlives_a_runner_whose_setup_fails() -> None:
                 break
     assert found
     assert await _until_gone(found, within=10) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="compares ps with /proc")
+def test_the_guardians_ps_scan_agrees_with_proc() -> None:
+    # macOS has no /proc: the guardian reads the tree from ps there. Checked
+    # here against /proc, for a family whose shape is known.
+    from trio_runner import _guardian
+
+    with (
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as in_group,
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True
+        ) as away,
+    ):
+        try:
+            from_ps, from_proc = _guardian.ps_table(), _guardian.process_table()
+            assert from_ps is not None and from_proc is not None
+            me = os.getpid()
+            for table in (from_ps, from_proc):
+                assert table[in_group.pid].ppid == table[away.pid].ppid == me
+                assert table[away.pid].pgid == away.pid != table[in_group.pid].pgid
+                assert not table[me].dead
+                found = _guardian.escaped(table, {me}, os.getpgid(0), {}, exclude=None)
+                assert away.pid in found and in_group.pid not in found
+        finally:
+            in_group.kill()
+            away.kill()

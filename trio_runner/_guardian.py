@@ -29,10 +29,10 @@ fork of the runner. A forked guardian shares the runner's pages, so every
 page the runner writes afterwards is copied: measured, that added 5-10 ms of
 the runner's CPU to each restart, against the couple of milliseconds allowed.
 ``posix_spawn`` costs the runner a fraction of a millisecond; the guardian's
-own start (about 10 ms of CPU, with nothing imported but ``os``, ``sys`` and
-``select``) runs beside it. The spawned process forks once and exits, so the
-guardian is reparented away at once and the runner never has a child of ours
-to trip over in ``os.wait()``. The guardian stays in the runner's session but
+own start (10-15 ms of CPU, with nothing imported but ``os``, ``sys`` and
+``select``) runs beside it, at the lowest CPU priority. The spawned process
+forks once and exits, so the guardian is reparented away at once and the
+runner never has a child of ours to trip over in ``os.wait()``. The guardian stays in the runner's session but
 leads a process group of its own: the supervisor's signals to the runner's
 group (SIGTERM on escalation, SIGKILL at reap) are not meant for it, and it
 outlives the runner by one sweep. While it lives in the runner's session, the
@@ -40,9 +40,8 @@ runner's pid (the session id) cannot be given to another process, so
 signalling the runner's group by that number is safe even after the runner
 has been reaped.
 
-Child side: the standard library only, and at import only what a bare
-interpreter has already loaded, or nearly (every import here costs each
-restart twice: in the runner and in its guardian).
+Child side: the standard library only, and at import only ``os``, ``sys``
+and ``select`` (every import here costs the guardian's start).
 """
 
 from __future__ import annotations
@@ -61,6 +60,7 @@ _PS_TIMEOUT = 10.0
 #: The same on every POSIX system; importing ``signal`` would cost the guardian
 #: 6 ms (it imports ``enum``), so it is imported only in :func:`sweep`.
 _SIGKILL = 9
+_NICEST = 19
 
 #: The pid of the short-lived process between the runner and its guardian,
 #: until the runner has reaped it (None in any other process, or once reaped).
@@ -120,6 +120,8 @@ def start(lifeline: int) -> bool:
                 pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions)
             except OSError:  # out of processes or memory, or no interpreter to run
                 pid = None
+            else:
+                _lower_priority(pid)
     finally:
         os.close(runner_r)
         os.close(lifeline)
@@ -132,6 +134,20 @@ def start(lifeline: int) -> bool:
 
     threading.Thread(target=_reap_launcher, args=(pid,), name="trio-runner-guardian", daemon=True).start()
     return True
+
+
+def _lower_priority(pid: int) -> None:
+    """Give the guardian the lowest CPU priority, for good.
+
+    Its start (an interpreter's, about 10 ms of CPU) would otherwise compete
+    with the start of the runner and the supervisor's work on it, which is all
+    a restart waits for. What it does later is small enough (a millisecond a
+    second, and the sweep) to get done at any priority.
+    """
+    try:  # noqa: SIM105 (contextlib: one import less for the guardian)
+        os.setpriority(os.PRIO_PROCESS, pid, _NICEST)
+    except OSError:  # gone already (it failed), or a platform that forbids it
+        pass
 
 
 def _inheritable_fds() -> list[int]:
