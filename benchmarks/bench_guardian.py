@@ -13,9 +13,12 @@ final sweep, which competes for the CPU with the new runner's start.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import signal
 import statistics
+import subprocess
+import sys
 import time
 from contextlib import AsyncExitStack
 from typing import Any
@@ -66,6 +69,35 @@ async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
     return samples
 
 
+# Runs in a session of its own, as a runner does; its guardians sweep it when it exits.
+_START_COST = """
+import json, os, sys, time
+from trio_runner import _guardian
+samples, lifelines = [], []
+for _ in range(int(sys.argv[1])):
+    r, w = os.pipe()
+    lifelines.append(w)  # held open: a closed lifeline would have the guardian kill this process
+    started = time.perf_counter()
+    _guardian.start(r)
+    samples.append(time.perf_counter() - started)
+    time.sleep(0.05)
+print(json.dumps(samples), flush=True)
+os._exit(0)
+"""
+
+
+def runner_side_start_cost(cfg: Config) -> list[float]:
+    proc = subprocess.run(
+        [sys.executable, "-c", _START_COST, str(cfg.n(40, 2))],
+        capture_output=True,
+        text=True,
+        check=True,
+        start_new_session=True,
+        timeout=120,
+    )
+    return json.loads(proc.stdout)
+
+
 async def run(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
@@ -90,4 +122,18 @@ async def run(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 paired_difference_ms=paired,
             )
         )
+    start_cost = summary(runner_side_start_cost(cfg), MS)
+    raw["guardian_start_in_runner"] = start_cost
+    rows.append(
+        row(
+            "guardian_start",
+            "the runner blocked starting its guardian (median / p99)",
+            fmt_ms(start_cost),
+            "—",
+            "—",
+            "—",
+            None,
+            stats=start_cost,
+        )
+    )
     return rows, raw
