@@ -96,7 +96,9 @@ def start(lifeline: int) -> bool:
     """
     global _launcher
     runner = os.getpid()
-    runner_r, runner_w = os.pipe()  # close-on-exec: a program the runner runs does not hold it
+    # The write end stays open, unused, as long as this process lives; it is
+    # close-on-exec, so a program the runner runs does not hold it.
+    runner_r, runner_w = os.pipe()
     pid: int | None = None
     try:
         if os.getpgid(0) == runner and sys.executable:
@@ -132,7 +134,9 @@ def start(lifeline: int) -> bool:
     _launcher = pid
     import threading  # loaded in the runner already; here it would cost the guardian
 
-    threading.Thread(target=_reap_launcher, args=(pid,), name="trio-runner-guardian", daemon=True).start()
+    threading.Thread(
+        target=_reap_launcher, args=(pid,), name="trio-runner-guardian-reaper", daemon=True
+    ).start()
     return True
 
 

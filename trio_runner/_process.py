@@ -52,8 +52,8 @@ class SpawnSpec:
     preload: tuple[str, ...]
     max_frame: int
     heartbeat_interval: float
-    #: Fork a guardian process in the child (see ``_guardian``). False only in
-    #: benchmarks that measure what the guardian costs.
+    #: Start a guardian process from the child (see ``_guardian``). False only
+    #: in benchmarks that measure what the guardian costs.
     guardian: bool = True
 
 
