@@ -29,6 +29,7 @@ SUITES = [
     ("events", "bench_throughput"),
     ("roundtrip", "bench_roundtrip"),
     ("lifecycle", "bench_lifecycle"),
+    ("guardian", "bench_guardian"),
     ("scaling", "bench_scaling"),
     ("cancel", "bench_cancel"),
     ("mlx", "bench_mlx"),

@@ -162,3 +162,37 @@ class PacedRunner(Runner[Any, Any, Any]):
 
 class UnpacedRunner(PacedRunner):
     linger = 0.0
+
+
+class FamilyRunner(EchoRunner):
+    """EchoRunner with a family to leave behind, and handlers that hold the GIL (the guardian's tests)."""
+
+    def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
+        command, *args = request
+        sleeper = [sys.executable, "-c", "import time; time.sleep(600)"]
+        if command == "family":
+            # One grandchild in the runner's process group, one that leaves it.
+            in_group = subprocess.Popen(sleeper)
+            new_session = subprocess.Popen(sleeper, start_new_session=True)
+            return {"in_group": in_group.pid, "new_session": new_session.pid}
+        if command == "escapee":
+            # A child (in the group) starts a great-grandchild in a session of its
+            # own, reports its pid, and exits after ``args[0]`` seconds: the
+            # great-grandchild is then reparented away, out of the runner's reach.
+            code = (
+                "import subprocess, sys, time; "
+                f"p = subprocess.Popen({sleeper!r}, start_new_session=True); "
+                f"print(p.pid, flush=True); time.sleep({args[0]!r})"
+            )
+            middle = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+            assert middle.stdout is not None
+            escapee = int(middle.stdout.readline())
+            middle.stdout.close()
+            middle.wait()
+            return escapee
+        if command == "hold_gil":
+            # sum() over a range runs in C and never lets another thread take the
+            # GIL: the reader thread (and its orphan check) cannot run.
+            ctx.emit("holding the GIL")
+            return sum(range(args[0]))
+        return super().handle(request, ctx)

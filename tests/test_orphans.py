@@ -15,15 +15,25 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import psutil
 import pytest
 import trio
 
-from trio_runner import RestartPolicy, RunnerState, Supervisor, Timeouts, open_supervisor
+from trio_runner import (
+    RestartPolicy,
+    RunnerCrashed,
+    RunnerState,
+    Spawned,
+    Stopped,
+    Supervisor,
+    Timeouts,
+    open_supervisor,
+)
 
-from .runners import EchoRunner
+from .runners import EchoRunner, FamilyRunner
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2)
 QUICK = Timeouts(heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
@@ -91,31 +101,206 @@ async def test_leaving_open_supervisor_leaves_no_runner_grandchild_or_zombie() -
     assert _our_processes() == []
 
 
-async def test_runner_and_grandchild_die_when_the_parent_is_sigkilled() -> None:
+@contextlib.asynccontextmanager
+async def _parent(*argv: str) -> AsyncIterator[tuple[trio.Process, dict[str, int]]]:
+    """Run tests/scripts/parent_for_orphan_test.py; yield it and the pids it reported.
+
+    On the way out, kills whatever is left: the runner's family is no longer
+    our descendants once the parent is dead, so the autouse fixture cannot see it.
+    """
     script = SCRIPTS / "parent_for_orphan_test.py"
-    proc = await trio.lowlevel.open_process([sys.executable, str(script)], stdout=subprocess.PIPE)
-    pids: list[int] = []
+    proc = await trio.lowlevel.open_process([sys.executable, str(script), *argv], stdout=subprocess.PIPE)
+    pids: dict[str, int] = {}
     try:
         assert proc.stdout is not None
         line = b""
-        with trio.fail_after(30):
+        with trio.fail_after(60):
             while not line.endswith(b"\n"):
                 chunk = await proc.stdout.receive_some(4096)
                 assert chunk, "the parent script exited before printing its pids"
                 line += chunk
-        reported = json.loads(line)
-        pids = [reported["runner"], reported["grandchild"]]
-        assert all(_running(pid) for pid in pids)
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-        assert await _until_gone(pids, within=2) == []
+        pids.update(json.loads(line))
+        yield proc, pids
     finally:
         with contextlib.suppress(ProcessLookupError):
             proc.kill()
         await proc.wait()
         if proc.stdout is not None:
             await proc.stdout.aclose()
-        for pid in pids:  # not our descendants any more: the autouse fixture cannot see them
+        for pid in pids.values():
             if _running(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
+
+
+async def _sigkill_and_communicate(proc: trio.Process) -> None:
+    """SIGKILL the parent, then read its stdout to the end, as ``communicate()`` would.
+
+    Whatever still holds the dead parent's stdout keeps that read waiting:
+    multiprocessing's resource tracker does, for as long as a runner lives.
+    """
+    proc.send_signal(signal.SIGKILL)
+    await proc.wait()
+    assert proc.stdout is not None
+    with trio.fail_after(10):
+        while await proc.stdout.receive_some(4096):
+            pass
+
+
+async def test_runner_and_grandchild_die_when_the_parent_is_sigkilled() -> None:
+    async with _parent("idle") as (proc, pids):
+        assert set(pids) == {"runner", "grandchild"}
+        assert all(_running(pid) for pid in pids.values())
+        proc.send_signal(signal.SIGKILL)
+        await proc.wait()
+        assert await _until_gone(list(pids.values()), within=2) == []
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+async def test_a_runner_holding_the_gil_and_its_whole_family_die_when_the_parent_is_sigkilled(
+    start_method: str,
+) -> None:
+    # The reader thread's orphan check cannot run while the handler holds the
+    # GIL in C: the guardian process has to do it.
+    async with _parent("gil", start_method) as (proc, pids):
+        assert set(pids) == {"runner", "in_group", "new_session"}
+        assert all(_running(pid) for pid in pids.values())
+        await _sigkill_and_communicate(proc)
+        assert await _until_gone(list(pids.values()), within=10) == []
+
+
+async def test_a_stopped_runner_and_its_whole_family_die_when_the_parent_is_sigkilled() -> None:
+    async with _parent("stopped") as (proc, pids):
+        runner = psutil.Process(pids["runner"])
+        for _ in range(1000):  # SIGSTOP is delivered asynchronously: poll, for at most 10 s
+            if runner.status() == psutil.STATUS_STOPPED:
+                break
+            await trio.sleep(0.01)
+        assert runner.status() == psutil.STATUS_STOPPED
+        await _sigkill_and_communicate(proc)
+        assert await _until_gone(list(pids.values()), within=10) == []
+
+
+async def test_leaving_open_supervisor_kills_a_grandchild_that_left_the_process_group() -> None:
+    async with open_supervisor(FamilyRunner, policy=FAST, timeouts=QUICK) as sup:
+        family = await sup.run(("family",))
+        assert os.getpgid(family["new_session"]) != sup.statistics().pid
+        assert all(_running(pid) for pid in family.values())
+    # Not our descendant once the runner is gone: the autouse fixture cannot see it.
+    assert await _until_gone(list(family.values()), within=10) == []
+
+
+async def test_a_grandchild_that_left_the_group_and_was_reparented_away_is_killed_at_shutdown() -> None:
+    # Its parent lives long enough (3.5 s) for the guardian's scan (every
+    # second) to record it; no parent link leads to it after that.
+    async with open_supervisor(FamilyRunner, policy=FAST, timeouts=QUICK) as sup:
+        escapee = await sup.run(("escapee", 3.5))
+        runner = sup.statistics().pid
+        assert _running(escapee)
+        assert runner not in {proc.pid for proc in psutil.Process(escapee).parents()}
+    assert await _until_gone([escapee], within=10) == []
+
+
+async def test_a_runner_busy_in_c_with_a_live_parent_is_never_killed() -> None:
+    # Seconds in C without a heartbeat; the heartbeat timeout is out of the way,
+    # so only a spurious kill by the guardian could fail the task.
+    n = 10**8  # 2-4 s here: several of the guardian's scans
+    async with open_supervisor(FamilyRunner, policy=FAST, timeouts=Timeouts(heartbeat=300)) as sup:
+        assert await sup.run(("hold_gil", n)) == n * (n - 1) // 2
+        assert sup.statistics().restarts == 0
+
+
+async def _guardian_of(runner: int) -> int | None:
+    """The runner's guardian: the process in the runner's session that leads a group of its own.
+
+    It starts beside the runner (a fresh interpreter), so it may come a moment
+    after READY: polled, for at most 10 s.
+    """
+    for _ in range(500):
+        for pid in psutil.pids():
+            with contextlib.suppress(OSError):  # gone meanwhile
+                if pid != runner and os.getsid(pid) == runner and os.getpgid(pid) == pid and _running(pid):
+                    return pid
+        await trio.sleep(0.02)
+    return None
+
+
+async def _runner_and_guardian(sup: Supervisor[object, object, object]) -> tuple[int, int]:
+    await sup.wait_ready()
+    runner = sup.statistics().pid
+    assert runner is not None
+    guardian = await _guardian_of(runner)
+    assert guardian is not None, "the runner has no guardian"
+    # Reparented away at once: the autouse fixture cannot see it, so every test
+    # here checks it explicitly.
+    assert runner not in {proc.pid for proc in psutil.Process(guardian).parents()}
+    return runner, guardian
+
+
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+async def test_no_guardian_outlives_its_runner_through_sigkill_crash_and_graceful_stop(
+    start_method: str,
+) -> None:
+    guardians: list[int] = []
+    async with open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK, start_method=start_method) as sup:
+        runner, guardian = await _runner_and_guardian(sup)
+        guardians.append(guardian)
+        os.kill(runner, signal.SIGKILL)
+        with pytest.raises(RunnerCrashed):
+            await sup.run(("sleep", 30))
+        assert await _until_gone([guardian], within=10) == []
+
+        _, guardian = await _runner_and_guardian(sup)
+        guardians.append(guardian)
+        with pytest.raises(RunnerCrashed):
+            await sup.run(("exit", 3))
+        assert await _until_gone([guardian], within=10) == []
+
+        _, guardian = await _runner_and_guardian(sup)
+        guardians.append(guardian)
+    assert await _until_gone(guardians, within=10) == []
+
+
+async def test_no_guardian_outlives_a_runner_whose_setup_fails() -> None:
+    found: list[int] = []
+    policy = RestartPolicy(mode="temporary")
+    async with open_supervisor(EchoRunner, 1.0, True, policy=policy, timeouts=QUICK) as sup:
+        async for change in sup.watch():
+            if isinstance(change, Spawned):
+                assert change.pid is not None
+                # setup() sleeps for a second before it raises
+                await trio.sleep(0.2)
+                guardian = await _guardian_of(change.pid)
+                assert guardian is not None
+                found.append(guardian)
+            if isinstance(change, Stopped):
+                break
+    assert found
+    assert await _until_gone(found, within=10) == []
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="compares ps with /proc")
+def test_the_guardians_ps_scan_agrees_with_proc() -> None:
+    # macOS has no /proc: the guardian reads the tree from ps there. Checked
+    # here against /proc, for a family whose shape is known.
+    from trio_runner import _guardian
+
+    with (
+        subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"]) as in_group,
+        subprocess.Popen(
+            [sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True
+        ) as away,
+    ):
+        try:
+            from_ps, from_proc = _guardian.ps_table(), _guardian.process_table()
+            assert from_ps is not None and from_proc is not None
+            me = os.getpid()
+            for table in (from_ps, from_proc):
+                assert table[in_group.pid].ppid == table[away.pid].ppid == me
+                assert table[away.pid].pgid == away.pid != table[in_group.pid].pgid
+                assert not table[me].dead
+                found = _guardian.escaped(table, {me}, os.getpgid(0), {}, exclude=None)
+                assert away.pid in found and in_group.pid not in found
+        finally:
+            in_group.kill()
+            away.kill()

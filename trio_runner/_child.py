@@ -9,7 +9,9 @@ neither delay a cancel nor hide the parent's death:
 - the **reader thread** reads the control socket. A cancel sets the task's flag
   the instant its frame arrives. End-of-file without a Shutdown message means
   the parent is gone (even SIGKILLed): it kills the whole process group and
-  calls ``os._exit``;
+  calls ``os._exit``. A guardian process (``_guardian``) does the same from
+  outside, for when this thread cannot run (the GIL held in native code, the
+  process stopped);
 - the **writer thread** batches outgoing messages into frames and sends a
   heartbeat whenever it has been idle for an interval.
 
@@ -42,6 +44,7 @@ import traceback
 from collections.abc import Iterable
 from typing import Any, cast
 
+from . import _guardian
 from . import _protocol as proto
 from ._errors import TaskCancelled
 from ._runner import Runner, TaskContext, check_linger
@@ -413,6 +416,7 @@ class Child:
 
     def _orphaned(self) -> None:
         """The parent is gone. Take the whole process group down, grandchildren too."""
+        _guardian.kill_escaped_descendants()  # the group kill below misses those that left it
         with contextlib.suppress(OSError):
             os.killpg(os.getpgid(0), signal.SIGKILL)
         os._exit(1)
@@ -530,7 +534,14 @@ def main(
     with contextlib.suppress(OSError):
         os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The guardian, which acts when a runner that holds the GIL or is stopped
+    # cannot, starts first thing. A supervisor that dies before the guardian
+    # runs is still seen: the lifeline is at end-of-file by then.
+    lifeline: int | None = config.get("lifeline")
+    guarded = lifeline is not None and _guardian.start(lifeline)
     _redirect_stdio(stdout_fd, stderr_fd)
+    if lifeline is not None and not guarded:
+        print("trio-runner: no guardian process: the runner may outlive a dead supervisor", file=sys.stderr)
     # The default 5 ms switch interval cannot meet "cancelled within a
     # millisecond" while handle() runs pure Python.
     sys.setswitchinterval(0.001)
@@ -550,6 +561,7 @@ def main(
         else:
             traceback.print_exception(exc)
             child.send((proto.FATAL, stage, *_format_exception(exc)))
+        _guardian.kill_escaped_descendants()
         child.close_writer(2.0)
         for stream in (sys.stdout, sys.stderr):
             with contextlib.suppress(Exception):
@@ -599,4 +611,7 @@ def main(
         runner.teardown()
     except BaseException as exc:
         die(proto.STAGE_TEARDOWN, exc, 1)
+    # Grandchildren that left the process group survive the supervisor's kill
+    # of the group; their parent links, which find them, break when we exit.
+    _guardian.kill_escaped_descendants()
     child.close_writer(5.0)

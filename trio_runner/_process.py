@@ -52,6 +52,9 @@ class SpawnSpec:
     preload: tuple[str, ...]
     max_frame: int
     heartbeat_interval: float
+    #: Start a guardian process from the child (see ``_guardian``). False only
+    #: in benchmarks that measure what the guardian costs.
+    guardian: bool = True
 
 
 class Worker(Protocol):
@@ -147,6 +150,7 @@ class ProcessWorker:
         self._pidfd: int | None = None
         self._reads_in_a_row = 0
         self._out_fds: list[int] = []
+        self._lifeline: int | None = None
         self._closed = False
 
     @property
@@ -165,11 +169,20 @@ class ProcessWorker:
                     sock.setsockopt(socket.SOL_SOCKET, option, _SOCKET_BUFFER)
         out_r, out_w = os.pipe()
         err_r, err_w = os.pipe()
-        config = {
+        config: dict[str, Any] = {
             "max_frame": spec.max_frame,
             "heartbeat_interval": spec.heartbeat_interval,
             "incarnation": self._incarnation,
         }
+        lifeline_r: int | None = None
+        if spec.guardian:
+            # The child's guardian kills the runner at end-of-file on this pipe.
+            # This process is the only writer (it never writes): os.pipe fds are
+            # not inherited, and only the read end is passed to the child (also
+            # through the forkserver), so the write end closes when this process
+            # dies or when aclose() is done with the incarnation, never before.
+            lifeline_r, self._lifeline = os.pipe()
+            config["lifeline"] = _child.InheritedFd(lifeline_r)
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_child.main,
             args=(
@@ -201,6 +214,8 @@ class ProcessWorker:
                 child_sock.close()
                 os.close(out_w)
                 os.close(err_w)
+                if lifeline_r is not None:
+                    os.close(lifeline_r)
             with self._lock:
                 self._started = True
                 abandoned = self._abandoned
@@ -328,6 +343,11 @@ class ProcessWorker:
             pidfd, self._pidfd = self._pidfd, None
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
+        if self._lifeline is not None:
+            # The incarnation is reaped (or given up on after SIGKILL): its
+            # guardian may go, sweeping whatever the runner left behind.
+            lifeline, self._lifeline = self._lifeline, None
+            os.close(lifeline)
         process = self._process
         if process is not None and process.exitcode is not None:
             trio.lowlevel.notify_closing(process.sentinel)
