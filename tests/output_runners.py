@@ -16,12 +16,23 @@ from trio_runner import Runner, TaskContext
 
 class ChattyRunner(Runner[Any, Any, Any]):
     """``("flood", lines, then)``: write ``lines`` short lines to stderr, one to stdout, then
-    return the count (``then == "return"``) or exit with code 3 at once (``then == "die"``)."""
+    return the count (``then == "return"``) or exit with code 3 at once (``then == "die"``).
+    ``("long_line", length)``: see below."""
 
     def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
-        command, lines, then = request
+        command, *args = request
+        if command == "long_line":
+            # ("long_line", length): one line of ``length`` x's in small writes, then "after".
+            (length,) = args
+            for start in range(0, length, 4096):
+                sys.stderr.write("x" * min(4096, length - start))
+                sys.stderr.flush()
+            sys.stderr.write("\nafter\n")
+            sys.stderr.flush()
+            return length
         if command != "flood":
             raise ValueError(f"unknown command {command!r}")
+        lines, then = args
         print("the only stdout line", flush=True)
         set_pipe_size = getattr(fcntl, "F_SETPIPE_SZ", None)  # Linux only
         if set_pipe_size is not None:

@@ -25,6 +25,7 @@ import pytest
 import trio
 
 from trio_runner import RestartPolicy, RunnerCrashed, Timeouts, open_supervisor
+from trio_runner._childlog import last_lines
 from trio_runner.testing import monitor_lateness
 
 from .output_runners import ChattyRunner
@@ -100,6 +101,34 @@ async def test_the_crash_report_after_a_stderr_flood_holds_its_last_lines() -> N
     assert tail
     assert tail == tuple(f"line {i}" for i in range(FLOOD - len(tail), FLOOD))
     assert info.value.exit.exitcode == 3
+
+
+class _Keep(logging.Handler):
+    """Keeps each record's message."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+async def test_a_line_longer_than_64_kib_becomes_records_of_64_kib_in_the_log_and_the_tail() -> None:
+    keep = _Keep()
+    length = 150_000
+    pieces = [65536, 65536, length - 2 * 65536]
+    with _runner_logs_to("chatty", keep):
+        async with open_supervisor(ChattyRunner, name="chatty", policy=FAST, timeouts=QUICK) as sup:
+            await sup.run(("long_line", length))
+            with trio.fail_after(30):
+                while "after" not in keep.messages:  # noqa: ASYNC110 - logged from a thread
+                    await trio.sleep(0.01)
+    assert [len(m) for m in keep.messages] == [*pieces, len("after")]
+    assert set("".join(keep.messages[:3])) == {"x"}
+    # The crash-report tail cuts it the same way.
+    tail = last_lines(b"x" * length + b"\nafter\n", 50)
+    assert tail == [*keep.messages[:3], "after"]
 
 
 async def _leave_open_supervisor(scenario: str) -> dict[str, Any]:

@@ -20,6 +20,7 @@ import threading
 import time
 
 _MAX_BYTES = 1024 * 1024  # child output waiting for slow log handlers
+MAX_LINE = 64 * 1024  # a longer line becomes several records (and tail entries) of this size
 # Records the thread builds between explicit GIL releases, so that the trio
 # thread waiting for the GIL gets it without waiting out a switch interval
 # (5 ms by default). Measured with bench_flood: without them the ticker's p99
@@ -27,14 +28,24 @@ _MAX_BYTES = 1024 * 1024  # child output waiting for slow log handlers
 _RECORDS_PER_YIELD = 32
 
 
+def _pieces(line: bytes) -> list[bytes]:
+    if len(line) <= MAX_LINE:
+        return [line]
+    return [line[start : start + MAX_LINE] for start in range(0, len(line), MAX_LINE)]
+
+
+def _text(line: bytes) -> str:
+    return line.decode("utf-8", "replace").rstrip("\r")
+
+
 def last_lines(batch: bytes, count: int) -> list[str]:
     """The last ``count`` lines of a batch of newline-terminated lines, decoded.
 
     ``rsplit`` with a limit scans from the end, so a large batch costs what
-    its tail costs.
+    its tail costs. A line longer than ``MAX_LINE`` counts as its pieces.
     """
     lines = batch.rsplit(b"\n", count + 1)[-(count + 1) : -1]
-    return [line.decode("utf-8", "replace").rstrip("\r") for line in lines]
+    return [_text(piece) for line in lines for piece in _pieces(line)][-count:]
 
 
 class ChildLog:
@@ -108,14 +119,17 @@ class ChildLog:
                 if self._abandon:
                     self._dropped_there += len(lines) - done
                     break
-                text = line.decode("utf-8", "replace").rstrip("\r")
-                record = log.makeRecord(log.name, level, "(runner)", 0, "%s", (text,), None)
-                record.runner_pid = pid
-                record.runner_stream = stream
-                log.handle(record)
-                built += 1
-                if built % _RECORDS_PER_YIELD == 0:
-                    time.sleep(0)
+                # Split here, not on the trio thread: the pipe reader only cuts
+                # a line that has not ended yet, so where a long line is cut
+                # does not depend on how the reads fell.
+                for piece in _pieces(line):
+                    record = log.makeRecord(log.name, level, "(runner)", 0, "%s", (_text(piece),), None)
+                    record.runner_pid = pid
+                    record.runner_stream = stream
+                    log.handle(record)
+                    built += 1
+                    if built % _RECORDS_PER_YIELD == 0:
+                        time.sleep(0)
             # Counted once the batch is handled, so that the bound covers the
             # batch in hand as well as the queued ones.
             self._taken_bytes += len(batch)

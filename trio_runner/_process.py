@@ -25,11 +25,11 @@ from typing import Any, Protocol, cast
 import trio
 
 from . import _child
+from ._childlog import MAX_LINE
 
 _RECEIVE_SIZE = 256 * 1024
 _READS_PER_YIELD = 8
 _SOCKET_BUFFER = 1024 * 1024
-_MAX_LINE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -350,8 +350,9 @@ async def _pump_lines(
     Only C-speed work runs here per read (find the last newline, join the
     line it completes): splitting lines and building records is the log
     thread's (``_childlog``). Each read is a checkpoint, so a flood of output
-    costs the loop one short step per read, not one per line. A line longer
-    than ``_MAX_LINE`` goes out in pieces of that size.
+    costs the loop one short step per read, not one per line. A line that
+    has not ended yet goes out in pieces of ``MAX_LINE`` once it is longer
+    than that (memory stays bounded); the log thread cuts the ended ones.
     """
     async with stream:
         pending = b""
@@ -365,9 +366,9 @@ async def _pump_lines(
                 pending = data[end:]
             else:
                 pending += data
-            while len(pending) > _MAX_LINE:
-                on_lines(name, pending[:_MAX_LINE] + b"\n")
-                pending = pending[_MAX_LINE:]
+            while len(pending) > MAX_LINE:
+                on_lines(name, pending[:MAX_LINE] + b"\n")
+                pending = pending[MAX_LINE:]
         if pending:
             on_lines(name, pending + b"\n")
 
