@@ -12,6 +12,7 @@ import os
 import signal
 import socket
 import struct
+import sys
 import time
 from typing import Any
 
@@ -80,6 +81,17 @@ class WideRunner(BenchRunner):
     """Serves up to 64 tasks at once, so a stalled consumer blocks only its own task."""
 
     concurrency = 64
+
+
+class FloodRunner(Runner[Any, Any, Any]):
+    """``("flood", lines)``: write ``lines`` short lines to stderr in large writes, return the count."""
+
+    def handle(self, request: Any, ctx: TaskContext[Any]) -> Any:
+        _, lines = request
+        for start in range(0, lines, 10_000):
+            sys.stderr.write("".join(f"line {i}\n" for i in range(start, min(lines, start + 10_000))))
+        sys.stderr.flush()
+        return lines
 
 
 # -- bare children (BASELINES) ----------------------------------------------------------------

@@ -220,9 +220,9 @@ class FakeWorker:
         else:
             self._die(killed_by(signum))
 
-    async def pump_output(self, on_line: Callable[[str, str], None]) -> None:
+    async def pump_output(self, on_lines: Callable[[str, bytes], None]) -> None:
         async for stream, line in self._output_recv:
-            on_line(stream, line)
+            on_lines(stream, line.encode() + b"\n")
 
     async def aclose(self) -> None:
         self._closed = True

@@ -5,7 +5,7 @@ tasks and in-memory byte pipes, speaking the real wire protocol. Nothing here
 touches a real process or socket, so ``autojump_clock`` is safe and every time
 is asserted exactly. Each test states one behaviour.
 
-One thread remains: the supervisor stops its log QueueListener in a thread,
+One thread remains: the supervisor stops its child-output log thread from a thread,
 bounded by a deadline, as the very last step of ``_run``. Under autojump the
 clock may jump to that deadline while the thread runs, so times after the
 ``async with`` block are read from ``fake.timeline`` (when each lifecycle

@@ -5,7 +5,8 @@ protocol, so collaboration tests can plug in an in-memory fake and drive the
 supervisor under a ``MockClock``. :class:`ProcessWorker` is the real one.
 
 Every blocking ``multiprocessing`` call (``start``, ``join``, ``close``) runs in
-``trio.to_thread.run_sync(..., abandon_on_cancel=True)``; the death watch is
+``trio.to_thread.run_sync(..., abandon_on_cancel=True)`` on a private limiter
+(never trio's default, which the application may have saturated); the death watch is
 ``wait_readable(process.sentinel)`` with no polling.
 """
 
@@ -24,11 +25,11 @@ from typing import Any, Protocol, cast
 import trio
 
 from . import _child
+from ._childlog import MAX_LINE
 
 _RECEIVE_SIZE = 256 * 1024
 _READS_PER_YIELD = 8
 _SOCKET_BUFFER = 1024 * 1024
-_MAX_LINE = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -90,8 +91,13 @@ class Worker(Protocol):
         """Send ``signum`` to the runner's whole process group."""
         ...
 
-    async def pump_output(self, on_line: Callable[[str, str], None]) -> None:
-        """Call ``on_line(stream, line)`` for each line of stdout/stderr until both end."""
+    async def pump_output(self, on_lines: Callable[[str, bytes], None]) -> None:
+        """Call ``on_lines(stream, batch)`` with the lines of stdout/stderr until both end.
+
+        A batch is one or more whole lines as bytes, each ending in ``b"\\n"``
+        (a last line without one gets one); ``stream`` is ``"stdout"`` or
+        ``"stderr"``. Batching keeps the per-line work off the trio thread.
+        """
         ...
 
     async def aclose(self) -> None:
@@ -227,7 +233,7 @@ class ProcessWorker:
                 self._kill_abandoned()
 
         try:
-            await trio.to_thread.run_sync(start_in_thread, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(start_in_thread, abandon_on_cancel=True, limiter=private_limiter())
         except BaseException:
             # A start abandoned on cancel may still start a process: whichever of
             # this task and the thread sees the other's flag kills it.
@@ -303,7 +309,9 @@ class ProcessWorker:
         if code is None:
             with trio.move_on_after(reap_timeout):
                 while code is None:
-                    await trio.to_thread.run_sync(process.join, 0.05, abandon_on_cancel=True)
+                    await trio.to_thread.run_sync(
+                        process.join, 0.05, abandon_on_cancel=True, limiter=private_limiter()
+                    )
                     code = process.exitcode
         if code is None:
             return ExitStatus(exitcode=None, signal=None, reaped=False)
@@ -324,11 +332,11 @@ class ProcessWorker:
         else:
             signal_group(pid, signum)
 
-    async def pump_output(self, on_line: Callable[[str, str], None]) -> None:
+    async def pump_output(self, on_lines: Callable[[str, bytes], None]) -> None:
         fds, self._out_fds = self._out_fds, []
         async with trio.open_nursery() as nursery:
             for stream_name, fd in zip(("stdout", "stderr"), fds, strict=True):
-                nursery.start_soon(_pump_lines, trio.lowlevel.FdStream(fd), stream_name, on_line)
+                nursery.start_soon(_pump_lines, trio.lowlevel.FdStream(fd), stream_name, on_lines)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -351,25 +359,49 @@ class ProcessWorker:
         process = self._process
         if process is not None and process.exitcode is not None:
             trio.lowlevel.notify_closing(process.sentinel)
-            await trio.to_thread.run_sync(process.close, abandon_on_cancel=True)
+            await trio.to_thread.run_sync(process.close, abandon_on_cancel=True, limiter=private_limiter())
 
 
-async def _pump_lines(stream: trio.lowlevel.FdStream, name: str, on_line: Callable[[str, str], None]) -> None:
+async def _pump_lines(
+    stream: trio.lowlevel.FdStream, name: str, on_lines: Callable[[str, bytes], None]
+) -> None:
+    """Hand ``on_lines`` the whole lines of each read, as one batch of bytes.
+
+    Only C-speed work runs here per read (find the last newline, join the
+    line it completes): splitting lines and building records is the log
+    thread's (``_childlog``). Each read is a checkpoint, so a flood of output
+    costs the loop one short step per read, not one per line. A line that
+    has not ended yet goes out in pieces of ``MAX_LINE`` once it is longer
+    than that (memory stays bounded); the log thread cuts the ended ones.
+    """
     async with stream:
         pending = b""
         while True:
             data = await stream.receive_some(_RECEIVE_SIZE)
             if not data:
                 break
-            pending += data
-            *lines, pending = pending.split(b"\n")
-            for line in lines:
-                on_line(name, line.decode("utf-8", "replace").rstrip("\r"))
-            while len(pending) > _MAX_LINE:
-                on_line(name, pending[:_MAX_LINE].decode("utf-8", "replace"))
-                pending = pending[_MAX_LINE:]
+            end = data.rfind(b"\n") + 1
+            if end:
+                on_lines(name, pending + data[:end])
+                pending = data[end:]
+            else:
+                pending += data
+            while len(pending) > MAX_LINE:
+                on_lines(name, pending[:MAX_LINE] + b"\n")
+                pending = pending[MAX_LINE:]
         if pending:
-            on_line(name, pending.decode("utf-8", "replace"))
+            on_lines(name, pending + b"\n")
+
+
+def private_limiter() -> trio.CapacityLimiter:
+    """A thread limiter for one blocking call of our own, shared with nobody.
+
+    Trio's default limiter belongs to the application: one that is using all
+    of its tokens would otherwise hold a start, a reap or a shielded close
+    (and with it a shutdown) past every deadline. Our calls are few (a
+    handful per incarnation), so they need no limit of their own.
+    """
+    return trio.CapacityLimiter(1)
 
 
 def _open_pidfd(pid: int) -> int | None:

@@ -92,7 +92,7 @@ class SupervisorStatistics:
         last_exit: how the previous incarnation ended, if any did.
         tasks_completed: tasks that ended, in any outcome.
         log_lines_dropped: lines of child output dropped because the log
-            handlers fell more than 10,000 lines behind.
+            handlers fell more than 1 MiB of output behind.
         events_dropped: events of cancelled tasks dropped instead of delivered
             (cancel means stop), in the runner or in this process.
     """

@@ -16,12 +16,10 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
-import logging.handlers
 import math
 import multiprocessing
 import multiprocessing.process
 import pickle
-import queue
 import re
 import signal
 import sys
@@ -35,6 +33,7 @@ from typing import Any, Generic, TypeVar, cast
 import trio
 
 from . import _protocol as proto
+from ._childlog import ChildLog, last_lines
 from ._errors import (
     ExitReason,
     ExitRecord,
@@ -48,7 +47,15 @@ from ._errors import (
 )
 from ._groups import reraise_unwrapped
 from ._policy import RestartPolicy, RestartTracker
-from ._process import ExitStatus, SpawnSpec, Worker, WorkerFactory, forkserver_preload, process_worker
+from ._process import (
+    ExitStatus,
+    SpawnSpec,
+    Worker,
+    WorkerFactory,
+    forkserver_preload,
+    private_limiter,
+    process_worker,
+)
 from ._runner import Runner, check_linger
 from ._state import (
     BackingOff,
@@ -78,7 +85,6 @@ _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
 _CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
 _WATCH_BUFFER = 1024
-_LOG_QUEUE_SIZE = 10_000  # child output lines waiting for slow log handlers
 _LOG_FLUSH_BOUND = 1.0
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
 
@@ -346,17 +352,6 @@ class _Watcher:
         return change
 
 
-class _ForwardToLogger(logging.Handler):
-    """The QueueListener's handler: hands each child line to its logger."""
-
-    def __init__(self, target: logging.Logger) -> None:
-        super().__init__()
-        self._target = target
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self._target.handle(record)
-
-
 def _describe_runner(cls: object) -> tuple[str, str]:
     """(module, qualname) of a runner class the child can import, or a TypeError that says why not."""
     if not (isinstance(cls, type) and issubclass(cls, Runner)):
@@ -492,11 +487,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._history: deque[LifecycleChange] = deque(maxlen=_WATCH_BUFFER)
         self._watchers: weakref.WeakSet[_Watcher] = weakref.WeakSet()
         self._child_logger = logging.getLogger(f"trio_runner.runner.{name}")
-        self._log_queue: queue.Queue[logging.LogRecord] = queue.Queue(maxsize=_LOG_QUEUE_SIZE)
-        self._log_dropped = 0
-        self._log_listener = logging.handlers.QueueListener(
-            self._log_queue, _ForwardToLogger(self._child_logger)
-        )
+        self._child_log = ChildLog(self._child_logger)
 
     # -- public API ---------------------------------------------------------
 
@@ -527,7 +518,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             uptime=uptime,
             last_exit=self._last_exit,
             tasks_completed=self._completed,
-            log_lines_dropped=self._log_dropped,
+            log_lines_dropped=self._child_log.dropped,
             events_dropped=self._events_dropped,
         )
 
@@ -779,21 +770,15 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if isinstance(change, Stopped):
             self._watchers.clear()
 
-    def _on_output(self, inc: _Incarnation, stream: str, line: str) -> None:
+    def _on_output(self, inc: _Incarnation, stream: str, batch: bytes) -> None:
+        """A batch of whole lines from the child: keep the stderr tail here, log them from the log thread."""
         level = logging.INFO
         if stream == "stderr":
-            inc.stderr_tail.append(line)
+            # Here, not in the log thread: the tail is complete once the pipe
+            # is drained, however far behind (or dropped) the logging is.
+            inc.stderr_tail.extend(last_lines(batch, _STDERR_TAIL))
             level = logging.WARNING
-        log = self._child_logger
-        if log.isEnabledFor(level):
-            record = log.makeRecord(log.name, level, "(runner)", 0, "%s", (line,), None)
-            record.runner_pid = inc.worker.pid
-            record.runner_stream = stream
-            try:
-                self._log_queue.put_nowait(record)
-            except queue.Full:
-                # The handlers cannot keep up: drop lines rather than memory or the loop.
-                self._log_dropped += 1
+        self._child_log.put(level, inc.worker.pid, stream, batch)
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -823,7 +808,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     async def _run(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
         _check_not_bootstrapping()
-        self._log_listener.start()
+        self._child_log.start(f"trio-runner-log:{self.name}")
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._stop_on_cancel)
@@ -835,9 +820,17 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         except BaseExceptionGroup as group:
             reraise_unwrapped(group)
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._stop_log_listener)
-            self._done.set()
+            try:
+                # Bounded by wall clock inside the thread (see ChildLog.stop),
+                # on a limiter of its own: trio's default may be saturated by
+                # the application, and this wait is shielded.
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(
+                        self._child_log.stop, _LOG_FLUSH_BOUND, limiter=private_limiter()
+                    )
+            finally:
+                # On every path: aclose() waits for it, shielded.
+                self._done.set()
             if self._deferred_failure is not None:
                 # No await after this: the failure leaves this task first and
                 # cancels the caller's body; the tasks still waiting fail after,
@@ -923,20 +916,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._set_state(RunnerState.BACKING_OFF)
         self._emit(BackingOff(decision.delay, self._tracker.total_restarts))
         return decision.delay, None
-
-    def _stop_log_listener(self) -> None:
-        """Flush child output to the log handlers, for at most a bounded time (in a thread).
-
-        The bound is wall-clock inside the thread, not a trio deadline, so a
-        MockClock cannot jump past it. A handler slower than that finishes on
-        the listener's daemon thread after the supervisor has returned.
-        """
-        listener = self._log_listener
-        thread = listener._thread  # pyright: ignore[reportPrivateUsage]
-        listener.enqueue_sentinel()
-        if thread is not None:
-            thread.join(_LOG_FLUSH_BOUND)
-        listener._thread = None  # pyright: ignore[reportPrivateUsage]
 
     def _ensure_forkserver(self) -> None:
         from multiprocessing import forkserver
@@ -1365,7 +1344,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     async def _pump_output(self, inc: _Incarnation) -> None:
         try:
-            await inc.worker.pump_output(lambda stream, line: self._on_output(inc, stream, line))
+            await inc.worker.pump_output(lambda stream, batch: self._on_output(inc, stream, batch))
         finally:
             inc.output_done.set()
 
