@@ -19,6 +19,18 @@ from typing import Any, Final
 PICKLE_PROTOCOL: Final = 5
 HEADER: Final = struct.Struct("!I")
 DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
+#: The smallest ``max_frame_size``: a frame this size still holds a small
+#: request or result, a whole error report (``_child`` bounds its text to a
+#: fraction of the frame) and any number of control messages (split across
+#: frames). Below it, tasks would fail for reasons that have nothing to do with them.
+MIN_FRAME_SIZE: Final = 64 * 1024
+#: The largest: the header holds the length in 32 bits.
+MAX_FRAME_SIZE: Final = 2**32 - 1
+#: An upper bound on what a frame carrying one message costs beyond the bytes
+#: and strings inside the message (measured: 21-46 bytes; pickle's opcodes,
+#: tuple, ints and memo). A payload of at most ``max_frame - MESSAGE_OVERHEAD``
+#: bytes always fits in a frame of its own.
+MESSAGE_OVERHEAD: Final = 256
 
 # Parent -> child.
 TASK: Final = 1  # (TASK, task_id, request_bytes, window)
@@ -42,6 +54,8 @@ STAGE_LOAD: Final = "load"  # importing the runner class or unpickling its args
 STAGE_SETUP: Final = "setup"
 STAGE_RUN: Final = "run"
 STAGE_TEARDOWN: Final = "teardown"
+STAGE_READER: Final = "reader"  # the child's reader thread failed: nothing reads the parent any more
+STAGE_PROTOCOL: Final = "protocol"  # the child got a frame it cannot read
 
 # Events and results travel pickled on their own inside the frame, like requests
 # the other way: a payload that does not pickle (or unpickle) fails its one task
@@ -49,16 +63,93 @@ STAGE_TEARDOWN: Final = "teardown"
 
 # Exit code of a child that could not even load its runner: nothing a restart can fix.
 EXIT_LOAD_FAILED: Final = 97
+# Exit code of a child that got a corrupt or oversize frame from the parent (with a
+# FATAL of stage "protocol" before it): the parent reports PROTOCOL_ERROR, not a signal.
+EXIT_PROTOCOL_ERROR: Final = 96
 
 
 class FrameError(Exception):
     """A frame that is oversize or does not unpickle: the peer is broken."""
 
 
+def check_max_frame(value: object) -> int:
+    """``value`` as a ``max_frame_size``, or a TypeError / ValueError that says what to pass."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        # NaN would turn every size check off (every comparison with it is False).
+        raise TypeError(
+            f"max_frame_size={value!r} must be an int number of bytes, not {type(value).__name__}; "
+            f"for example max_frame_size={DEFAULT_MAX_FRAME} (the default, 64 MiB)"
+        )
+    if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE:
+        raise ValueError(
+            f"max_frame_size={value!r} must be between {MIN_FRAME_SIZE} bytes (64 KiB: the least in "
+            f"which a small result and an error report still fit) and {MAX_FRAME_SIZE} (the "
+            "frame header's 32-bit limit)"
+        )
+    return value
+
+
 def encode(messages: list[Any]) -> bytes:
-    """One frame carrying ``messages``."""
+    """One frame carrying ``messages``, whatever its size (see :func:`encode_frames`)."""
     payload = pickle.dumps(messages, protocol=PICKLE_PROTOCOL)
     return HEADER.pack(len(payload)) + payload
+
+
+def encode_frames(messages: list[Any], max_frame: int) -> bytes:
+    """Frames carrying ``messages`` in order, none longer than ``max_frame`` (the header aside).
+
+    Both ends send through this. The size is measured, not guessed: the
+    common case is one pickle of the whole batch, exactly as :func:`encode`.
+    Only a batch that comes out too long is grouped by an estimate, and a
+    group that still comes out too long (pickle's framing and memo, or text
+    that is not ASCII, escaped the estimate) is halved and pickled again.
+
+    Raises:
+        FrameError: a single message does not fit in a frame; the callers
+            bound their payloads to ``max_frame - MESSAGE_OVERHEAD`` first.
+    """
+    payload = pickle.dumps(messages, protocol=PICKLE_PROTOCOL)
+    if len(payload) <= max_frame:
+        return HEADER.pack(len(payload)) + payload
+    frames: list[bytes] = []
+    group: list[Any] = []
+    size = 0
+    for message in messages:
+        estimate = _estimate(message)
+        if group and size + estimate > max_frame:
+            _encode_group(group, max_frame, frames)
+            group, size = [], 0
+        group.append(message)
+        size += estimate
+    _encode_group(group, max_frame, frames)
+    return b"".join(frames)
+
+
+def _estimate(message: tuple[Any, ...]) -> int:
+    """About what ``message`` adds to a frame: its bytes and strings, and a little for the rest."""
+    size = 16
+    for item in message:
+        if isinstance(item, (bytes, bytearray, str)):
+            size += len(item) + 9
+        else:
+            size += 10
+    return size
+
+
+def _encode_group(group: list[Any], max_frame: int, frames: list[bytes]) -> None:
+    payload = pickle.dumps(group, protocol=PICKLE_PROTOCOL)
+    if len(payload) <= max_frame:
+        frames.append(HEADER.pack(len(payload)))
+        frames.append(payload)
+    elif len(group) == 1:
+        raise FrameError(
+            f"a message of tag {group[0][0]!r} pickles to {len(payload)} bytes, more than the "
+            f"frame limit of {max_frame} bytes"
+        )
+    else:
+        half = len(group) // 2
+        _encode_group(group[:half], max_frame, frames)
+        _encode_group(group[half:], max_frame, frames)
 
 
 def frame_length(header: bytes | bytearray | memoryview, max_frame: int) -> int:

@@ -439,8 +439,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             raise ValueError("preload only applies to start_method='forkserver'; drop it or switch method")
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"window={window!r} must be an int >= 2 (events in flight per task)")
-        if isinstance(max_frame_size, bool) or max_frame_size < 1024:
-            raise ValueError(f"max_frame_size={max_frame_size!r} must be at least 1024 bytes")
+        max_frame_size = proto.check_max_frame(max_frame_size)
         name = runner.__name__ if name is None else name
         if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"name={name!r} must be a non-empty string")
@@ -640,7 +639,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if self._stop_requested or self._state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())
         data = _pickle_or_type_error(request, "the request")
-        if len(data) > self._max_frame - 64:
+        if len(data) > self._max_frame - proto.MESSAGE_OVERHEAD:
             raise ValueError(
                 f"the request pickles to {len(data)} bytes, more than max_frame_size="
                 f"{self._max_frame}; send a smaller request or raise max_frame_size"
@@ -689,7 +688,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         inc.last_progress = trio.current_time()
         if self._timeouts.stall is not None:
             inc.poke_watchdog()  # only the stall check depends on what was sent
-        return proto.encode(messages)
+        return proto.encode_frames(messages, self._max_frame)
 
     def _release(self, task: _Task) -> None:
         task.released = True
@@ -1053,6 +1052,13 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             reason = ExitReason.REQUESTED
         elif inc.kill_reason is not None:
             reason, detail = inc.kill_reason, inc.kill_detail
+        elif (
+            fatal is not None
+            and fatal[0] == proto.STAGE_PROTOCOL
+            and status.exitcode == proto.EXIT_PROTOCOL_ERROR
+        ):
+            reason = ExitReason.PROTOCOL_ERROR
+            detail = f"the runner could not read a frame from the supervisor: {fatal[2]}"
         elif not inc.ready:
             reason = ExitReason.STARTUP_FAILED
             if fatal is not None and fatal[0] == proto.STAGE_LOAD:
@@ -1374,7 +1380,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             if not messages:
                 continue
             with trio.move_on_after(timeout) as scope:
-                await _send_locked(inc, proto.encode(messages))
+                # A burst of cancels or credits is split like any other batch.
+                await _send_locked(inc, proto.encode_frames(messages, self._max_frame))
             if scope.cancelled_caught:
                 self._kill(
                     inc,

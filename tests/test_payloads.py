@@ -1,0 +1,155 @@
+"""Payloads and frames: size limits both ways, ``max_frame_size`` validation, big payloads.
+
+Real child processes, except for the encoder's own unit tests. Every frame
+either side writes stays within ``max_frame_size``, counting each message's
+overhead, however many tiny messages a batch holds; and the smallest allowed
+``max_frame_size`` still carries a result that fills it.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_runner import RestartPolicy, open_supervisor
+from trio_runner import _protocol as proto
+
+from .payload_runners import PayloadRunner, blob
+
+FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2)
+
+
+def _frames(data: bytes, max_frame: int) -> list[list[Any]]:
+    """Decode ``data`` frame by frame, checking each against ``max_frame``."""
+    reader = proto.FrameReader(max_frame)
+    batches = list(reader.feed(data))
+    assert reader.pending == 0
+    return batches
+
+
+# -- the encoder ---------------------------------------------------------------------
+
+
+@given(
+    messages=st.lists(
+        st.one_of(
+            st.tuples(st.just(proto.CANCEL), st.integers(0, 2**62)),
+            st.tuples(st.just(proto.CREDIT), st.integers(0, 2**62), st.integers(0, 2**31)),
+            st.tuples(st.just(proto.TASK), st.integers(0, 2**62), st.binary(max_size=3000), st.just(8192)),
+            st.tuples(st.just(proto.ERROR), st.integers(0, 9), st.text(max_size=20), st.text(max_size=2000)),
+        ),
+        max_size=400,
+    ),
+    max_frame=st.integers(8 * 1024, 64 * 1024),
+)
+def test_encode_frames_keeps_every_frame_within_the_limit_and_the_messages_in_order(
+    messages: list[Any], max_frame: int
+) -> None:
+    data = proto.encode_frames(messages, max_frame)
+    batches = _frames(data, max_frame)
+    assert [message for batch in batches for message in batch] == messages
+
+
+def test_encode_frames_splits_a_burst_of_twelve_thousand_cancels() -> None:
+    messages = [(proto.CANCEL, task_id) for task_id in range(12_000)]
+    batches = _frames(proto.encode_frames(messages, proto.MIN_FRAME_SIZE), proto.MIN_FRAME_SIZE)
+    assert len(batches) > 1
+    assert [message for batch in batches for message in batch] == messages
+
+
+def test_encode_frames_is_one_plain_frame_when_the_batch_fits() -> None:
+    messages = [(proto.CANCEL, 1), (proto.CREDIT, 2, 64)]
+    assert proto.encode_frames(messages, proto.MIN_FRAME_SIZE) == proto.encode(messages)
+
+
+def test_encode_frames_refuses_a_single_message_larger_than_a_frame() -> None:
+    with pytest.raises(proto.FrameError, match="more than the frame limit"):
+        proto.encode_frames([(proto.TASK, 1, b"x" * proto.MIN_FRAME_SIZE, 8)], proto.MIN_FRAME_SIZE)
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 65_535, 65_536, 1 << 20, 3 << 20])
+def test_a_payload_within_message_overhead_of_the_limit_fits_a_frame(size: int) -> None:
+    max_frame = size + proto.MESSAGE_OVERHEAD
+    for message in [
+        (proto.TASK, 2**62, b"x" * size, 2**31),
+        (proto.RESULT, 2**62, b"x" * size),
+        (proto.EVENTS, 2**62, b"x" * size),
+    ]:
+        _frames(proto.encode_frames([message], max_frame), max_frame)
+
+
+# -- max_frame_size validation (issue 11, finding 11) -------------------------------------
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e6, 65536.0, True, "65536", None])
+def test_max_frame_size_must_be_an_int(value: Any) -> None:
+    with pytest.raises(TypeError, match=r"max_frame_size=.* must be an int number of bytes"):
+        open_supervisor(PayloadRunner, max_frame_size=value)
+
+
+@pytest.mark.parametrize("value", [-1, 0, 1024, proto.MIN_FRAME_SIZE - 1, proto.MAX_FRAME_SIZE + 1])
+def test_max_frame_size_must_be_within_the_documented_range(value: int) -> None:
+    with pytest.raises(ValueError, match=r"must be between 65536 bytes .* and 4294967295"):
+        open_supervisor(PayloadRunner, max_frame_size=value)
+
+
+async def test_at_the_minimum_frame_size_a_result_that_fills_the_frame_comes_back_intact() -> None:
+    largest = proto.MIN_FRAME_SIZE - proto.MESSAGE_OVERHEAD
+    # bytes pickle with at most 20 bytes around them (protocol, frame, length, memo, stop)
+    async with open_supervisor(PayloadRunner, max_frame_size=proto.MIN_FRAME_SIZE) as sup:
+        with trio.fail_after(30):
+            assert await sup.run(("bytes", largest - 20)) == blob(largest - 20)
+            assert await sup.run(("echo", "small")) == "small"
+            request = blob(largest - 40)
+            assert len(pickle.dumps(("checksum", request), protocol=5)) <= largest
+            assert (await sup.run(("checksum", request)))[0] == len(request)
+            with pytest.raises(ValueError, match="raise max_frame_size"):
+                await sup.run(("checksum", blob(largest)))
+        assert sup.statistics().restarts == 0
+
+
+# -- frames parent -> child are bounded too (finding 5) ---------------------------------
+
+
+async def test_ten_thousand_tiny_queued_tasks_at_the_minimum_frame_size_all_succeed() -> None:
+    # Queued before the runner is ready, so they go out together. An int below 256
+    # pickles to 5 bytes: the per-message overhead is most of each message, and a
+    # batch bounded by the requests' size alone came to twice the frame limit.
+    results: list[int] = []
+    async with open_supervisor(PayloadRunner, policy=FAST, max_frame_size=proto.MIN_FRAME_SIZE) as sup:
+
+        async def one(i: int) -> None:
+            results.append(await sup.run(i % 256))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(10_000):
+                    nursery.start_soon(one, i)
+        stats = sup.statistics()
+        assert (stats.incarnation, stats.restarts) == (1, 0)
+    assert sorted(results) == sorted(i % 256 for i in range(10_000))
+
+
+async def test_a_burst_of_twelve_thousand_cancels_at_the_minimum_frame_size_leaves_the_runner_serving() -> (
+    None
+):
+    async with open_supervisor(PayloadRunner, policy=FAST, max_frame_size=proto.MIN_FRAME_SIZE) as sup:
+        with trio.fail_after(30):
+            await sup.wait_ready()
+            inc = sup._inc  # pyright: ignore[reportPrivateUsage]
+            assert inc is not None
+            control = sup._control_send  # pyright: ignore[reportPrivateUsage]
+            # Cancels for tasks the runner does not know, all queued in one go:
+            # the cancel channel sends them as one batch.
+            for task_id in range(1_000_000, 1_012_000):
+                control.send_nowait((proto.CANCEL, task_id, 0, inc.number))
+            await trio.sleep(0.5)
+            assert await sup.run(("echo", "still serving")) == "still serving"
+        stats = sup.statistics()
+        assert (stats.incarnation, stats.restarts) == (1, 0)
