@@ -9,6 +9,13 @@ from typing import Any
 from trio_runner import Runner, TaskContext
 
 
+class NeedsTwoArguments(Exception):
+    """Pickles, but does not unpickle: ``__init__`` needs two arguments."""
+
+    def __init__(self, a: object, b: object) -> None:
+        super().__init__(a)
+
+
 class HostileStr(Exception):
     """An exception whose ``__str__`` raises, as a careless native binding's might."""
 
@@ -42,6 +49,9 @@ class PayloadRunner(Runner[Any, Any, Any]):
         if command == "emit_blob":
             ctx.emit(blob(args[0]))
             return "emitted"
+        if command == "emit_ints":
+            ctx.emit(list(range(args[0])))
+            return "emitted"
         if command == "emit_then_ints":
             # A big event between small ones, then a big result: order must hold.
             ctx.emit("first")
@@ -51,6 +61,9 @@ class PayloadRunner(Runner[Any, Any, Any]):
         if command == "checksum":
             data = args[0]
             return len(data), zlib.crc32(data)
+        if command == "ints_with_unloadable":
+            # Unpickles in the child's own pickle, but not in the parent.
+            return [*range(args[0]), NeedsTwoArguments(1, 2)]
         if command == "sleep":
             time.sleep(args[0])
             return "slept"

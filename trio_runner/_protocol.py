@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import pickle
 import struct
-from collections.abc import Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeAlias, cast
+
+#: What a frame is written from: bytes, or a bytearray or memoryview of a payload.
+Buffer: TypeAlias = "bytes | bytearray | memoryview"
 
 PICKLE_PROTOCOL: Final = 5
 HEADER: Final = struct.Struct("!I")
@@ -111,18 +114,65 @@ def encode_frames(messages: list[Any], max_frame: int) -> bytes:
     payload = pickle.dumps(messages, protocol=PICKLE_PROTOCOL)
     if len(payload) <= max_frame:
         return HEADER.pack(len(payload)) + payload
-    frames: list[bytes] = []
+    parts: list[Buffer] = []
+    for group in _groups(messages, max_frame):
+        _encode_group(group, max_frame, parts, _dumps)
+    return b"".join(parts)
+
+
+def encode_frame_parts(messages: list[Any], max_frame: int) -> list[Buffer]:
+    """Like :func:`encode_frames`, as a list of buffers to write in turn, without copying big payloads.
+
+    A bytes or bytearray of 64 KiB or more inside a message (pickle writes
+    those straight to its file) is one of the parts, by reference: the
+    parent sends a big request without a copy on its event loop.
+    """
+    parts: list[Buffer] = []
+    for group in _groups(messages, max_frame):
+        _encode_group(group, max_frame, parts, _dump_parts)
+    return parts
+
+
+class _Parts:
+    """pickle's file: keeps what it is given (its own 64 KiB frames, or big payloads as they are)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[Buffer] = []
+        self.size = 0
+
+    def write(self, data: Buffer) -> int:
+        self.parts.append(data)
+        size = memoryview(data).nbytes
+        self.size += size
+        return size
+
+
+def _dumps(group: list[Any]) -> tuple[list[Buffer], int]:
+    payload = pickle.dumps(group, protocol=PICKLE_PROTOCOL)
+    return [payload], len(payload)
+
+
+def _dump_parts(group: list[Any]) -> tuple[list[Buffer], int]:
+    file = _Parts()
+    pickle.Pickler(file, protocol=PICKLE_PROTOCOL).dump(group)
+    return file.parts, file.size
+
+
+def _groups(messages: list[Any], max_frame: int) -> Iterator[list[Any]]:
+    """``messages`` in runs whose estimated frames fit ``max_frame``."""
     group: list[Any] = []
     size = 0
     for message in messages:
         estimate = _estimate(message)
         if group and size + estimate > max_frame:
-            _encode_group(group, max_frame, frames)
+            yield group
             group, size = [], 0
         group.append(message)
         size += estimate
-    _encode_group(group, max_frame, frames)
-    return b"".join(frames)
+    if group:
+        yield group
 
 
 def _estimate(message: tuple[Any, ...]) -> int:
@@ -136,20 +186,25 @@ def _estimate(message: tuple[Any, ...]) -> int:
     return size
 
 
-def _encode_group(group: list[Any], max_frame: int, frames: list[bytes]) -> None:
-    payload = pickle.dumps(group, protocol=PICKLE_PROTOCOL)
-    if len(payload) <= max_frame:
-        frames.append(HEADER.pack(len(payload)))
-        frames.append(payload)
+def _encode_group(
+    group: list[Any],
+    max_frame: int,
+    out: list[Buffer],
+    dump: Callable[[list[Any]], tuple[list[Buffer], int]],
+) -> None:
+    parts, size = dump(group)
+    if size <= max_frame:
+        out.append(HEADER.pack(size))
+        out.extend(parts)
     elif len(group) == 1:
         raise FrameError(
-            f"a message of tag {group[0][0]!r} pickles to {len(payload)} bytes, more than the "
+            f"a message of tag {group[0][0]!r} pickles to {size} bytes, more than the "
             f"frame limit of {max_frame} bytes"
         )
     else:
         half = len(group) // 2
-        _encode_group(group[:half], max_frame, frames)
-        _encode_group(group[half:], max_frame, frames)
+        _encode_group(group[:half], max_frame, out, dump)
+        _encode_group(group[half:], max_frame, out, dump)
 
 
 def frame_length(header: bytes | bytearray | memoryview, max_frame: int) -> int:
@@ -184,6 +239,20 @@ class FrameReader:
         A generator, so the batches before a corrupt frame are handed over
         before the error is raised: a result sent just before is never lost.
         """
+        return cast("Iterator[list[Any]]", self._feed(data, None))
+
+    def feed_big(self, data: bytes | bytearray | memoryview, big: int) -> Iterator[list[Any] | memoryview]:
+        """Like :meth:`feed`, but a frame of ``big`` bytes or more is not decoded here.
+
+        It is yielded whole, as a memoryview over a buffer the reader no
+        longer uses, for the caller to decode off its event loop: its bytes
+        are never copied on the way.
+        """
+        return self._feed(data, big)
+
+    def _feed(
+        self, data: bytes | bytearray | memoryview, big: int | None
+    ) -> Iterator[list[Any] | memoryview]:
         buffer = self._buffer
         buffer += data
         start = 0
@@ -194,6 +263,14 @@ class FrameReader:
                 end = start + HEADER.size + length
                 if end > size:
                     break
+                if big is not None and length >= big:
+                    # The reader moves to a new buffer holding only what follows
+                    # (less than one read), and the frame keeps the old one.
+                    frame = memoryview(buffer)[start + HEADER.size : end]
+                    self._buffer = buffer = buffer[end:]
+                    start, size = 0, len(buffer)
+                    yield frame
+                    continue
                 # Both views are released before the buffer is trimmed, even when
                 # decode raises (its traceback would otherwise keep one alive).
                 with memoryview(buffer) as view, view[start + HEADER.size : end] as payload:

@@ -33,6 +33,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import trio
 
+from . import _payloads
 from . import _protocol as proto
 from ._errors import (
     ExitReason,
@@ -71,6 +72,7 @@ logger = logging.getLogger("trio_runner")
 _DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, at most this long
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
+_SEND_SLICE = 256 * 1024  # the most of a big request written to the socket in one call
 _CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
 _WATCH_BUFFER = 1024
 _LOG_QUEUE_SIZE = 10_000  # child output lines waiting for slow log handlers
@@ -100,9 +102,9 @@ class _Task:
         "waiter",
     )
 
-    def __init__(self, task_id: int, request: bytes, retry: bool) -> None:
+    def __init__(self, task_id: int, request: bytes | bytearray, retry: bool) -> None:
         self.id = task_id
-        self.request: bytes | None = request
+        self.request: bytes | bytearray | None = request
         self.retry = retry
         self.events: deque[Any] = deque()
         self.done = False
@@ -385,6 +387,26 @@ def _describe_runner(cls: object) -> tuple[str, str]:
     return module, qualname
 
 
+def _is_big_payload(message: Any) -> bool:
+    """An EVENTS or RESULT message whose payload is worth a thread to unpickle."""
+    if type(message) is not tuple:
+        return False  # malformed: _route says so
+    fields = cast("tuple[Any, ...]", message)
+    return (
+        len(fields) == 3
+        and (fields[0] == proto.EVENTS or fields[0] == proto.RESULT)
+        and type(fields[2]) is bytes
+        and len(fields[2]) >= _payloads.LARGE
+    )
+
+
+def _request_type_error(exc: Exception) -> TypeError:
+    return TypeError(
+        f"the request cannot be pickled for the child process ({type(exc).__name__}: {exc}); "
+        "pass plain data, or instances of classes defined at module level"
+    )
+
+
 def _pickle_or_type_error(obj: object, what: str) -> bytes:
     try:
         return pickle.dumps(obj, protocol=proto.PICKLE_PROTOCOL)
@@ -451,6 +473,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._window = window
         self._credit_batch = max(1, window // 2)
         self._max_frame = max_frame_size
+        # Big payloads are (un)pickled in threads of their own, never on trio's
+        # default limiter, which the application may have saturated.
+        self._payload_limiter = trio.CapacityLimiter(2)
+        self._loop_pickler = _payloads.LoopPickler()
         self._raise_on_give_up = raise_on_give_up
         self._worker_factory = worker_factory
         self._spec = SpawnSpec(
@@ -579,6 +605,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         # microseconds a call: a tenth of a tiny task's round trip.
         await trio.lowlevel.checkpoint_if_cancelled()
         task = self._submit(request, retry)
+        if task is None:  # too big to pickle on the loop
+            task = self._submit_pickled(await self._pickle_in_thread(request), retry)
         try:
             return await TaskHandle(self, task).wait()
         finally:
@@ -598,6 +626,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         # cancelled the body), that wins over RunnerUnavailable.
         await trio.lowlevel.checkpoint_if_cancelled()
         task = self._submit(request, retry)
+        if task is None:  # too big to pickle on the loop
+            task = self._submit_pickled(await self._pickle_in_thread(request), retry)
         try:
             yield TaskHandle(self, task)
         finally:
@@ -635,10 +665,28 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             return f"runner {self.name!r} has failed and will not be restarted{last}"
         return f"runner {self.name!r} is {self._state.value}: no new tasks are accepted"
 
-    def _submit(self, request: Any, retry: bool) -> _Task:
+    def _submit(self, request: Any, retry: bool) -> _Task | None:
+        """The task for ``request``, submitted; None if it must be pickled in a thread first.
+
+        The size of a pickle is unknown until it is made. The request is pickled
+        here, on the loop, until it passes ``_payloads.LARGE`` bytes (a fraction of a
+        millisecond); then this returns None, and the caller pickles it again in a
+        thread (``_pickle_in_thread``) and submits that with ``_submit_pickled``.
+        Nothing of the aborted pickle is kept.
+        """
         if self._stop_requested or self._state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())
-        data = _pickle_or_type_error(request, "the request")
+        try:
+            data = self._loop_pickler.dumps(request)
+        except Exception as exc:  # the request's own classes run here: anything goes
+            raise _request_type_error(exc) from exc
+        if data is None:
+            return None
+        return self._submit_pickled(data, retry)
+
+    def _submit_pickled(self, data: bytes | bytearray, retry: bool) -> _Task:
+        if self._stop_requested or self._state in _TERMINAL:
+            raise RunnerUnavailable(self._unavailable_reason())  # again: a thread pickled it meanwhile
         if len(data) > self._max_frame - proto.MESSAGE_OVERHEAD:
             raise ValueError(
                 f"the request pickles to {len(data)} bytes, more than max_frame_size="
@@ -649,6 +697,12 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._pending[task.id] = task
             self._pending_wake.set()
         return task
+
+    async def _pickle_in_thread(self, request: Any) -> bytearray:
+        try:
+            return await _payloads.dumps_in_thread(request, self._payload_limiter)
+        except Exception as exc:  # the request's own classes run there: anything goes
+            raise _request_type_error(exc) from exc
 
     def _send_now(self, task: _Task) -> bool:
         """Write the task straight to a ready runner's socket if nothing is ahead of it.
@@ -666,28 +720,40 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             or inc.stop_requested
             or inc.exited.is_set()
             or inc.send_lock.locked()
+            or task.request is None
+            or len(task.request) >= _payloads.LARGE  # sent in parts by _send_tasks, not copied
         ):
             return False
         data = self._mark_sent(inc, [task])
+        assert isinstance(data, bytes)
         sent = inc.worker.send_nowait(data)
         if sent < len(data):
             inc.backlog = data[sent:]
             self._pending_wake.set()  # the sender task writes the rest
         return True
 
-    def _mark_sent(self, inc: _Incarnation, batch: list[_Task]) -> bytes:
-        """Move ``batch`` in flight on ``inc``; the frame that delivers it."""
+    def _mark_sent(self, inc: _Incarnation, batch: list[_Task]) -> bytes | list[proto.Buffer]:
+        """Move ``batch`` in flight on ``inc``; the frames that deliver it.
+
+        Bytes, or with a big request, the parts to write in turn: a big request
+        is written from the pickle the thread made, never copied on the loop.
+        """
         messages: list[Any] = []
+        big = False
         for task in batch:
             self._pending.pop(task.id, None)
             self._in_flight[task.id] = task
             task.incarnation = inc.number
+            assert task.request is not None
+            big = big or len(task.request) >= _payloads.LARGE
             messages.append((proto.TASK, task.id, task.request, self._window))
             if not task.retry:
                 task.request = None
         inc.last_progress = trio.current_time()
         if self._timeouts.stall is not None:
             inc.poke_watchdog()  # only the stall check depends on what was sent
+        if big:
+            return proto.encode_frame_parts(messages, self._max_frame)
         return proto.encode_frames(messages, self._max_frame)
 
     def _release(self, task: _Task) -> None:
@@ -1212,6 +1278,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     async def _forward(self, inc: _Incarnation) -> None:
         """Read frames to EOF and route each message to its task or to the lifecycle."""
         reader = proto.FrameReader(self._max_frame)
+        limiter = self._payload_limiter
         try:
             while True:
                 data = await inc.worker.receive_some()
@@ -1221,9 +1288,22 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 if inc.last_frame is None:
                     inc.poke_watchdog()
                 inc.last_frame = now
-                for batch in reader.feed(data):
+                # A big frame, and a big payload in it, are unpickled in a thread.
+                # Awaited here, in turn: no message overtakes another, so a task's
+                # events stay in order and before its outcome.
+                for batch in reader.feed_big(data, _payloads.LARGE):
+                    if not isinstance(batch, list):
+                        batch = await _payloads.decode_in_thread(batch, limiter)
+                        now = inc.last_frame = trio.current_time()
                     for message in batch:
+                        if _is_big_payload(message):
+                            message = await self._load_payload(message)
+                            now = inc.last_frame = trio.current_time()
                         self._route(inc, message, now)
+                if reader.pending >= _payloads.LARGE:
+                    # Part-way through a big frame: copying it in costs the loop a
+                    # little per read, so let others run between reads.
+                    await trio.lowlevel.checkpoint()
         except proto.FrameError as exc:
             self._kill(inc, ExitReason.PROTOCOL_ERROR, str(exc))
         finally:
@@ -1275,9 +1355,19 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         except (IndexError, TypeError, ValueError, KeyError) as exc:
             raise proto.FrameError(f"malformed message {message!r:.200}: {exc}") from exc
 
-    def _unpack(self, task: _Task, payload: bytes, what: str) -> Any:
+    async def _load_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An EVENTS or RESULT message whose big payload is unpickled (in a thread) for ``_unpack``."""
+        tag, task_id, payload = message
+        task = self._in_flight.get(task_id)
+        if task is None or task.done:
+            return message  # nobody wants it: _route drops it unread
+        return (tag, task_id, await _payloads.load_in_thread(payload, self._payload_limiter))
+
+    def _unpack(self, task: _Task, payload: bytes | _payloads.Loaded, what: str) -> Any:
         """Unpickle one task's payload; if this process cannot, that task alone fails."""
         try:
+            if isinstance(payload, _payloads.Loaded):
+                return payload.get()  # unpickled in a thread by _load_payload
             return pickle.loads(payload)
         except Exception as exc:
             self._finish(
@@ -1392,17 +1482,30 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 return
 
 
-async def _send_locked(inc: _Incarnation, data: bytes) -> None:
+async def _send_locked(inc: _Incarnation, data: bytes | list[proto.Buffer]) -> None:
     """``send_all`` under the incarnation's send lock, without a schedule point when the lock is free.
 
     ``async with lock`` yields once even uncontended: a whole loop pass per task sent.
-    The backlog a fast-path send left goes first.
+    The backlog a fast-path send left goes first. ``data`` may be a list of
+    parts (a big request), written in turn, never joined.
     """
     try:
         inc.send_lock.acquire_nowait()
     except trio.WouldBlock:
         await inc.send_lock.acquire()
     try:
+        if isinstance(data, list):
+            if inc.backlog:
+                backlog, inc.backlog = inc.backlog, b""
+                await inc.worker.send_all(backlog)
+            for part in data:
+                with memoryview(part) as view:
+                    # In slices: one send of a whole big payload to a peer that
+                    # keeps reading can copy for tens of milliseconds in one call.
+                    for offset in range(0, len(view), _SEND_SLICE):
+                        # Any bytes-like will do: trio's send_all writes from a memoryview of it.
+                        await inc.worker.send_all(cast(bytes, view[offset : offset + _SEND_SLICE]))
+            return
         if inc.backlog:
             data, inc.backlog = inc.backlog + data, b""
         await inc.worker.send_all(data)

@@ -1,0 +1,221 @@
+"""Big payloads off the trio thread: the parent (un)pickles them in a worker thread, in chunks.
+
+Parent side only (it imports trio). Requests, events and results up to
+:data:`LARGE` bytes are (un)pickled on the trio thread as before: a thread hop
+costs more than they do. Larger ones go to a worker thread, and there the one
+design decision matters: a plain ``to_thread(pickle.loads, data)`` holds the
+GIL for the whole C-level copy, so the trio thread waits for it anyway
+(measured: no better than doing it on the loop). Instead, the (un)pickler
+works on a file object whose methods are Python code: the C (un)pickler calls
+them at least once per 64 KiB pickle frame, and they copy at most
+:data:`_CHUNK` bytes at a time and release the GIL (``time.sleep(0)``) between
+chunks, so the trio thread gets in every fraction of a millisecond.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any, Final
+
+import trio
+
+from . import _protocol as proto
+
+#: Payloads (pickled) of this many bytes or more are (un)pickled in a thread.
+#: Unpickling 128 KiB of small ints takes about 0.6 ms: below the 1 ms goal for
+#: loop lateness, and about five thread hops' worth.
+LARGE: Final = 128 * 1024
+#: Bytes copied between two releases of the GIL: a fraction of a millisecond
+#: even into fresh pages.
+_CHUNK: Final = 256 * 1024
+
+
+def _yield_gil() -> None:
+    # Releases the GIL; a trio thread waiting for it takes it now, instead of
+    # after the interpreter's 5 ms switch interval.
+    time.sleep(0)
+
+
+class _ChunkedReader:
+    """A read-only file over a buffer, for ``pickle.Unpickler`` in a worker thread."""
+
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._view = memoryview(data).cast("B")
+        self._pos = 0
+
+    def read(self, size: int = -1) -> bytes:
+        start = self._pos
+        end = len(self._view) if size < 0 else min(len(self._view), start + size)
+        self._pos = end
+        # A pickle frame (64 KiB) at a time; only a big str is read whole.
+        chunk = bytes(self._view[start:end])
+        _yield_gil()
+        return chunk
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        # How the unpickler fills a big bytes or bytearray: in chunks, letting the loop in.
+        with memoryview(buffer) as raw, raw.cast("B") as target:
+            count = min(len(target), len(self._view) - self._pos)
+            for offset in range(0, count, _CHUNK):
+                step = min(_CHUNK, count - offset)
+                start = self._pos + offset
+                target[offset : offset + step] = self._view[start : start + step]
+                _yield_gil()
+        self._pos += count
+        return count
+
+    def readline(self) -> bytes:
+        # Required by Unpickler; protocol 5 pickles never use it.
+        end = self._pos
+        while end < len(self._view) and self._view[end] != 0x0A:
+            end += 1
+        return self.read(end + 1 - self._pos)
+
+
+class _ChunkedWriter:
+    """A write-only file for ``pickle.Pickler``: big bytes objects are kept by reference, not copied."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        # The pickler hands over a finished 64 KiB frame, or a big bytes-like
+        # payload of the caller's own: kept as it is (the caller's object is not
+        # copied here), joined in chunks in ``join``.
+        self.parts.append(data)
+        size = memoryview(data).nbytes
+        self.size += size
+        _yield_gil()
+        return size
+
+    def join(self) -> bytearray:
+        out = bytearray()
+        for part in self.parts:
+            with memoryview(part) as raw, raw.cast("B") as view:
+                for offset in range(0, len(view), _CHUNK):
+                    out += view[offset : offset + _CHUNK]  # a big bytearray grows in place (mremap)
+                    _yield_gil()
+        return out
+
+
+class _TooBig(Exception):
+    """The pickle passed :data:`LARGE` bytes: it is done again in a thread."""
+
+
+class _BoundedWriter:
+    """Collects a small pickle; gives up (raises ``_TooBig``) past :data:`LARGE` bytes."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        size = len(data)
+        self.size += size
+        if self.size > LARGE:
+            raise _TooBig
+        self.parts.append(data)
+        return size
+
+
+class LoopPickler:
+    """Pickles requests on the trio thread, as long as they are small.
+
+    One per supervisor, reused: a fresh ``Pickler`` per request would cost a
+    microsecond, a tenth of a tiny task's overhead. The size of a pickle is
+    not known before pickling; this one gives up after :data:`LARGE` bytes
+    (a fraction of a millisecond of work), and the caller pickles again in a
+    thread with :func:`dumps_in_thread`. Only the trio thread uses it.
+    """
+
+    def __init__(self) -> None:
+        self._writer = _BoundedWriter()
+        self._pickler = pickle.Pickler(self._writer, protocol=proto.PICKLE_PROTOCOL)
+
+    def dumps(self, obj: Any) -> bytes | None:
+        """``obj`` pickled, or None if it is larger than :data:`LARGE` bytes. Raises what pickling raises."""
+        writer = self._writer
+        writer.parts = []
+        writer.size = 0
+        try:
+            self._pickler.dump(obj)
+        except _TooBig:
+            return None
+        except BaseException:
+            # A pickler that failed half-way is not reused.
+            self._pickler = pickle.Pickler(writer, protocol=proto.PICKLE_PROTOCOL)
+            raise
+        finally:
+            self._pickler.clear_memo()  # holds the request's objects otherwise
+        parts = writer.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _dumps_chunked(obj: Any) -> bytearray:
+    writer = _ChunkedWriter()
+    pickle.Pickler(writer, protocol=proto.PICKLE_PROTOCOL).dump(obj)
+    return writer.join()
+
+
+def _loads_chunked(data: bytes | bytearray | memoryview) -> Any:
+    return pickle.Unpickler(_ChunkedReader(data)).load()
+
+
+def _decode_chunked(frame: memoryview) -> list[Any]:
+    try:
+        messages = pickle.Unpickler(_ChunkedReader(frame)).load()
+    except Exception as exc:  # whatever the bytes make the unpickler do
+        raise proto.FrameError(f"corrupt frame: {type(exc).__name__}: {exc}") from exc
+    finally:
+        frame.release()
+    if not isinstance(messages, list):
+        raise proto.FrameError(f"corrupt frame: expected a list of messages, got {type(messages).__name__}")
+    return messages  # pyright: ignore[reportUnknownVariableType]
+
+
+class Loaded:
+    """A payload unpickled in a thread: its value, or the exception unpickling raised."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any = None, error: Exception | None = None) -> None:
+        self.value = value
+        self.error = error
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _load_or_error(data: bytes | bytearray | memoryview) -> Loaded:
+    try:
+        return Loaded(_loads_chunked(data))
+    except Exception as exc:  # the payload's own classes run here: anything goes
+        return Loaded(error=exc)
+
+
+async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytearray:
+    """Pickle ``obj`` in a worker thread. Raises what pickling raises.
+
+    **Cancellation:** abandons the thread, which finishes pickling into the void.
+    """
+    return await trio.to_thread.run_sync(_dumps_chunked, obj, abandon_on_cancel=True, limiter=limiter)
+
+
+async def load_in_thread(data: bytes | bytearray | memoryview, limiter: trio.CapacityLimiter) -> Loaded:
+    """Unpickle one payload in a worker thread; its error, if any, is returned, not raised."""
+    return await trio.to_thread.run_sync(_load_or_error, data, abandon_on_cancel=True, limiter=limiter)
+
+
+async def decode_in_thread(frame: memoryview, limiter: trio.CapacityLimiter) -> list[Any]:
+    """A big frame's messages, unpickled in a worker thread (it copies its payloads).
+
+    Raises:
+        FrameError: the frame does not unpickle to a list.
+    """
+    return await trio.to_thread.run_sync(_decode_chunked, frame, abandon_on_cancel=True, limiter=limiter)
