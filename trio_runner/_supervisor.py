@@ -1585,7 +1585,8 @@ def open_supervisor(
         preload: modules the forkserver imports once, so restarts skip them.
         window: events in flight per task before ``ctx.emit`` blocks.
         max_frame_size: the largest frame either side accepts; larger is a
-            protocol error.
+            protocol error. An int from 64 KiB to 2**32 - 1; a request, result
+            or batch of events may pickle to at most ``max_frame_size - 256`` bytes.
         raise_on_give_up: when the policy gives up, raise
             :class:`RestartLimitExceeded` out of the block (the default, which
             cancels the body), or only move to FAILED.
