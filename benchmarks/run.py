@@ -26,6 +26,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SUITES = [
     ("crash", "bench_crash"),
     ("lateness", "bench_lateness"),
+    ("payload", "bench_payload"),
     ("events", "bench_throughput"),
     ("roundtrip", "bench_roundtrip"),
     ("lifecycle", "bench_lifecycle"),

@@ -1,15 +1,15 @@
 """Big payloads off the trio thread: the parent (un)pickles them in a worker thread, in chunks.
 
-Parent side only (it imports trio). Requests, events and results up to
-:data:`LARGE` bytes are (un)pickled on the trio thread as before: a thread hop
-costs more than they do. Larger ones go to a worker thread, and there the one
+Parent side only (it imports trio). Events and results up to :data:`LARGE`
+bytes, and requests up to :data:`LARGE_REQUEST`, are (un)pickled on the trio
+thread as before: a thread hop costs more than they do. Larger ones go to a worker thread, and there the one
 design decision matters: a plain ``to_thread(pickle.loads, data)`` holds the
 GIL for the whole C-level copy, so the trio thread waits for it anyway
 (measured: no better than doing it on the loop). Instead, the (un)pickler
 works on a file object whose methods are Python code: the C (un)pickler calls
 them at least once per 64 KiB pickle frame, and they copy at most
-:data:`_CHUNK` bytes at a time and release the GIL (``time.sleep(0)``) between
-chunks, so the trio thread gets in every fraction of a millisecond.
+:data:`_CHUNK` bytes at a time and release the GIL (``time.sleep(0)``) every
+half millisecond of work, so the trio thread gets in that often.
 """
 
 from __future__ import annotations
@@ -22,19 +22,38 @@ import trio
 
 from . import _protocol as proto
 
-#: Payloads (pickled) of this many bytes or more are (un)pickled in a thread.
-#: Unpickling 128 KiB of small ints takes about 0.6 ms: below the 1 ms goal for
-#: loop lateness, and about five thread hops' worth.
-LARGE: Final = 128 * 1024
+#: Frames and payloads (pickled) of this many bytes or more are unpickled in a
+#: thread. Below it, a stream's event batches: a full default window of
+#: 100-byte events is about 0.9 MB, and a thread hop per batch would halve the
+#: event rate. Unpickling 1 MiB of small ints on the loop takes a few ms.
+LARGE: Final = 1024 * 1024
+#: Requests that pickle to more than this are pickled again in a thread, and
+#: written from that pickle without a copy. Pickling is cheaper to abort than
+#: unpickling is to predict: the loop pays at most this much pickling work
+#: (about 0.6 ms of small ints) for a request that turns out big.
+LARGE_REQUEST: Final = 128 * 1024
 #: Bytes copied between two releases of the GIL: a fraction of a millisecond
 #: even into fresh pages.
 _CHUNK: Final = 256 * 1024
+#: Work between two releases of the GIL. Each release lets a waiting trio
+#: thread in at once, instead of after the interpreter's 5 ms switch interval;
+#: releasing more often only costs this thread time when the loop is busy.
+_YIELD_EVERY: Final = 0.0005
 
 
-def _yield_gil() -> None:
-    # Releases the GIL; a trio thread waiting for it takes it now, instead of
-    # after the interpreter's 5 ms switch interval.
-    time.sleep(0)
+class _Pacer:
+    """Releases the GIL (``time.sleep(0)``) once per ``_YIELD_EVERY`` of work."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if now - self._last >= _YIELD_EVERY:
+            time.sleep(0)
+            self._last = time.perf_counter()
 
 
 class _ChunkedReader:
@@ -43,6 +62,7 @@ class _ChunkedReader:
     def __init__(self, data: bytes | bytearray | memoryview) -> None:
         self._view = memoryview(data).cast("B")
         self._pos = 0
+        self._pacer = _Pacer()
 
     def read(self, size: int = -1) -> bytes:
         start = self._pos
@@ -50,7 +70,7 @@ class _ChunkedReader:
         self._pos = end
         # A pickle frame (64 KiB) at a time; only a big str is read whole.
         chunk = bytes(self._view[start:end])
-        _yield_gil()
+        self._pacer.tick()
         return chunk
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
@@ -61,7 +81,7 @@ class _ChunkedReader:
                 step = min(_CHUNK, count - offset)
                 start = self._pos + offset
                 target[offset : offset + step] = self._view[start : start + step]
-                _yield_gil()
+                self._pacer.tick()
         self._pos += count
         return count
 
@@ -79,6 +99,7 @@ class _ChunkedWriter:
     def __init__(self) -> None:
         self.parts: list[Any] = []
         self.size = 0
+        self._pacer = _Pacer()
 
     def write(self, data: Any) -> int:
         # The pickler hands over a finished 64 KiB frame, or a big bytes-like
@@ -87,7 +108,7 @@ class _ChunkedWriter:
         self.parts.append(data)
         size = memoryview(data).nbytes
         self.size += size
-        _yield_gil()
+        self._pacer.tick()
         return size
 
     def join(self) -> bytearray:
@@ -96,16 +117,16 @@ class _ChunkedWriter:
             with memoryview(part) as raw, raw.cast("B") as view:
                 for offset in range(0, len(view), _CHUNK):
                     out += view[offset : offset + _CHUNK]  # a big bytearray grows in place (mremap)
-                    _yield_gil()
+                    self._pacer.tick()
         return out
 
 
 class _TooBig(Exception):
-    """The pickle passed :data:`LARGE` bytes: it is done again in a thread."""
+    """The pickle passed :data:`LARGE_REQUEST` bytes: it is done again in a thread."""
 
 
 class _BoundedWriter:
-    """Collects a small pickle; gives up (raises ``_TooBig``) past :data:`LARGE` bytes."""
+    """Collects a small pickle; gives up (raises ``_TooBig``) past :data:`LARGE_REQUEST` bytes."""
 
     __slots__ = ("parts", "size")
 
@@ -116,7 +137,7 @@ class _BoundedWriter:
     def write(self, data: Any) -> int:
         size = len(data)
         self.size += size
-        if self.size > LARGE:
+        if self.size > LARGE_REQUEST:
             raise _TooBig
         self.parts.append(data)
         return size
@@ -127,7 +148,7 @@ class LoopPickler:
 
     One per supervisor, reused: a fresh ``Pickler`` per request would cost a
     microsecond, a tenth of a tiny task's overhead. The size of a pickle is
-    not known before pickling; this one gives up after :data:`LARGE` bytes
+    not known before pickling; this one gives up after :data:`LARGE_REQUEST` bytes
     (a fraction of a millisecond of work), and the caller pickles again in a
     thread with :func:`dumps_in_thread`. Only the trio thread uses it.
     """
@@ -137,7 +158,7 @@ class LoopPickler:
         self._pickler = pickle.Pickler(self._writer, protocol=proto.PICKLE_PROTOCOL)
 
     def dumps(self, obj: Any) -> bytes | None:
-        """``obj`` pickled, or None if it is larger than :data:`LARGE` bytes. Raises what pickling raises."""
+        """``obj`` pickled, or None past :data:`LARGE_REQUEST` bytes. Raises what pickling raises."""
         writer = self._writer
         writer.parts = []
         writer.size = 0

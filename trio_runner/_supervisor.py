@@ -669,7 +669,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         """The task for ``request``, submitted; None if it must be pickled in a thread first.
 
         The size of a pickle is unknown until it is made. The request is pickled
-        here, on the loop, until it passes ``_payloads.LARGE`` bytes (a fraction of a
+        here, on the loop, until it passes ``_payloads.LARGE_REQUEST`` bytes (a fraction of a
         millisecond); then this returns None, and the caller pickles it again in a
         thread (``_pickle_in_thread``) and submits that with ``_submit_pickled``.
         Nothing of the aborted pickle is kept.
@@ -721,7 +721,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             or inc.exited.is_set()
             or inc.send_lock.locked()
             or task.request is None
-            or len(task.request) >= _payloads.LARGE  # sent in parts by _send_tasks, not copied
+            or len(task.request) >= _payloads.LARGE_REQUEST  # sent in parts by _send_tasks, not copied
         ):
             return False
         data = self._mark_sent(inc, [task])
@@ -745,7 +745,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._in_flight[task.id] = task
             task.incarnation = inc.number
             assert task.request is not None
-            big = big or len(task.request) >= _payloads.LARGE
+            big = big or len(task.request) >= _payloads.LARGE_REQUEST
             messages.append((proto.TASK, task.id, task.request, self._window))
             if not task.retry:
                 task.request = None
@@ -1292,10 +1292,14 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 # Awaited here, in turn: no message overtakes another, so a task's
                 # events stay in order and before its outcome.
                 for batch in reader.feed_big(data, _payloads.LARGE):
-                    if not isinstance(batch, list):
-                        batch = await _payloads.decode_in_thread(batch, limiter)
-                        now = inc.last_frame = trio.current_time()
-                    for message in batch:
+                    if isinstance(batch, list):
+                        for message in batch:
+                            self._route(inc, message, now)
+                        continue
+                    # Only a big frame can hold a big payload.
+                    messages = await _payloads.decode_in_thread(batch, limiter)
+                    now = inc.last_frame = trio.current_time()
+                    for message in messages:
                         if _is_big_payload(message):
                             message = await self._load_payload(message)
                             now = inc.last_frame = trio.current_time()
