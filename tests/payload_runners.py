@@ -16,6 +16,16 @@ class NeedsTwoArguments(Exception):
         super().__init__(a)
 
 
+class Unpicklable:
+    """A result whose pickling raises an error with a huge message."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+    def __reduce__(self) -> Any:
+        raise ValueError(self.text)
+
+
 class HostileStr(Exception):
     """An exception whose ``__str__`` raises, as a careless native binding's might."""
 
@@ -64,6 +74,8 @@ class PayloadRunner(Runner[Any, Any, Any]):
         if command == "ints_with_unloadable":
             # Unpickles in the child's own pickle, but not in the parent.
             return [*range(args[0]), NeedsTwoArguments(1, 2)]
+        if command == "unpicklable_huge_error":
+            return Unpicklable("x" * args[0])
         if command == "sleep":
             time.sleep(args[0])
             return "slept"

@@ -78,3 +78,10 @@ async def test_an_exception_type_with_a_huge_name_fails_only_its_task() -> None:
         error = await _fails_alone(sup, ("raise_huge_name", 4 * MIN_FRAME_SIZE))
     assert "bytes truncated" in error.remote_type
     assert error.remote_message == "named hugely"
+
+
+async def test_a_result_that_fails_to_pickle_with_a_huge_message_fails_only_its_task() -> None:
+    async with open_supervisor(PairRunner, max_frame_size=MIN_FRAME_SIZE) as sup:
+        error = await _fails_alone(sup, ("unpicklable_huge_error", 10 * MIN_FRAME_SIZE))
+    assert error.remote_message.startswith("could not send to the parent: xxxx")
+    assert "bytes truncated" in error.remote_message

@@ -329,7 +329,8 @@ class Child:
             tag = message[0]
             if tag == proto.EVENTS or tag == proto.RESULT:
                 message = self._pack_payload(message)
-            elif tag == proto.ERROR or tag == proto.FATAL:
+                tag = message[0]  # ERROR if the payload cannot be sent
+            if tag == proto.ERROR or tag == proto.FATAL:
                 message = self._fit_error(message)
             messages.append(message)
         return proto.encode_frames(messages, self.max_frame)
