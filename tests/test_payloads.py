@@ -88,6 +88,34 @@ def test_a_payload_within_message_overhead_of_the_limit_fits_a_frame(size: int) 
         _frames(proto.encode_frames([message], max_frame), max_frame)
 
 
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(1, 5000), min_size=1, max_size=50),
+)
+def test_feed_big_hands_over_big_frames_whole_and_in_order_however_the_bytes_are_cut(
+    sizes: list[int], cuts: list[int]
+) -> None:
+    big = 1000
+    messages = [(proto.RESULT, i, b"x" * size) for i, size in enumerate(sizes)]
+    stream = b"".join(proto.encode([message]) for message in messages)
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    seen: list[Any] = []
+    position, cut = 0, 0
+    while position < len(stream):
+        step = cuts[cut % len(cuts)]
+        cut += 1
+        for item in reader.feed_big(stream[position : position + step], big):
+            if isinstance(item, proto.BigFrame):
+                body = b"".join(bytes(part) for part in item.parts)
+                assert len(body) >= big
+                seen.extend(pickle.loads(body))
+            else:
+                seen.extend(item)
+        position += step
+    assert seen == messages
+    assert reader.pending == 0
+
+
 # -- max_frame_size validation (issue 11, finding 11) -------------------------------------
 
 

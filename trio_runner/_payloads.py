@@ -57,40 +57,63 @@ class _Pacer:
 
 
 class _ChunkedReader:
-    """A read-only file over a buffer, for ``pickle.Unpickler`` in a worker thread."""
+    """A read-only file over buffers read in turn, for ``pickle.Unpickler`` in a worker thread."""
 
-    def __init__(self, data: bytes | bytearray | memoryview) -> None:
-        self._view = memoryview(data).cast("B")
-        self._pos = 0
+    def __init__(self, parts: list[proto.Buffer]) -> None:
+        self._parts = [memoryview(part).cast("B") for part in parts]
+        self._index = 0
+        self._offset = 0
         self._pacer = _Pacer()
 
+    def _take(self, size: int) -> list[memoryview]:
+        """Views of the next ``size`` bytes (fewer at the end), one per part they span."""
+        pieces: list[memoryview] = []
+        parts = self._parts
+        while size > 0 and self._index < len(parts):
+            part = parts[self._index]
+            available = len(part) - self._offset
+            if available <= 0:
+                self._index += 1
+                self._offset = 0
+                continue
+            step = min(available, size)
+            pieces.append(part[self._offset : self._offset + step])
+            self._offset += step
+            size -= step
+        return pieces
+
     def read(self, size: int = -1) -> bytes:
-        start = self._pos
-        end = len(self._view) if size < 0 else min(len(self._view), start + size)
-        self._pos = end
+        if size < 0:
+            size = sum(len(part) for part in self._parts)
         # A pickle frame (64 KiB) at a time; only a big str is read whole.
-        chunk = bytes(self._view[start:end])
+        pieces = self._take(size)
+        chunk = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
         self._pacer.tick()
         return chunk
 
     def readinto(self, buffer: bytearray | memoryview) -> int:
         # How the unpickler fills a big bytes or bytearray: in chunks, letting the loop in.
+        done = 0
         with memoryview(buffer) as raw, raw.cast("B") as target:
-            count = min(len(target), len(self._view) - self._pos)
-            for offset in range(0, count, _CHUNK):
-                step = min(_CHUNK, count - offset)
-                start = self._pos + offset
-                target[offset : offset + step] = self._view[start : start + step]
+            while done < len(target):
+                pieces = self._take(min(_CHUNK, len(target) - done))
+                if not pieces:
+                    break
+                for piece in pieces:
+                    target[done : done + len(piece)] = piece
+                    done += len(piece)
                 self._pacer.tick()
-        self._pos += count
-        return count
+        return done
 
     def readline(self) -> bytes:
         # Required by Unpickler; protocol 5 pickles never use it.
-        end = self._pos
-        while end < len(self._view) and self._view[end] != 0x0A:
-            end += 1
-        return self.read(end + 1 - self._pos)
+        line = bytearray()
+        while not line.endswith(b"\n"):
+            byte = self.read(1)
+            if not byte:
+                break
+            line += byte
+        return bytes(line)
 
 
 class _ChunkedWriter:
@@ -183,16 +206,16 @@ def _dumps_chunked(obj: Any) -> bytearray:
 
 
 def _loads_chunked(data: bytes | bytearray | memoryview) -> Any:
-    return pickle.Unpickler(_ChunkedReader(data)).load()
+    return pickle.Unpickler(_ChunkedReader([data])).load()
 
 
-def _decode_chunked(frame: memoryview) -> list[Any]:
+def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
     try:
-        messages = pickle.Unpickler(_ChunkedReader(frame)).load()
+        messages = pickle.Unpickler(_ChunkedReader(frame.parts)).load()
     except Exception as exc:  # whatever the bytes make the unpickler do
         raise proto.FrameError(f"corrupt frame: {type(exc).__name__}: {exc}") from exc
     finally:
-        frame.release()
+        frame.parts = []  # the frame's buffers go as soon as it is decoded
     if not isinstance(messages, list):
         raise proto.FrameError(f"corrupt frame: expected a list of messages, got {type(messages).__name__}")
     return messages  # pyright: ignore[reportUnknownVariableType]
@@ -233,7 +256,7 @@ async def load_in_thread(data: bytes | bytearray | memoryview, limiter: trio.Cap
     return await trio.to_thread.run_sync(_load_or_error, data, abandon_on_cancel=True, limiter=limiter)
 
 
-async def decode_in_thread(frame: memoryview, limiter: trio.CapacityLimiter) -> list[Any]:
+async def decode_in_thread(frame: proto.BigFrame, limiter: trio.CapacityLimiter) -> list[Any]:
     """A big frame's messages, unpickled in a worker thread (it copies its payloads).
 
     Raises:

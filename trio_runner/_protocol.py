@@ -224,14 +224,26 @@ def decode(payload: bytes | bytearray | memoryview) -> list[Any]:
     return messages  # pyright: ignore[reportUnknownVariableType]
 
 
+class BigFrame:
+    """A big frame's bytes, in the pieces they arrived in: never joined on the reader's thread."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Buffer]) -> None:
+        self.parts = parts
+
+
 class FrameReader:
     """Splits a byte stream into message lists. Used by both ends."""
 
-    __slots__ = ("_buffer", "_max_frame")
+    __slots__ = ("_big_have", "_big_missing", "_big_parts", "_buffer", "_max_frame")
 
     def __init__(self, max_frame: int) -> None:
         self._buffer = bytearray()
         self._max_frame = max_frame
+        self._big_parts: list[Buffer] | None = None
+        self._big_missing = 0
+        self._big_have = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[list[Any]]:
         """Yield each whole frame's messages in turn.
@@ -241,18 +253,32 @@ class FrameReader:
         """
         return cast("Iterator[list[Any]]", self._feed(data, None))
 
-    def feed_big(self, data: bytes | bytearray | memoryview, big: int) -> Iterator[list[Any] | memoryview]:
+    def feed_big(self, data: bytes, big: int) -> Iterator[list[Any] | BigFrame]:
         """Like :meth:`feed`, but a frame of ``big`` bytes or more is not decoded here.
 
-        It is yielded whole, as a memoryview over a buffer the reader no
-        longer uses, for the caller to decode off its event loop: its bytes
-        are never copied on the way.
+        It is yielded as a :class:`BigFrame`, for the caller to decode off its
+        event loop. Its bytes are not copied on the way (a growing buffer would
+        copy them over and over): the reads it arrives in are kept as they are,
+        so ``data`` must not change afterwards.
         """
         return self._feed(data, big)
 
-    def _feed(
-        self, data: bytes | bytearray | memoryview, big: int | None
-    ) -> Iterator[list[Any] | memoryview]:
+    def _feed(self, data: bytes | bytearray | memoryview, big: int | None) -> Iterator[list[Any] | BigFrame]:
+        parts = self._big_parts
+        if parts is not None:
+            # The rest of a big frame: kept as it comes.
+            missing = self._big_missing
+            if len(data) < missing:
+                parts.append(data)
+                self._big_missing = missing - len(data)
+                self._big_have += len(data)
+                return
+            view = memoryview(data)
+            parts.append(view[:missing])
+            self._big_parts = None
+            self._big_have = 0
+            data = view[missing:]
+            yield BigFrame(parts)
         buffer = self._buffer
         buffer += data
         start = 0
@@ -261,16 +287,25 @@ class FrameReader:
             while size - start >= HEADER.size:
                 length = frame_length(buffer[start : start + HEADER.size], self._max_frame)
                 end = start + HEADER.size + length
-                if end > size:
-                    break
                 if big is not None and length >= big:
-                    # The reader moves to a new buffer holding only what follows
-                    # (less than one read), and the frame keeps the old one.
-                    frame = memoryview(buffer)[start + HEADER.size : end]
+                    body = start + HEADER.size
+                    if end > size:
+                        # What has come of it (less than one read) is copied out;
+                        # the rest is kept read by read.
+                        self._big_parts = [bytes(buffer[body:size])]
+                        self._big_have = size - body
+                        self._big_missing = end - size
+                        start = size
+                        break
+                    # Whole already: the reader moves to a new buffer holding only
+                    # what follows (less than one read), and the frame keeps the old one.
+                    frame = BigFrame([memoryview(buffer)[body:end]])
                     self._buffer = buffer = buffer[end:]
                     start, size = 0, len(buffer)
                     yield frame
                     continue
+                if end > size:
+                    break
                 # Both views are released before the buffer is trimmed, even when
                 # decode raises (its traceback would otherwise keep one alive).
                 with memoryview(buffer) as view, view[start + HEADER.size : end] as payload:
@@ -284,4 +319,4 @@ class FrameReader:
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
-        return len(self._buffer)
+        return len(self._buffer) + self._big_have
