@@ -1279,6 +1279,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         """Read frames to EOF and route each message to its task or to the lifecycle."""
         reader = proto.FrameReader(self._max_frame)
         limiter = self._payload_limiter
+        big = _payloads.LARGE
         try:
             while True:
                 data = await inc.worker.receive_some()
@@ -1291,7 +1292,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 # A big frame, and a big payload in it, are unpickled in a thread.
                 # Awaited here, in turn: no message overtakes another, so a task's
                 # events stay in order and before its outcome.
-                for batch in reader.feed_big(data, _payloads.LARGE):
+                for batch in reader.feed_big(data, big):
                     if isinstance(batch, list):
                         for message in batch:
                             self._route(inc, message, now)
@@ -1304,10 +1305,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                             message = await self._load_payload(message)
                             now = inc.last_frame = trio.current_time()
                         self._route(inc, message, now)
-                if reader.pending >= _payloads.LARGE:
-                    # Part-way through a big frame: copying it in costs the loop a
-                    # little per read, so let others run between reads.
-                    await trio.lowlevel.checkpoint()
         except proto.FrameError as exc:
             self._kill(inc, ExitReason.PROTOCOL_ERROR, str(exc))
         finally:
