@@ -27,6 +27,7 @@ SUITES = [
     ("crash", "bench_crash"),
     ("lateness", "bench_lateness"),
     ("flood", "bench_flood"),
+    ("payload", "bench_payload"),
     ("events", "bench_throughput"),
     ("roundtrip", "bench_roundtrip"),
     ("lifecycle", "bench_lifecycle"),

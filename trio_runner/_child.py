@@ -49,7 +49,11 @@ from . import _protocol as proto
 from ._errors import TaskCancelled
 from ._runner import Runner, TaskContext, check_linger
 
+#: Bounds on an error report's message and traceback (each) and its type name,
+#: in bytes of UTF-8; ``_encode`` lowers them for a smaller ``max_frame_size``.
 _MAX_TEXT = 64 * 1024
+_MAX_NAME = 1024
+_MAX_PART = 4 * 1024  # each entry of a traceback (one frame, or the "Type: message" line)
 #: This many queued events go out at once, lingering or not: a stream this
 #: fast is batched by its own speed. Above the roughly 70 tokens a fast MLX
 #: model queues in ``MlxLmRunner.linger``: a hurried batch is sent by the
@@ -59,17 +63,53 @@ _HURRY_EVENTS = 256
 _BACKSTOP_SLACK = 0.002
 
 
-def _truncate(text: str) -> str:
-    """Tracebacks can be huge (a recursion error); the parent needs the end of them."""
-    if len(text) <= _MAX_TEXT:
+def _truncate(text: str, limit: int = _MAX_TEXT, *, keep_end: bool = True) -> str:
+    """``text`` cut to at most ``limit`` bytes of UTF-8, with a note saying so.
+
+    Tracebacks keep their end (a recursion error's is huge; the parent needs
+    the last frames); messages keep their start.
+    """
+    if len(text) * 4 <= limit:  # no character takes more than 4 bytes: fits as it is
         return text
-    return "[... truncated ...]\n" + text[-_MAX_TEXT:]
+    data = text.encode("utf-8", "surrogatepass")
+    if len(data) <= limit:
+        return text
+    note = f"[... {len(data) - limit} bytes truncated ...]"
+    keep = max(0, limit - len(note) - 1)
+    # "ignore" drops a character cut in half at the edge.
+    if keep_end:
+        return note + "\n" + data[len(data) - keep :].decode("utf-8", "ignore")
+    return data[:keep].decode("utf-8", "ignore") + "\n" + note
 
 
 def _format_exception(exc: BaseException) -> tuple[str, str, str]:
+    """(type name, message, traceback) of ``exc``, each bounded; never raises.
+
+    The exception is the runner's own object: its ``__str__`` (or a property
+    the traceback machinery reads) may raise, or return megabytes. Either
+    would crash the runner and every task in flight with it, so each part
+    falls back to a plain description and is cut to ``_MAX_TEXT``.
+    """
     kind = type(exc)
-    name = kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
-    return name, str(exc), "".join(traceback.format_exception(exc))
+    try:
+        name = (
+            kind.__qualname__ if kind.__module__ == "builtins" else f"{kind.__module__}.{kind.__qualname__}"
+        )
+        name = _truncate(str(name), _MAX_NAME, keep_end=False)
+    except Exception:  # a metaclass with hostile attributes: anything goes
+        name = "<an exception type whose name cannot be read>"
+    try:
+        text = _truncate(str(exc), _MAX_TEXT, keep_end=False)
+    except Exception as error:  # the runner's own __str__: anything goes
+        text = f"<str() of this {name} raised {type(error).__name__}>"
+    try:
+        # Each part is cut first, so a huge message (in full in ``text``) leaves room
+        # for the stack above it.
+        parts = [_truncate(part, _MAX_PART, keep_end=False) for part in traceback.format_exception(exc)]
+        tb = _truncate("".join(parts), _MAX_TEXT)
+    except Exception as error:  # the traceback module reads the runner's objects too
+        tb = f"<the traceback of this {name} could not be formatted: {type(error).__name__}>"
+    return name, text, tb
 
 
 class Child:
@@ -297,35 +337,42 @@ class Child:
 
     def _encode(self, batch: list[Any]) -> bytes:
         """Frames for ``batch``: payloads pickled one by one, frames kept under the size limit."""
-        frames: list[bytes] = []
         messages: list[Any] = []
-        size = 0
-        limit = self.max_frame // 2
         for message in batch:
             tag = message[0]
             if tag == proto.EVENTS or tag == proto.RESULT:
                 message = self._pack_payload(message)
-            elif tag == proto.ERROR or tag == proto.FATAL:
-                message = (*message[:-1], _truncate(message[-1]))
-            item_size = 64 + (len(message[2]) if tag == proto.EVENTS or tag == proto.RESULT else 0)
-            if messages and size + item_size > limit:
-                frames.append(proto.encode(messages))
-                messages, size = [], 0
+                tag = message[0]  # ERROR if the payload cannot be sent
+            if tag == proto.ERROR or tag == proto.FATAL:
+                message = self._fit_error(message)
             messages.append(message)
-            size += item_size
-        if messages:
-            frames.append(proto.encode(messages))
-        return b"".join(frames)
+        return proto.encode_frames(messages, self.max_frame)
+
+    def _fit_error(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An ERROR or FATAL message with its texts cut so that it fits a frame of its own.
+
+        Name, message and traceback together stay under half the frame, so an
+        error report never fails for its size, at any allowed ``max_frame_size``.
+        """
+        *head, name, text, tb = message
+        limit = min(_MAX_TEXT, self.max_frame // 8)
+        return (
+            *head,
+            _truncate(name, min(_MAX_NAME, limit), keep_end=False),
+            _truncate(text, limit, keep_end=False),
+            _truncate(tb, 2 * limit),
+        )
 
     def _pack_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
         """Pickle an EVENTS or RESULT payload; one that cannot be sent fails its task instead."""
         tag, task_id, payload = message
         try:
             data = pickle.dumps(payload, protocol=proto.PICKLE_PROTOCOL)
-            if len(data) > self.max_frame - 1024:
+            if len(data) > self.max_frame - proto.MESSAGE_OVERHEAD:
                 raise ValueError(
-                    f"{'events' if tag == proto.EVENTS else 'the result'} pickle to {len(data)} bytes, "
-                    f"more than max_frame_size={self.max_frame}"
+                    f"{'events' if tag == proto.EVENTS else 'the result'} pickled to {len(data)} bytes, "
+                    f"more than the {self.max_frame - proto.MESSAGE_OVERHEAD} that "
+                    f"max_frame_size={self.max_frame} allows"
                 )
         except Exception as exc:
             with self.lock:
@@ -335,7 +382,7 @@ class Child:
                     ctx.cancelled = True
                     self.credit_available.notify_all()  # an emit waiting for credits must see it
             name, text, tb = _format_exception(exc)
-            return (proto.ERROR, task_id, name, f"could not send to the parent: {text}", _truncate(tb))
+            return (proto.ERROR, task_id, name, f"could not send to the parent: {text}", tb)
         return (tag, task_id, data)
 
     def close_writer(self, timeout: float) -> None:
@@ -348,22 +395,49 @@ class Child:
     # -- incoming ---------------------------------------------------------
 
     def _read_loop(self) -> None:
-        reader = proto.FrameReader(self.max_frame)
         try:
-            while True:
-                if self.reader_stalled.is_set():
-                    threading.Event().wait()  # a fault injected by a test: never read again
-                data = self.sock.recv(65536)
-                if not data:
-                    break
-                for batch in reader.feed(data):
-                    for message in batch:
-                        self._dispatch(message)
-        except (OSError, proto.FrameError):
-            pass
-        # The parent closes its end only after this process has been reaped, so
-        # end-of-file means the parent is gone, even after a Shutdown message.
-        self._orphaned()
+            try:
+                self._read_frames()
+            except OSError:
+                pass  # a reset: the parent is gone, as at end-of-file
+            except proto.FrameError as exc:
+                # Not a signal: the parent must see a protocol error, not a runner
+                # killed by someone else.
+                self._die_of(proto.STAGE_PROTOCOL, exc, proto.EXIT_PROTOCOL_ERROR)
+            except BaseException as exc:  # a bug in dispatching a message: anything
+                self._die_of(proto.STAGE_READER, exc, 1)
+        finally:
+            # Whatever ended this thread, nothing reads cancels, credits or the
+            # parent's end-of-file any more: this process must not outlive it.
+            # The parent closes its end only after this process has been reaped,
+            # so end-of-file means the parent is gone, even after a Shutdown message.
+            self._orphaned()
+
+    def _read_frames(self) -> None:
+        reader = proto.FrameReader(self.max_frame)
+        while True:
+            if self.reader_stalled.is_set():
+                threading.Event().wait()  # a fault injected by a test: never read again
+            data = self.sock.recv(65536)
+            if not data:
+                return
+            for batch in reader.feed(data):
+                for message in batch:
+                    self._dispatch(message)
+
+    def _die_of(self, stage: str, exc: BaseException, code: int) -> None:
+        """Report ``exc`` to the parent (FATAL, and stderr), then exit with ``code``.
+
+        From the reader thread: the writer gets a bounded time to send what
+        is queued and the report; the process exits either way.
+        """
+        with contextlib.suppress(Exception):  # stderr may be gone with the parent
+            traceback.print_exception(exc)
+        self.send((proto.FATAL, stage, *_format_exception(exc)))
+        self.close_writer(2.0)
+        with contextlib.suppress(Exception):
+            sys.stderr.flush()
+        os._exit(code)
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
         tag = message[0]

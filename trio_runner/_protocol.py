@@ -13,12 +13,27 @@ from __future__ import annotations
 
 import pickle
 import struct
-from collections.abc import Iterator
-from typing import Any, Final
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeAlias, cast
+
+#: What a frame is written from: bytes, or a bytearray or memoryview of a payload.
+Buffer: TypeAlias = "bytes | bytearray | memoryview"
 
 PICKLE_PROTOCOL: Final = 5
 HEADER: Final = struct.Struct("!I")
 DEFAULT_MAX_FRAME: Final = 64 * 1024 * 1024
+#: The smallest ``max_frame_size``: a frame this size still holds a small
+#: request or result, a whole error report (``_child`` bounds its text to a
+#: fraction of the frame) and any number of control messages (split across
+#: frames). Below it, tasks would fail for reasons that have nothing to do with them.
+MIN_FRAME_SIZE: Final = 64 * 1024
+#: The largest: the header holds the length in 32 bits.
+MAX_FRAME_SIZE: Final = 2**32 - 1
+#: An upper bound on what a frame carrying one message costs beyond the bytes
+#: and strings inside the message (measured: 21-46 bytes; pickle's opcodes,
+#: tuple, ints and memo). A payload of at most ``max_frame - MESSAGE_OVERHEAD``
+#: bytes always fits in a frame of its own.
+MESSAGE_OVERHEAD: Final = 256
 
 # Parent -> child.
 TASK: Final = 1  # (TASK, task_id, request_bytes, window)
@@ -42,6 +57,8 @@ STAGE_LOAD: Final = "load"  # importing the runner class or unpickling its args
 STAGE_SETUP: Final = "setup"
 STAGE_RUN: Final = "run"
 STAGE_TEARDOWN: Final = "teardown"
+STAGE_READER: Final = "reader"  # the child's reader thread failed: nothing reads the parent any more
+STAGE_PROTOCOL: Final = "protocol"  # the child got a frame it cannot read
 
 # Events and results travel pickled on their own inside the frame, like requests
 # the other way: a payload that does not pickle (or unpickle) fails its one task
@@ -49,16 +66,145 @@ STAGE_TEARDOWN: Final = "teardown"
 
 # Exit code of a child that could not even load its runner: nothing a restart can fix.
 EXIT_LOAD_FAILED: Final = 97
+# Exit code of a child that got a corrupt or oversize frame from the parent (with a
+# FATAL of stage "protocol" before it): the parent reports PROTOCOL_ERROR, not a signal.
+EXIT_PROTOCOL_ERROR: Final = 96
 
 
 class FrameError(Exception):
     """A frame that is oversize or does not unpickle: the peer is broken."""
 
 
+def check_max_frame(value: object) -> int:
+    """``value`` as a ``max_frame_size``, or a TypeError / ValueError that says what to pass."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        # NaN would turn every size check off (every comparison with it is False).
+        raise TypeError(
+            f"max_frame_size={value!r} must be an int number of bytes, not {type(value).__name__}; "
+            f"for example max_frame_size={DEFAULT_MAX_FRAME} (the default, 64 MiB)"
+        )
+    if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE:
+        raise ValueError(
+            f"max_frame_size={value!r} must be between {MIN_FRAME_SIZE} bytes (64 KiB: the least in "
+            f"which a small result and an error report still fit) and {MAX_FRAME_SIZE} (the "
+            "frame header's 32-bit limit)"
+        )
+    return value
+
+
 def encode(messages: list[Any]) -> bytes:
-    """One frame carrying ``messages``."""
+    """One frame carrying ``messages``, whatever its size (see :func:`encode_frames`)."""
     payload = pickle.dumps(messages, protocol=PICKLE_PROTOCOL)
     return HEADER.pack(len(payload)) + payload
+
+
+def encode_frames(messages: list[Any], max_frame: int) -> bytes:
+    """Frames carrying ``messages`` in order, none longer than ``max_frame`` (the header aside).
+
+    Both ends send through this. The size is measured, not guessed: the
+    common case is one pickle of the whole batch, exactly as :func:`encode`.
+    Only a batch that comes out too long is grouped by an estimate, and a
+    group that still comes out too long (pickle's framing and memo, or text
+    that is not ASCII, escaped the estimate) is halved and pickled again.
+
+    Raises:
+        FrameError: a single message does not fit in a frame; the callers
+            bound their payloads to ``max_frame - MESSAGE_OVERHEAD`` first.
+    """
+    payload = pickle.dumps(messages, protocol=PICKLE_PROTOCOL)
+    if len(payload) <= max_frame:
+        return HEADER.pack(len(payload)) + payload
+    parts: list[Buffer] = []
+    for group in _groups(messages, max_frame):
+        _encode_group(group, max_frame, parts, _dumps)
+    return b"".join(parts)
+
+
+def encode_frame_parts(messages: list[Any], max_frame: int) -> list[Buffer]:
+    """Like :func:`encode_frames`, as a list of buffers to write in turn, without copying big payloads.
+
+    A bytes or bytearray of 64 KiB or more inside a message (pickle writes
+    those straight to its file) is one of the parts, by reference: the
+    parent sends a big request without a copy on its event loop.
+    """
+    parts: list[Buffer] = []
+    for group in _groups(messages, max_frame):
+        _encode_group(group, max_frame, parts, _dump_parts)
+    return parts
+
+
+class _Parts:
+    """pickle's file: keeps what it is given (its own 64 KiB frames, or big payloads as they are)."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[Buffer] = []
+        self.size = 0
+
+    def write(self, data: Buffer) -> int:
+        self.parts.append(data)
+        size = memoryview(data).nbytes
+        self.size += size
+        return size
+
+
+def _dumps(group: list[Any]) -> tuple[list[Buffer], int]:
+    payload = pickle.dumps(group, protocol=PICKLE_PROTOCOL)
+    return [payload], len(payload)
+
+
+def _dump_parts(group: list[Any]) -> tuple[list[Buffer], int]:
+    file = _Parts()
+    pickle.Pickler(file, protocol=PICKLE_PROTOCOL).dump(group)
+    return file.parts, file.size
+
+
+def _groups(messages: list[Any], max_frame: int) -> Iterator[list[Any]]:
+    """``messages`` in runs whose estimated frames fit ``max_frame``."""
+    group: list[Any] = []
+    size = 0
+    for message in messages:
+        estimate = _estimate(message)
+        if group and size + estimate > max_frame:
+            yield group
+            group, size = [], 0
+        group.append(message)
+        size += estimate
+    if group:
+        yield group
+
+
+def _estimate(message: tuple[Any, ...]) -> int:
+    """About what ``message`` adds to a frame: its bytes and strings, and a little for the rest."""
+    size = 16
+    for item in message:
+        if isinstance(item, (bytes, bytearray, str)):
+            size += len(item) + 9
+        else:
+            size += 10
+    return size
+
+
+def _encode_group(
+    group: list[Any],
+    max_frame: int,
+    out: list[Buffer],
+    dump: Callable[[list[Any]], tuple[list[Buffer], int]],
+) -> None:
+    parts, size = dump(group)
+    if size <= max_frame:
+        out.append(HEADER.pack(size))
+        out.extend(parts)
+    elif len(group) == 1:
+        raise FrameError(
+            f"a message of tag {group[0][0]!r} pickles to {size} bytes, more than the "
+            f"frame limit of {max_frame} bytes"
+        )
+    else:
+        half = len(group) // 2
+        _encode_group(group[:half], max_frame, out, dump)
+        _encode_group(group[half:], max_frame, out, dump)
 
 
 def frame_length(header: bytes | bytearray | memoryview, max_frame: int) -> int:
@@ -78,14 +224,26 @@ def decode(payload: bytes | bytearray | memoryview) -> list[Any]:
     return messages  # pyright: ignore[reportUnknownVariableType]
 
 
+class BigFrame:
+    """A big frame's bytes, in the pieces they arrived in: never joined on the reader's thread."""
+
+    __slots__ = ("parts",)
+
+    def __init__(self, parts: list[Buffer]) -> None:
+        self.parts = parts
+
+
 class FrameReader:
     """Splits a byte stream into message lists. Used by both ends."""
 
-    __slots__ = ("_buffer", "_max_frame")
+    __slots__ = ("_big_have", "_big_missing", "_big_parts", "_buffer", "_max_frame")
 
     def __init__(self, max_frame: int) -> None:
         self._buffer = bytearray()
         self._max_frame = max_frame
+        self._big_parts: list[Buffer] | None = None
+        self._big_missing = 0
+        self._big_have = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[list[Any]]:
         """Yield each whole frame's messages in turn.
@@ -93,6 +251,34 @@ class FrameReader:
         A generator, so the batches before a corrupt frame are handed over
         before the error is raised: a result sent just before is never lost.
         """
+        return cast("Iterator[list[Any]]", self._feed(data, None))
+
+    def feed_big(self, data: bytes, big: int) -> Iterator[list[Any] | BigFrame]:
+        """Like :meth:`feed`, but a frame of ``big`` bytes or more is not decoded here.
+
+        It is yielded as a :class:`BigFrame`, for the caller to decode off its
+        event loop. Its bytes are not copied on the way (a growing buffer would
+        copy them over and over): the reads it arrives in are kept as they are,
+        so ``data`` must not change afterwards.
+        """
+        return self._feed(data, big)
+
+    def _feed(self, data: bytes | bytearray | memoryview, big: int | None) -> Iterator[list[Any] | BigFrame]:
+        parts = self._big_parts
+        if parts is not None:
+            # The rest of a big frame: kept as it comes.
+            missing = self._big_missing
+            if len(data) < missing:
+                parts.append(data)
+                self._big_missing = missing - len(data)
+                self._big_have += len(data)
+                return
+            view = memoryview(data)
+            parts.append(view[:missing])
+            self._big_parts = None
+            self._big_have = 0
+            data = view[missing:]
+            yield BigFrame(parts)
         buffer = self._buffer
         buffer += data
         start = 0
@@ -101,6 +287,23 @@ class FrameReader:
             while size - start >= HEADER.size:
                 length = frame_length(buffer[start : start + HEADER.size], self._max_frame)
                 end = start + HEADER.size + length
+                if big is not None and length >= big:
+                    body = start + HEADER.size
+                    if end > size:
+                        # What has come of it (less than one read) is copied out;
+                        # the rest is kept read by read.
+                        self._big_parts = [bytes(buffer[body:size])]
+                        self._big_have = size - body
+                        self._big_missing = end - size
+                        start = size
+                        break
+                    # Whole already: the reader moves to a new buffer holding only
+                    # what follows (less than one read), and the frame keeps the old one.
+                    frame = BigFrame([memoryview(buffer)[body:end]])
+                    self._buffer = buffer = buffer[end:]
+                    start, size = 0, len(buffer)
+                    yield frame
+                    continue
                 if end > size:
                     break
                 # Both views are released before the buffer is trimmed, even when
@@ -116,4 +319,4 @@ class FrameReader:
     @property
     def pending(self) -> int:
         """Bytes received that do not yet form a whole frame."""
-        return len(self._buffer)
+        return len(self._buffer) + self._big_have

@@ -32,6 +32,7 @@ from typing import Any, Generic, TypeVar, cast
 
 import trio
 
+from . import _payloads
 from . import _protocol as proto
 from ._childlog import ChildLog, last_lines
 from ._errors import (
@@ -83,6 +84,7 @@ _DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, 
 _EOF_GRACE = 1.0
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
+_SEND_SLICE = 256 * 1024  # the most of a big request written to the socket in one call
 _CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
 _WATCH_BUFFER = 1024
 _LOG_FLUSH_BOUND = 1.0
@@ -111,9 +113,9 @@ class _Task:
         "waiter",
     )
 
-    def __init__(self, task_id: int, request: bytes, retry: bool) -> None:
+    def __init__(self, task_id: int, request: bytes | bytearray, retry: bool) -> None:
         self.id = task_id
-        self.request: bytes | None = request
+        self.request: bytes | bytearray | None = request
         self.retry = retry
         self.events: deque[Any] = deque()
         self.done = False
@@ -385,6 +387,26 @@ def _describe_runner(cls: object) -> tuple[str, str]:
     return module, qualname
 
 
+def _is_big_payload(message: Any) -> bool:
+    """An EVENTS or RESULT message whose payload is worth a thread to unpickle."""
+    if type(message) is not tuple:
+        return False  # malformed: _route says so
+    fields = cast("tuple[Any, ...]", message)
+    return (
+        len(fields) == 3
+        and (fields[0] == proto.EVENTS or fields[0] == proto.RESULT)
+        and type(fields[2]) is bytes
+        and len(fields[2]) >= _payloads.LARGE
+    )
+
+
+def _request_type_error(exc: Exception) -> TypeError:
+    return TypeError(
+        f"the request cannot be pickled for the child process ({type(exc).__name__}: {exc}); "
+        "pass plain data, or instances of classes defined at module level"
+    )
+
+
 def _pickle_or_type_error(obj: object, what: str) -> bytes:
     try:
         return pickle.dumps(obj, protocol=proto.PICKLE_PROTOCOL)
@@ -439,8 +461,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             raise ValueError("preload only applies to start_method='forkserver'; drop it or switch method")
         if isinstance(window, bool) or not isinstance(window, int) or window < 2:  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"window={window!r} must be an int >= 2 (events in flight per task)")
-        if isinstance(max_frame_size, bool) or max_frame_size < 1024:
-            raise ValueError(f"max_frame_size={max_frame_size!r} must be at least 1024 bytes")
+        max_frame_size = proto.check_max_frame(max_frame_size)
         name = runner.__name__ if name is None else name
         if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"name={name!r} must be a non-empty string")
@@ -452,6 +473,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._window = window
         self._credit_batch = max(1, window // 2)
         self._max_frame = max_frame_size
+        # Big payloads are (un)pickled in threads of their own, never on trio's
+        # default limiter, which the application may have saturated.
+        self._payload_limiter = trio.CapacityLimiter(2)
+        self._loop_pickler = _payloads.LoopPickler()
         self._raise_on_give_up = raise_on_give_up
         self._worker_factory = worker_factory
         self._spec = SpawnSpec(
@@ -578,6 +603,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         # microseconds a call: a tenth of a tiny task's round trip.
         await trio.lowlevel.checkpoint_if_cancelled()
         task = self._submit(request, retry)
+        if task is None:  # too big to pickle on the loop
+            task = self._submit_pickled(await self._pickle_in_thread(request), retry)
         try:
             return await TaskHandle(self, task).wait()
         finally:
@@ -597,6 +624,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         # cancelled the body), that wins over RunnerUnavailable.
         await trio.lowlevel.checkpoint_if_cancelled()
         task = self._submit(request, retry)
+        if task is None:  # too big to pickle on the loop
+            task = self._submit_pickled(await self._pickle_in_thread(request), retry)
         try:
             yield TaskHandle(self, task)
         finally:
@@ -634,11 +663,29 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             return f"runner {self.name!r} has failed and will not be restarted{last}"
         return f"runner {self.name!r} is {self._state.value}: no new tasks are accepted"
 
-    def _submit(self, request: Any, retry: bool) -> _Task:
+    def _submit(self, request: Any, retry: bool) -> _Task | None:
+        """The task for ``request``, submitted; None if it must be pickled in a thread first.
+
+        The size of a pickle is unknown until it is made. The request is pickled
+        here, on the loop, until it passes ``_payloads.LARGE_REQUEST`` bytes (a fraction of a
+        millisecond); then this returns None, and the caller pickles it again in a
+        thread (``_pickle_in_thread``) and submits that with ``_submit_pickled``.
+        Nothing of the aborted pickle is kept.
+        """
         if self._stop_requested or self._state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())
-        data = _pickle_or_type_error(request, "the request")
-        if len(data) > self._max_frame - 64:
+        try:
+            data = self._loop_pickler.dumps(request)
+        except Exception as exc:  # the request's own classes run here: anything goes
+            raise _request_type_error(exc) from exc
+        if data is None:
+            return None
+        return self._submit_pickled(data, retry)
+
+    def _submit_pickled(self, data: bytes | bytearray, retry: bool) -> _Task:
+        if self._stop_requested or self._state in _TERMINAL:
+            raise RunnerUnavailable(self._unavailable_reason())  # again: a thread pickled it meanwhile
+        if len(data) > self._max_frame - proto.MESSAGE_OVERHEAD:
             raise ValueError(
                 f"the request pickles to {len(data)} bytes, more than max_frame_size="
                 f"{self._max_frame}; send a smaller request or raise max_frame_size"
@@ -648,6 +695,12 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._pending[task.id] = task
             self._pending_wake.set()
         return task
+
+    async def _pickle_in_thread(self, request: Any) -> bytearray:
+        try:
+            return await _payloads.dumps_in_thread(request, self._payload_limiter)
+        except Exception as exc:  # the request's own classes run there: anything goes
+            raise _request_type_error(exc) from exc
 
     def _send_now(self, task: _Task) -> bool:
         """Write the task straight to a ready runner's socket if nothing is ahead of it.
@@ -665,29 +718,41 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             or inc.stop_requested
             or inc.exited.is_set()
             or inc.send_lock.locked()
+            or task.request is None
+            or len(task.request) >= _payloads.LARGE_REQUEST  # sent in parts by _send_tasks, not copied
         ):
             return False
         data = self._mark_sent(inc, [task])
+        assert isinstance(data, bytes)
         sent = inc.worker.send_nowait(data)
         if sent < len(data):
             inc.backlog = data[sent:]
             self._pending_wake.set()  # the sender task writes the rest
         return True
 
-    def _mark_sent(self, inc: _Incarnation, batch: list[_Task]) -> bytes:
-        """Move ``batch`` in flight on ``inc``; the frame that delivers it."""
+    def _mark_sent(self, inc: _Incarnation, batch: list[_Task]) -> bytes | list[proto.Buffer]:
+        """Move ``batch`` in flight on ``inc``; the frames that deliver it.
+
+        Bytes, or with a big request, the parts to write in turn: a big request
+        is written from the pickle the thread made, never copied on the loop.
+        """
         messages: list[Any] = []
+        big = False
         for task in batch:
             self._pending.pop(task.id, None)
             self._in_flight[task.id] = task
             task.incarnation = inc.number
             # The request stays until the runner acknowledges the task: one the
             # runner never started is delivered again if it dies.
+            assert task.request is not None
+            big = big or len(task.request) >= _payloads.LARGE_REQUEST
             messages.append((proto.TASK, task.id, task.request, self._window))
         inc.last_progress = trio.current_time()
         if self._timeouts.stall is not None:
             inc.poke_watchdog()  # only the stall check depends on what was sent
-        return proto.encode(messages)
+        if big:
+            return proto.encode_frame_parts(messages, self._max_frame)
+        return proto.encode_frames(messages, self._max_frame)
 
     def _release(self, task: _Task) -> None:
         task.released = True
@@ -1058,6 +1123,13 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             reason = ExitReason.REQUESTED
         elif inc.kill_reason is not None:
             reason, detail = inc.kill_reason, inc.kill_detail
+        elif (
+            fatal is not None
+            and fatal[0] == proto.STAGE_PROTOCOL
+            and status.exitcode == proto.EXIT_PROTOCOL_ERROR
+        ):
+            reason = ExitReason.PROTOCOL_ERROR
+            detail = f"the runner could not read a frame from the supervisor: {fatal[2]}"
         elif not inc.ready:
             reason = ExitReason.STARTUP_FAILED
             if fatal is not None and fatal[0] == proto.STAGE_LOAD:
@@ -1227,6 +1299,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     async def _forward(self, inc: _Incarnation) -> None:
         """Read frames to EOF and route each message to its task or to the lifecycle."""
         reader = proto.FrameReader(self._max_frame)
+        limiter = self._payload_limiter
+        big = _payloads.LARGE
         try:
             while True:
                 data = await inc.worker.receive_some()
@@ -1236,8 +1310,21 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 if inc.last_frame is None:
                     inc.poke_watchdog()
                 inc.last_frame = now
-                for batch in reader.feed(data):
-                    for message in batch:
+                # A big frame, and a big payload in it, are unpickled in a thread.
+                # Awaited here, in turn: no message overtakes another, so a task's
+                # events stay in order and before its outcome.
+                for batch in reader.feed_big(data, big):
+                    if isinstance(batch, list):
+                        for message in batch:
+                            self._route(inc, message, now)
+                        continue
+                    # Only a big frame can hold a big payload.
+                    messages = await _payloads.decode_in_thread(batch, limiter)
+                    now = inc.last_frame = trio.current_time()
+                    for message in messages:
+                        if _is_big_payload(message):
+                            message = await self._load_payload(message)
+                            now = inc.last_frame = trio.current_time()
                         self._route(inc, message, now)
         except proto.FrameError as exc:
             self._kill(inc, ExitReason.PROTOCOL_ERROR, str(exc))
@@ -1297,9 +1384,19 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         except (IndexError, TypeError, ValueError, KeyError) as exc:
             raise proto.FrameError(f"malformed message {message!r:.200}: {exc}") from exc
 
-    def _unpack(self, task: _Task, payload: bytes, what: str) -> Any:
+    async def _load_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
+        """An EVENTS or RESULT message whose big payload is unpickled (in a thread) for ``_unpack``."""
+        tag, task_id, payload = message
+        task = self._in_flight.get(task_id)
+        if task is None or task.done:
+            return message  # nobody wants it: _route drops it unread
+        return (tag, task_id, await _payloads.load_in_thread(payload, self._payload_limiter))
+
+    def _unpack(self, task: _Task, payload: bytes | _payloads.Loaded, what: str) -> Any:
         """Unpickle one task's payload; if this process cannot, that task alone fails."""
         try:
+            if isinstance(payload, _payloads.Loaded):
+                return payload.get()  # unpickled in a thread by _load_payload
             return pickle.loads(payload)
         except Exception as exc:
             self._finish(
@@ -1402,7 +1499,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             if not messages:
                 continue
             with trio.move_on_after(timeout) as scope:
-                await _send_locked(inc, proto.encode(messages))
+                # A burst of cancels or credits is split like any other batch.
+                await _send_locked(inc, proto.encode_frames(messages, self._max_frame))
             if scope.cancelled_caught:
                 self._kill(
                     inc,
@@ -1443,17 +1541,30 @@ def _install_hint(module: str) -> str:
     return f"no restart can install {what}; install it where the runner runs ({sys.executable})"
 
 
-async def _send_locked(inc: _Incarnation, data: bytes) -> None:
+async def _send_locked(inc: _Incarnation, data: bytes | list[proto.Buffer]) -> None:
     """``send_all`` under the incarnation's send lock, without a schedule point when the lock is free.
 
     ``async with lock`` yields once even uncontended: a whole loop pass per task sent.
-    The backlog a fast-path send left goes first.
+    The backlog a fast-path send left goes first. ``data`` may be a list of
+    parts (a big request), written in turn, never joined.
     """
     try:
         inc.send_lock.acquire_nowait()
     except trio.WouldBlock:
         await inc.send_lock.acquire()
     try:
+        if isinstance(data, list):
+            if inc.backlog:
+                backlog, inc.backlog = inc.backlog, b""
+                await inc.worker.send_all(backlog)
+            for part in data:
+                with memoryview(part) as view:
+                    # In slices: one send of a whole big payload to a peer that
+                    # keeps reading can copy for tens of milliseconds in one call.
+                    for offset in range(0, len(view), _SEND_SLICE):
+                        # Any bytes-like will do: trio's send_all writes from a memoryview of it.
+                        await inc.worker.send_all(cast(bytes, view[offset : offset + _SEND_SLICE]))
+            return
         if inc.backlog:
             data, inc.backlog = inc.backlog + data, b""
         await inc.worker.send_all(data)
@@ -1533,7 +1644,8 @@ def open_supervisor(
         preload: modules the forkserver imports once, so restarts skip them.
         window: events in flight per task before ``ctx.emit`` blocks.
         max_frame_size: the largest frame either side accepts; larger is a
-            protocol error.
+            protocol error. An int from 64 KiB to 2**32 - 1; a request, result
+            or batch of events may pickle to at most ``max_frame_size - 256`` bytes.
         raise_on_give_up: when the policy gives up, raise
             :class:`RestartLimitExceeded` out of the block (the default, which
             cancels the body), or only move to FAILED.

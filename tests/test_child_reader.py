@@ -1,0 +1,64 @@
+"""The child's reader thread: whatever ends it, the runner does not live on without it.
+
+The reader thread carries cancels, credits and the parent's end-of-file (the
+orphan check). A bug that killed it used to leave a runner that never saw
+another task, cancel or credit, and outlived its parent; a frame it could not
+read made the runner SIGKILL its own group, reported as a signal nobody sent.
+Real child processes throughout.
+"""
+
+from __future__ import annotations
+
+import pytest
+import trio
+
+from trio_runner import Exited, ExitReason, RestartPolicy, RunnerCrashed, open_supervisor
+from trio_runner import _protocol as proto
+
+from .payload_runners import PayloadRunner
+
+FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2)
+
+
+async def _next_exit(changes: object) -> Exited:
+    async for change in changes:  # type: ignore[attr-defined]
+        if isinstance(change, Exited):
+            return change
+    raise AssertionError("the supervisor stopped without an exit")
+
+
+async def test_a_bug_in_the_reader_thread_ends_the_runner_with_its_traceback_and_it_restarts() -> None:
+    async with open_supervisor(PayloadRunner, policy=FAST) as sup:
+        changes = sup.watch()
+        with trio.fail_after(30):
+            assert await sup.run(("break_reader",)) == "broken"
+            # The next message the reader gets raises in it: this task's.
+            with pytest.raises(RunnerCrashed) as info:
+                await sup.run(("echo", "never delivered"))
+            record = info.value.exit
+            assert record.reason is ExitReason.ERROR_EXIT
+            assert record.signal is None
+            assert "InjectedReaderBug: injected reader bug" in record.describe()
+            assert record.remote_traceback is not None
+            assert "injected reader bug" in record.remote_traceback
+            assert (await _next_exit(changes)).exit == record
+            assert await sup.run(("echo", "restarted")) == "restarted"
+        assert sup.statistics().incarnation == 2
+
+
+async def test_a_frame_the_child_cannot_read_is_a_protocol_error_not_a_signal() -> None:
+    async with open_supervisor(PayloadRunner, policy=FAST) as sup:
+        changes = sup.watch()
+        with trio.fail_after(30):
+            await sup.wait_ready()
+            inc = sup._inc  # pyright: ignore[reportPrivateUsage]
+            assert inc is not None
+            # A header longer than the child's max_frame_size, as a parent bug would send.
+            await inc.worker.send_all(proto.HEADER.pack(proto.DEFAULT_MAX_FRAME + 1))
+            record = (await _next_exit(changes)).exit
+            assert record.reason is ExitReason.PROTOCOL_ERROR
+            assert record.signal is None
+            assert record.exitcode == proto.EXIT_PROTOCOL_ERROR
+            assert "could not read a frame from the supervisor" in record.detail
+            assert "exceeds the maximum" in record.detail
+            assert await sup.run(("echo", "restarted")) == "restarted"

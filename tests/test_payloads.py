@@ -1,0 +1,317 @@
+"""Payloads and frames: size limits both ways, ``max_frame_size`` validation, big payloads.
+
+Real child processes, except for the encoder's own unit tests. Every frame
+either side writes stays within ``max_frame_size``, counting each message's
+overhead, however many tiny messages a batch holds; and the smallest allowed
+``max_frame_size`` still carries a result that fills it.
+"""
+
+from __future__ import annotations
+
+import math
+import pickle
+import threading
+import zlib
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+
+from trio_runner import RestartPolicy, TaskFailed, _payloads, open_supervisor
+from trio_runner import _protocol as proto
+
+from .payload_runners import PayloadRunner, blob
+
+FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2)
+
+
+def _frames(data: bytes, max_frame: int) -> list[list[Any]]:
+    """Decode ``data`` frame by frame, checking each against ``max_frame``."""
+    reader = proto.FrameReader(max_frame)
+    batches = list(reader.feed(data))
+    assert reader.pending == 0
+    return batches
+
+
+# -- the encoder ---------------------------------------------------------------------
+
+
+@given(
+    messages=st.lists(
+        st.one_of(
+            st.tuples(st.just(proto.CANCEL), st.integers(0, 2**62)),
+            st.tuples(st.just(proto.CREDIT), st.integers(0, 2**62), st.integers(0, 2**31)),
+            st.tuples(st.just(proto.TASK), st.integers(0, 2**62), st.binary(max_size=3000), st.just(8192)),
+            st.tuples(st.just(proto.ERROR), st.integers(0, 9), st.text(max_size=20), st.text(max_size=2000)),
+        ),
+        max_size=400,
+    ),
+    max_frame=st.integers(8 * 1024, 64 * 1024),
+)
+def test_encode_frames_keeps_every_frame_within_the_limit_and_the_messages_in_order(
+    messages: list[Any], max_frame: int
+) -> None:
+    data = proto.encode_frames(messages, max_frame)
+    batches = _frames(data, max_frame)
+    assert [message for batch in batches for message in batch] == messages
+
+
+def test_encode_frames_splits_a_burst_of_twelve_thousand_cancels() -> None:
+    messages = [(proto.CANCEL, task_id) for task_id in range(12_000)]
+    batches = _frames(proto.encode_frames(messages, proto.MIN_FRAME_SIZE), proto.MIN_FRAME_SIZE)
+    assert len(batches) > 1
+    assert [message for batch in batches for message in batch] == messages
+
+
+def test_encode_frames_is_one_plain_frame_when_the_batch_fits() -> None:
+    messages = [(proto.CANCEL, 1), (proto.CREDIT, 2, 64)]
+    assert proto.encode_frames(messages, proto.MIN_FRAME_SIZE) == proto.encode(messages)
+
+
+def test_encode_frames_refuses_a_single_message_larger_than_a_frame() -> None:
+    with pytest.raises(proto.FrameError, match="more than the frame limit"):
+        proto.encode_frames([(proto.TASK, 1, b"x" * proto.MIN_FRAME_SIZE, 8)], proto.MIN_FRAME_SIZE)
+
+
+@pytest.mark.parametrize("size", [0, 1, 255, 65_535, 65_536, 1 << 20, 3 << 20])
+def test_a_payload_within_message_overhead_of_the_limit_fits_a_frame(size: int) -> None:
+    max_frame = size + proto.MESSAGE_OVERHEAD
+    for message in [
+        (proto.TASK, 2**62, b"x" * size, 2**31),
+        (proto.RESULT, 2**62, b"x" * size),
+        (proto.EVENTS, 2**62, b"x" * size),
+    ]:
+        _frames(proto.encode_frames([message], max_frame), max_frame)
+
+
+@given(
+    sizes=st.lists(st.integers(0, 3000), min_size=1, max_size=12),
+    cuts=st.lists(st.integers(1, 5000), min_size=1, max_size=50),
+)
+def test_feed_big_hands_over_big_frames_whole_and_in_order_however_the_bytes_are_cut(
+    sizes: list[int], cuts: list[int]
+) -> None:
+    big = 1000
+    messages = [(proto.RESULT, i, b"x" * size) for i, size in enumerate(sizes)]
+    stream = b"".join(proto.encode([message]) for message in messages)
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    seen: list[Any] = []
+    position, cut = 0, 0
+    while position < len(stream):
+        step = cuts[cut % len(cuts)]
+        cut += 1
+        for item in reader.feed_big(stream[position : position + step], big):
+            if isinstance(item, proto.BigFrame):
+                body = b"".join(bytes(part) for part in item.parts)
+                assert len(body) >= big
+                seen.extend(pickle.loads(body))
+            else:
+                seen.extend(item)
+        position += step
+    assert seen == messages
+    assert reader.pending == 0
+
+
+# -- max_frame_size validation (issue 11, finding 11) -------------------------------------
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf, 1e6, 65536.0, True, "65536", None])
+def test_max_frame_size_must_be_an_int(value: Any) -> None:
+    with pytest.raises(TypeError, match=r"max_frame_size=.* must be an int number of bytes"):
+        open_supervisor(PayloadRunner, max_frame_size=value)
+
+
+@pytest.mark.parametrize("value", [-1, 0, 1024, proto.MIN_FRAME_SIZE - 1, proto.MAX_FRAME_SIZE + 1])
+def test_max_frame_size_must_be_within_the_documented_range(value: int) -> None:
+    with pytest.raises(ValueError, match=r"must be between 65536 bytes .* and 4294967295"):
+        open_supervisor(PayloadRunner, max_frame_size=value)
+
+
+async def test_at_the_minimum_frame_size_a_result_that_fills_the_frame_comes_back_intact() -> None:
+    largest = proto.MIN_FRAME_SIZE - proto.MESSAGE_OVERHEAD
+    # bytes pickle with at most 20 bytes around them (protocol, frame, length, memo, stop)
+    async with open_supervisor(PayloadRunner, max_frame_size=proto.MIN_FRAME_SIZE) as sup:
+        with trio.fail_after(30):
+            assert await sup.run(("bytes", largest - 20)) == blob(largest - 20)
+            assert await sup.run(("echo", "small")) == "small"
+            request = blob(largest - 40)
+            assert len(pickle.dumps(("checksum", request), protocol=5)) <= largest
+            assert (await sup.run(("checksum", request)))[0] == len(request)
+            with pytest.raises(ValueError, match="raise max_frame_size"):
+                await sup.run(("checksum", blob(largest)))
+        assert sup.statistics().restarts == 0
+
+
+# -- frames parent -> child are bounded too (finding 5) ---------------------------------
+
+
+async def test_ten_thousand_tiny_queued_tasks_at_the_minimum_frame_size_all_succeed() -> None:
+    # Queued before the runner is ready, so they go out together. An int below 256
+    # pickles to 5 bytes: the per-message overhead is most of each message, and a
+    # batch bounded by the requests' size alone came to twice the frame limit.
+    results: list[int] = []
+    async with open_supervisor(PayloadRunner, policy=FAST, max_frame_size=proto.MIN_FRAME_SIZE) as sup:
+
+        async def one(i: int) -> None:
+            results.append(await sup.run(i % 256))
+
+        with trio.fail_after(60):
+            async with trio.open_nursery() as nursery:
+                for i in range(10_000):
+                    nursery.start_soon(one, i)
+        stats = sup.statistics()
+        assert (stats.incarnation, stats.restarts) == (1, 0)
+    assert sorted(results) == sorted(i % 256 for i in range(10_000))
+
+
+async def test_a_burst_of_twelve_thousand_cancels_at_the_minimum_frame_size_leaves_the_runner_serving() -> (
+    None
+):
+    async with open_supervisor(PayloadRunner, policy=FAST, max_frame_size=proto.MIN_FRAME_SIZE) as sup:
+        with trio.fail_after(30):
+            await sup.wait_ready()
+            inc = sup._inc  # pyright: ignore[reportPrivateUsage]
+            assert inc is not None
+            control = sup._control_send  # pyright: ignore[reportPrivateUsage]
+            # Cancels for tasks the runner does not know, all queued in one go:
+            # the cancel channel sends them as one batch.
+            for task_id in range(1_000_000, 1_012_000):
+                control.send_nowait((proto.CANCEL, task_id, 0, inc.number))
+            await trio.sleep(0.5)
+            assert await sup.run(("echo", "still serving")) == "still serving"
+        stats = sup.statistics()
+        assert (stats.incarnation, stats.restarts) == (1, 0)
+
+
+# -- big payloads do not stall the loop (finding 3) -------------------------------------
+
+#: Only a loop blocked by the payload itself breaks this: the code before the fix
+#: stalled 0.3-1 s for a 5M-int result or event and 0.2-0.7 s for a 60 MiB request
+#: here (a 50 MiB bytes event, 0.1 s, stays under it: that test checks delivery
+#: and order). The benchmark (bench_payload.py) holds the real goal, +1 ms over idle.
+LATENESS_BOUND = 0.25
+
+
+class _Ticker:
+    """Sleeps 1 ms over and over and records the worst lateness: a blocked loop shows up here."""
+
+    def __init__(self) -> None:
+        self.worst = 0.0
+
+    async def run(self) -> None:
+        while True:
+            start = trio.current_time()
+            await trio.sleep(0.001)
+            self.worst = max(self.worst, trio.current_time() - start - 0.001)
+
+
+@asynccontextmanager
+async def _ticking() -> AsyncIterator[_Ticker]:
+    ticker = _Ticker()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ticker.run)
+        await trio.sleep(0.01)
+        yield ticker
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_5m_int_result_arrives_intact_without_stalling_the_loop() -> None:
+    async with open_supervisor(PayloadRunner) as sup:
+        await sup.wait_ready()
+        with trio.fail_after(60):
+            async with _ticking() as ticker:
+                result = await sup.run(("ints", 5_000_000))
+                worst = ticker.worst
+        assert result == list(range(5_000_000))
+        assert worst < LATENESS_BOUND
+
+
+async def test_a_5m_int_event_arrives_intact_without_stalling_the_loop() -> None:
+    async with open_supervisor(PayloadRunner) as sup:
+        await sup.wait_ready()
+        with trio.fail_after(60):
+            async with _ticking() as ticker, sup.stream(("emit_ints", 5_000_000)) as task:
+                events = [event async for event in task]
+                worst = ticker.worst
+        assert events == [list(range(5_000_000))]
+        assert worst < LATENESS_BOUND
+
+
+async def test_a_50_mib_event_between_small_ones_arrives_intact_and_in_order_without_stalling_the_loop() -> (
+    None
+):
+    size = 50 << 20
+    async with open_supervisor(PayloadRunner) as sup:
+        await sup.wait_ready()
+        with trio.fail_after(60):
+            async with _ticking() as ticker, sup.stream(("emit_then_ints", size, 1_000_000)) as task:
+                events = [event async for event in task]
+                worst = ticker.worst
+        assert [events[0], len(events[1]), events[2]] == ["first", size, "last"]
+        assert events[1] == blob(size)
+        assert task.result == list(range(1_000_000))
+        assert worst < LATENESS_BOUND
+
+
+async def test_a_60_mib_request_arrives_intact_without_stalling_the_loop() -> None:
+    request = blob(60 << 20)
+    async with open_supervisor(PayloadRunner) as sup:
+        await sup.wait_ready()
+        with trio.fail_after(60):
+            async with _ticking() as ticker:
+                size, checksum = await sup.run(("checksum", request))
+                worst = ticker.worst
+            assert await sup.run(("echo", "small after big")) == "small after big"
+        assert (size, checksum) == (len(request), zlib.crc32(request))
+        assert worst < LATENESS_BOUND
+
+
+async def test_big_payloads_are_unpickled_on_the_supervisors_own_threads() -> None:
+    # Not on the trio thread, and not on trio's default limiter.
+    seen: list[str] = []
+    original = _payloads._loads_chunked  # pyright: ignore[reportPrivateUsage]
+
+    def spy(data: Any) -> Any:
+        seen.append(threading.current_thread().name)
+        return original(data)
+
+    default = trio.to_thread.current_default_thread_limiter()
+    tokens = default.total_tokens
+    gate = threading.Event()
+    async with open_supervisor(PayloadRunner) as sup:
+        await sup.wait_ready()
+        default.total_tokens = 1
+        try:
+            async with trio.open_nursery() as nursery:
+                # Saturate trio's default limiter: big payloads must not wait for it.
+                nursery.start_soon(trio.to_thread.run_sync, gate.wait)
+                await trio.sleep(0.05)
+                _payloads._loads_chunked = spy  # pyright: ignore[reportPrivateUsage]
+                with trio.fail_after(30):
+                    assert await sup.run(("bytes", 1 << 20)) == blob(1 << 20)
+                gate.set()
+        finally:
+            gate.set()
+            _payloads._loads_chunked = original  # pyright: ignore[reportPrivateUsage]
+            default.total_tokens = tokens
+    assert seen and threading.main_thread().name not in seen
+
+
+async def test_a_big_result_the_parent_cannot_unpickle_fails_only_its_task() -> None:
+    async with open_supervisor(PayloadRunner) as sup:
+        with trio.fail_after(30):
+            with pytest.raises(TaskFailed, match="could not unpickle the result"):
+                await sup.run(("ints_with_unloadable", 100_000))
+            assert await sup.run(("echo", "serving")) == "serving"
+        assert sup.statistics().restarts == 0
+
+
+async def test_a_big_request_that_cannot_be_pickled_raises_type_error() -> None:
+    async with open_supervisor(PayloadRunner) as sup:
+        with pytest.raises(TypeError, match="the request cannot be pickled"):
+            await sup.run(("echo", [*range(100_000), threading.Lock()]))
+        assert await sup.run(("echo", "serving")) == "serving"

@@ -1,0 +1,265 @@
+"""Big payloads off the trio thread: the parent (un)pickles them in a worker thread, in chunks.
+
+Parent side only (it imports trio). Events and results up to :data:`LARGE`
+bytes, and requests up to :data:`LARGE_REQUEST`, are (un)pickled on the trio
+thread as before: a thread hop costs more than they do. Larger ones go to a worker thread, and there the one
+design decision matters: a plain ``to_thread(pickle.loads, data)`` holds the
+GIL for the whole C-level copy, so the trio thread waits for it anyway
+(measured: no better than doing it on the loop). Instead, the (un)pickler
+works on a file object whose methods are Python code: the C (un)pickler calls
+them at least once per 64 KiB pickle frame, and they copy at most
+:data:`_CHUNK` bytes at a time and release the GIL (``time.sleep(0)``) every
+half millisecond of work, so the trio thread gets in that often.
+"""
+
+from __future__ import annotations
+
+import pickle
+import time
+from typing import Any, Final
+
+import trio
+
+from . import _protocol as proto
+
+#: Frames and payloads (pickled) of this many bytes or more are unpickled in a
+#: thread. Below it, a stream's event batches: a full default window of
+#: 100-byte events is about 0.9 MB, and a thread hop per batch would halve the
+#: event rate. Unpickling 1 MiB of small ints on the loop takes a few ms.
+LARGE: Final = 1024 * 1024
+#: Requests that pickle to more than this are pickled again in a thread, and
+#: written from that pickle without a copy. Pickling is cheaper to abort than
+#: unpickling is to predict: the loop pays at most this much pickling work
+#: (about 0.6 ms of small ints) for a request that turns out big.
+LARGE_REQUEST: Final = 128 * 1024
+#: Bytes copied between two releases of the GIL: a fraction of a millisecond
+#: even into fresh pages.
+_CHUNK: Final = 256 * 1024
+#: Work between two releases of the GIL. Each release lets a waiting trio
+#: thread in at once, instead of after the interpreter's 5 ms switch interval;
+#: releasing more often only costs this thread time when the loop is busy.
+_YIELD_EVERY: Final = 0.0005
+
+
+class _Pacer:
+    """Releases the GIL (``time.sleep(0)``) once per ``_YIELD_EVERY`` of work."""
+
+    __slots__ = ("_last",)
+
+    def __init__(self) -> None:
+        self._last = time.perf_counter()
+
+    def tick(self) -> None:
+        now = time.perf_counter()
+        if now - self._last >= _YIELD_EVERY:
+            time.sleep(0)
+            self._last = time.perf_counter()
+
+
+class _ChunkedReader:
+    """A read-only file over buffers read in turn, for ``pickle.Unpickler`` in a worker thread."""
+
+    def __init__(self, parts: list[proto.Buffer]) -> None:
+        self._parts = [memoryview(part).cast("B") for part in parts]
+        self._index = 0
+        self._offset = 0
+        self._pacer = _Pacer()
+
+    def _take(self, size: int) -> list[memoryview]:
+        """Views of the next ``size`` bytes (fewer at the end), one per part they span."""
+        pieces: list[memoryview] = []
+        parts = self._parts
+        while size > 0 and self._index < len(parts):
+            part = parts[self._index]
+            available = len(part) - self._offset
+            if available <= 0:
+                self._index += 1
+                self._offset = 0
+                continue
+            step = min(available, size)
+            pieces.append(part[self._offset : self._offset + step])
+            self._offset += step
+            size -= step
+        return pieces
+
+    def read(self, size: int = -1) -> bytes:
+        if size < 0:
+            size = sum(len(part) for part in self._parts)
+        # A pickle frame (64 KiB) at a time; only a big str is read whole.
+        pieces = self._take(size)
+        chunk = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        self._pacer.tick()
+        return chunk
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:
+        # How the unpickler fills a big bytes or bytearray: in chunks, letting the loop in.
+        done = 0
+        with memoryview(buffer) as raw, raw.cast("B") as target:
+            while done < len(target):
+                pieces = self._take(min(_CHUNK, len(target) - done))
+                if not pieces:
+                    break
+                for piece in pieces:
+                    target[done : done + len(piece)] = piece
+                    done += len(piece)
+                self._pacer.tick()
+        return done
+
+    def readline(self) -> bytes:
+        # Required by Unpickler; protocol 5 pickles never use it.
+        line = bytearray()
+        while not line.endswith(b"\n"):
+            byte = self.read(1)
+            if not byte:
+                break
+            line += byte
+        return bytes(line)
+
+
+class _ChunkedWriter:
+    """A write-only file for ``pickle.Pickler``: big bytes objects are kept by reference, not copied."""
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.size = 0
+        self._pacer = _Pacer()
+
+    def write(self, data: Any) -> int:
+        # The pickler hands over a finished 64 KiB frame, or a big bytes-like
+        # payload of the caller's own: kept as it is (the caller's object is not
+        # copied here), joined in chunks in ``join``.
+        self.parts.append(data)
+        size = memoryview(data).nbytes
+        self.size += size
+        self._pacer.tick()
+        return size
+
+    def join(self) -> bytearray:
+        out = bytearray()
+        for part in self.parts:
+            with memoryview(part) as raw, raw.cast("B") as view:
+                for offset in range(0, len(view), _CHUNK):
+                    out += view[offset : offset + _CHUNK]  # a big bytearray grows in place (mremap)
+                    self._pacer.tick()
+        return out
+
+
+class _TooBig(Exception):
+    """The pickle passed :data:`LARGE_REQUEST` bytes: it is done again in a thread."""
+
+
+class _BoundedWriter:
+    """Collects a small pickle; gives up (raises ``_TooBig``) past :data:`LARGE_REQUEST` bytes."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self) -> None:
+        self.parts: list[Any] = []
+        self.size = 0
+
+    def write(self, data: Any) -> int:
+        size = len(data)
+        self.size += size
+        if self.size > LARGE_REQUEST:
+            raise _TooBig
+        self.parts.append(data)
+        return size
+
+
+class LoopPickler:
+    """Pickles requests on the trio thread, as long as they are small.
+
+    One per supervisor, reused: a fresh ``Pickler`` per request would cost a
+    microsecond, a tenth of a tiny task's overhead. The size of a pickle is
+    not known before pickling; this one gives up after :data:`LARGE_REQUEST` bytes
+    (a fraction of a millisecond of work), and the caller pickles again in a
+    thread with :func:`dumps_in_thread`. Only the trio thread uses it.
+    """
+
+    def __init__(self) -> None:
+        self._writer = _BoundedWriter()
+        self._pickler = pickle.Pickler(self._writer, protocol=proto.PICKLE_PROTOCOL)
+
+    def dumps(self, obj: Any) -> bytes | None:
+        """``obj`` pickled, or None past :data:`LARGE_REQUEST` bytes. Raises what pickling raises."""
+        writer = self._writer
+        writer.parts = []
+        writer.size = 0
+        try:
+            self._pickler.dump(obj)
+        except _TooBig:
+            return None
+        except BaseException:
+            # A pickler that failed half-way is not reused.
+            self._pickler = pickle.Pickler(writer, protocol=proto.PICKLE_PROTOCOL)
+            raise
+        finally:
+            self._pickler.clear_memo()  # holds the request's objects otherwise
+        parts = writer.parts
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
+def _dumps_chunked(obj: Any) -> bytearray:
+    writer = _ChunkedWriter()
+    pickle.Pickler(writer, protocol=proto.PICKLE_PROTOCOL).dump(obj)
+    return writer.join()
+
+
+def _loads_chunked(data: bytes | bytearray | memoryview) -> Any:
+    return pickle.Unpickler(_ChunkedReader([data])).load()
+
+
+def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
+    try:
+        messages = pickle.Unpickler(_ChunkedReader(frame.parts)).load()
+    except Exception as exc:  # whatever the bytes make the unpickler do
+        raise proto.FrameError(f"corrupt frame: {type(exc).__name__}: {exc}") from exc
+    finally:
+        frame.parts = []  # the frame's buffers go as soon as it is decoded
+    if not isinstance(messages, list):
+        raise proto.FrameError(f"corrupt frame: expected a list of messages, got {type(messages).__name__}")
+    return messages  # pyright: ignore[reportUnknownVariableType]
+
+
+class Loaded:
+    """A payload unpickled in a thread: its value, or the exception unpickling raised."""
+
+    __slots__ = ("error", "value")
+
+    def __init__(self, value: Any = None, error: Exception | None = None) -> None:
+        self.value = value
+        self.error = error
+
+    def get(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.value
+
+
+def _load_or_error(data: bytes | bytearray | memoryview) -> Loaded:
+    try:
+        return Loaded(_loads_chunked(data))
+    except Exception as exc:  # the payload's own classes run here: anything goes
+        return Loaded(error=exc)
+
+
+async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytearray:
+    """Pickle ``obj`` in a worker thread. Raises what pickling raises.
+
+    **Cancellation:** abandons the thread, which finishes pickling into the void.
+    """
+    return await trio.to_thread.run_sync(_dumps_chunked, obj, abandon_on_cancel=True, limiter=limiter)
+
+
+async def load_in_thread(data: bytes | bytearray | memoryview, limiter: trio.CapacityLimiter) -> Loaded:
+    """Unpickle one payload in a worker thread; its error, if any, is returned, not raised."""
+    return await trio.to_thread.run_sync(_load_or_error, data, abandon_on_cancel=True, limiter=limiter)
+
+
+async def decode_in_thread(frame: proto.BigFrame, limiter: trio.CapacityLimiter) -> list[Any]:
+    """A big frame's messages, unpickled in a worker thread (it copies its payloads).
+
+    Raises:
+        FrameError: the frame does not unpickle to a list.
+    """
+    return await trio.to_thread.run_sync(_decode_chunked, frame, abandon_on_cancel=True, limiter=limiter)
