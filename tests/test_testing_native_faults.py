@@ -44,10 +44,6 @@ from .test_property_support import TIMEOUTS
 
 BOUND = 30
 SERVE_ON = RestartPolicy(initial_delay=60.0)  # a restart would outlast BOUND
-GUARDED_ERRORS = pytest.mark.xfail(
-    reason="a hostile exception crashes the runner until error formatting is guarded (issue 11, finding 4)",
-    strict=False,
-)
 
 
 async def _run_plan(plan: FaultPlan, request: object, **options: object) -> tuple[object, object, object]:
@@ -160,7 +156,6 @@ async def test_a_hostile_exception_in_setup_is_a_startup_failure() -> None:
     assert info.value.last_exit.reason is ExitReason.STARTUP_FAILED
 
 
-@GUARDED_ERRORS
 @pytest.mark.parametrize(
     "kind",
     [HostileException("str_raises"), HostileException("huge_message", size=80 * 1024 * 1024)],
