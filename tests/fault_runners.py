@@ -115,6 +115,11 @@ class FaultRunner(EchoRunner):
             # One write, so the parent reads both frames at once.
             _send_raw(ctx, proto.encode([(proto.HEARTBEAT,)]) + CORRUPT_FRAME)
             time.sleep(30)
+        if command == "malformed_message":
+            # A frame that unpickles, holding a message of the wrong shape.
+            (message,) = args
+            _send_raw(ctx, proto.encode([message]))
+            time.sleep(30)
         if command == "oversize_frame":
             _send_raw(ctx, proto.HEADER.pack(2**31))
             time.sleep(30)

@@ -36,7 +36,7 @@ from trio_runner import (
 from trio_runner import _protocol as proto
 from trio_runner._errors import StoppedBy
 from trio_runner._state import BackingOff, Exited, GaveUp, Ready, Spawned, Stopped
-from trio_runner._supervisor import _DRAIN_BOUND  # pyright: ignore[reportPrivateUsage]
+from trio_runner._supervisor import _DRAIN_BOUND, Supervisor  # pyright: ignore[reportPrivateUsage]
 
 from .fakes import (
     SERVE,
@@ -110,6 +110,24 @@ async def test_a_bug_in_starting_the_worker_raises_as_itself_without_restarts(au
         async with open_fake_supervisor(fake):
             await trio.sleep_forever()
     assert type(info.value) is RuntimeError  # not RestartLimitExceeded, a RuntimeError too
+    assert len(fake.workers) == 1
+
+
+async def test_a_bug_in_routing_a_message_raises_as_itself_not_as_a_protocol_error(
+    autojump_clock: Clock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(*args: object, **kwargs: object) -> None:
+        raise KeyError("a bug in the supervisor")
+
+    monkeypatch.setattr(Supervisor, "_on_ready", broken)
+    fake = FakeFactory([SERVE])
+    # The bug leaves the block (inside the group of the nursery it broke), not
+    # caught and turned into a killed runner and ten restarts.
+    with pytest.RaisesGroup(
+        pytest.RaisesExc(KeyError, match="a bug in the supervisor"), flatten_subgroups=True
+    ):
+        async with open_fake_supervisor(fake):
+            await trio.sleep_forever()
     assert len(fake.workers) == 1
 
 

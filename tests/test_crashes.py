@@ -41,6 +41,7 @@ from trio_runner import (
     Timeouts,
     open_supervisor,
 )
+from trio_runner import _protocol as proto
 
 from .fault_runners import ConcurrentFaultRunner, FaultRunner, MissingModuleRunner
 from .runners import EchoRunner
@@ -435,6 +436,26 @@ async def test_a_corrupt_frame_read_together_with_a_good_one_is_still_a_protocol
             await sup.run(("good_then_corrupt_frame",))
         assert await sup.run(("pid",)) != first_pid
     assert info.value.reason is ExitReason.PROTOCOL_ERROR
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        (proto.ACK,),
+        (proto.ERROR, 1, "x"),
+        ("events", 1, b""),
+        (proto.FATAL, 1, "a", "b", "c"),
+        [proto.ACK, 1],
+    ],
+    ids=["too-short", "wrong-arity", "unknown-tag", "wrong-type", "not-a-tuple"],
+)
+async def test_a_malformed_message_is_a_protocol_error_and_the_runner_is_restarted(message: object) -> None:
+    async with open_supervisor(FaultRunner, policy=FAST) as sup:
+        first_pid = await sup.run(("pid",))
+        with pytest.raises(RunnerCrashed) as info:
+            await sup.run(("malformed_message", message))
+        assert info.value.reason is ExitReason.PROTOCOL_ERROR
+        assert await sup.run(("pid",)) != first_pid
 
 
 # -- sends that race the runner's death ----------------------------------------------------

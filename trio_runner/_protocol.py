@@ -75,6 +75,43 @@ class FrameError(Exception):
     """A frame that is oversize or does not unpickle: the peer is broken."""
 
 
+#: The shape of each child-to-parent message: its lengths, and the type of
+#: each field after the tag (None: checked where it is used, e.g. a payload).
+_FROM_CHILD: Final[dict[int, tuple[tuple[int, ...], tuple[type | None, ...]]]] = {
+    HELLO: ((2,), (int,)),
+    READY: ((2,), (int,)),
+    ACK: ((2,), (int,)),
+    EVENTS: ((3,), (int, None)),
+    RESULT: ((3,), (int, None)),
+    ERROR: ((5,), (int, str, str, str)),
+    CANCELLED: ((2, 3), (int, int)),
+    HEARTBEAT: ((1,), ()),
+    FATAL: ((5,), (str, str, str, str)),
+}
+
+
+def check_from_child(message: object) -> tuple[Any, ...]:
+    """``message`` if it is a well-formed child-to-parent message; FrameError if not.
+
+    The parent routes only checked messages, so a malformed one is a protocol
+    error while a bug in routing raises as the bug it is.
+    """
+    if not isinstance(message, tuple) or not message:
+        raise FrameError(f"malformed message {message!r:.200}: not a non-empty tuple")
+    fields: tuple[Any, ...] = message  # pyright: ignore[reportUnknownVariableType]
+    tag = fields[0]
+    shape = _FROM_CHILD.get(tag) if type(tag) is int else None
+    if shape is None:
+        raise FrameError(f"unknown message tag {tag!r:.100}")
+    lengths, types = shape
+    if len(fields) not in lengths:
+        raise FrameError(f"malformed message {fields!r:.200}: {len(fields)} fields")
+    for value, kind in zip(fields[1:], types, strict=False):
+        if kind is not None and (type(value) is not kind):
+            raise FrameError(f"malformed message {fields!r:.200}: {value!r:.50} is not a {kind.__name__}")
+    return fields
+
+
 def check_max_frame(value: object) -> int:
     """``value`` as a ``max_frame_size``, or a TypeError / ValueError that says what to pass."""
     if isinstance(value, bool) or not isinstance(value, int):

@@ -1322,6 +1322,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     messages = await _payloads.decode_in_thread(batch, limiter)
                     now = inc.last_frame = trio.current_time()
                     for message in messages:
+                        message = proto.check_from_child(message)
                         if _is_big_payload(message):
                             message = await self._load_payload(message)
                             now = inc.last_frame = trio.current_time()
@@ -1333,56 +1334,51 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             inc.poke_watchdog()
 
     def _route(self, inc: _Incarnation, message: Any, now: float) -> None:
-        try:
-            tag = message[0]
-            if tag == proto.EVENTS:
-                task = self._in_flight.get(message[1])
-                inc.last_progress = now
-                if task is None or task.done:
-                    return
-                events = self._unpack(task, message[2], "an event")
-                if events is None:
-                    return
-                task.received += len(events)
-                if task.cancel_sent:
-                    self._events_dropped += len(events)  # cancel means stop
-                else:
-                    task.events.extend(events)
-                    task.wake()
-            elif tag == proto.HEARTBEAT:
-                pass
-            elif tag == proto.RESULT:
-                task = self._in_flight.get(message[1])
-                result = None if task is None else self._unpack(task, message[2], "the result")
-                if task is not None and not task.done:
-                    self._task_outcome(inc, message[1], now, result=result)
-            elif tag == proto.ERROR:
-                _, task_id, remote_type, text, tb = message
-                self._task_outcome(inc, task_id, now, error=TaskFailed(remote_type, text, tb))
-            elif tag == proto.CANCELLED:
-                # (CANCELLED, task_id[, events the runner dropped])
-                self._events_dropped += message[2] if len(message) > 2 else 0
-                self._task_outcome(
-                    inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled")
-                )
-            elif tag == proto.ACK:
-                # handle() is about to run: from now on, a crash fails this task
-                # (unless retry=True), so the request is no longer needed.
-                inc.running.add(message[1])
-                task = self._in_flight.get(message[1])
-                if task is not None and not task.retry:
-                    task.request = None
-            elif tag == proto.HELLO:
-                inc.hello = True
-            elif tag == proto.READY:
-                self._on_ready(inc, now)
-            elif tag == proto.FATAL:
-                _, stage, remote_type, text, tb = message
-                inc.fatal = (stage, remote_type, text, tb)
+        # Only the check can raise a protocol error: a bug below raises as itself.
+        message = proto.check_from_child(message)
+        tag = message[0]
+        if tag == proto.EVENTS:
+            task = self._in_flight.get(message[1])
+            inc.last_progress = now
+            if task is None or task.done:
+                return
+            events = self._unpack(task, message[2], "an event")
+            if events is None:
+                return
+            task.received += len(events)
+            if task.cancel_sent:
+                self._events_dropped += len(events)  # cancel means stop
             else:
-                raise proto.FrameError(f"unknown message tag {tag!r}")
-        except (IndexError, TypeError, ValueError, KeyError) as exc:
-            raise proto.FrameError(f"malformed message {message!r:.200}: {exc}") from exc
+                task.events.extend(events)
+                task.wake()
+        elif tag == proto.HEARTBEAT:
+            pass
+        elif tag == proto.RESULT:
+            task = self._in_flight.get(message[1])
+            result = None if task is None else self._unpack(task, message[2], "the result")
+            if task is not None and not task.done:
+                self._task_outcome(inc, message[1], now, result=result)
+        elif tag == proto.ERROR:
+            _, task_id, remote_type, text, tb = message
+            self._task_outcome(inc, task_id, now, error=TaskFailed(remote_type, text, tb))
+        elif tag == proto.CANCELLED:
+            # (CANCELLED, task_id[, events the runner dropped])
+            self._events_dropped += message[2] if len(message) > 2 else 0
+            self._task_outcome(inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled"))
+        elif tag == proto.ACK:
+            # handle() is about to run: from now on, a crash fails this task
+            # (unless retry=True), so the request is no longer needed.
+            inc.running.add(message[1])
+            task = self._in_flight.get(message[1])
+            if task is not None and not task.retry:
+                task.request = None
+        elif tag == proto.HELLO:
+            inc.hello = True
+        elif tag == proto.READY:
+            self._on_ready(inc, now)
+        elif tag == proto.FATAL:
+            _, stage, remote_type, text, tb = message
+            inc.fatal = (stage, remote_type, text, tb)
 
     async def _load_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
         """An EVENTS or RESULT message whose big payload is unpickled (in a thread) for ``_unpack``."""
