@@ -10,8 +10,9 @@ clients in this process (which never imports MLX):
   up. ``mlx_lm.server`` runs inference in its own process, so the kill takes
   the whole server down, and a process manager's immediate restart is
   simulated. Reported: /health p50/p99 over the answers, the share of probes
-  answered at all, and what the streaming client saw. Goal: trio-runner's
-  /health p99 <= 5 ms.
+  answered at all, and what the streaming client saw. BASELINE in the same
+  run: trio-runner's /health with the same streaming client and no kills.
+  Goal: /health p99 during the kills at most 2x that idle p99.
 - **throughput**: requests/s and tokens/s with 1, 4 and 16 concurrent
   streaming clients (``MAX_TOKENS`` tokens each, greedy), for
   ``THROUGHPUT_SECONDS`` per level. Tokens are counted from the ``usage`` in
@@ -46,7 +47,7 @@ THROUGHPUT_SECONDS = 5.0
 CONCURRENCY = (1, 4, 16)
 MAX_TOKENS = 64
 START_BOUND = 120.0
-GOAL_HEALTH_P99_MS = 5.0
+GOAL_HEALTH_P99_RATIO = 2.0  # crash-loop /health p99 against the idle p99, same run
 CHAT = {"messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 0.0}
 
 
@@ -181,8 +182,13 @@ def _runner_pid(url: str) -> int | None:
     return None
 
 
-def availability(server: Server, *, seconds: float, kill_whole_server: bool) -> dict[str, Any]:
-    """Probe /health while the runner (or, for the baseline, the whole server) is SIGKILLed every second."""
+def availability(
+    server: Server, *, seconds: float, kill_whole_server: bool, kill: bool = True
+) -> dict[str, Any]:
+    """Probe /health while the runner (or, for the baseline, the whole server) is SIGKILLed every second.
+
+    With ``kill=False``, the same probes and streaming load with no kills (the idle baseline).
+    """
     latencies: list[float] = []
     health: Counter[str] = Counter()
     streams: Counter[str] = Counter()
@@ -195,7 +201,7 @@ def availability(server: Server, *, seconds: float, kill_whole_server: bool) -> 
         thread.start()
     kills = 0
     next_kill = time.perf_counter() + KILL_EVERY
-    while next_kill < until:
+    while kill and next_kill < until:
         time.sleep(max(0.0, next_kill - time.perf_counter()))
         next_kill += KILL_EVERY
         if kill_whole_server:
@@ -346,7 +352,12 @@ def _print_table(results: dict[str, Any]) -> None:
             f"{a['health_p99_ms']:>8.2f} {a['health_max_ms']:>8.1f}  "
             f"health {a['health_seen']}; streams {a['streams_seen']}"
         )
-    print(f"goal: trio-runner /health p99 <= {GOAL_HEALTH_P99_MS} ms: {results['goal_met']}")
+    idle = results["idle"]
+    print(
+        f"goal: trio-runner /health p99 during the kills <= {GOAL_HEALTH_P99_RATIO}x its idle p99 "
+        f"({idle['health_p50_ms']:.2f} / {idle['health_p99_ms']:.2f} ms): "
+        f"{results['health_p99_ratio']:.2f}x, {results['goal_met']}"
+    )
     print(f"\nstreaming throughput, {MAX_TOKENS} tokens per request (greedy)")
     print(f"{'server':<20} {'clients':>7} {'req/s':>8} {'tokens/s':>9} {'failed':>6}")
     for name, rows in results["throughput"].items():
@@ -367,10 +378,14 @@ def main(smoke: bool = False) -> dict[str, Any]:
     for server, whole in ((ours, False), (theirs, True)):
         with running(server):
             results["throughput"][server.name] = throughput(server, tp_seconds)
+            if server is ours:
+                results["idle"] = availability(server, seconds=seconds, kill_whole_server=False, kill=False)
             results["availability"][server.name] = availability(
                 server, seconds=seconds, kill_whole_server=whole
             )
-    results["goal_met"] = results["availability"][ours.name]["health_p99_ms"] <= GOAL_HEALTH_P99_MS
+    idle_p99 = results["idle"]["health_p99_ms"]
+    results["health_p99_ratio"] = results["availability"][ours.name]["health_p99_ms"] / idle_p99
+    results["goal_met"] = results["health_p99_ratio"] <= GOAL_HEALTH_P99_RATIO
     _print_table(results)
     return results
 
