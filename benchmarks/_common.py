@@ -8,6 +8,7 @@ import math
 import multiprocessing
 import os
 import platform
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,7 +17,7 @@ from typing import Any, TypeVar
 import _children
 import trio
 
-from trio_runner import RestartPolicy
+from trio_runner import Exited, Ready, RestartPolicy
 
 T = TypeVar("T")
 
@@ -135,6 +136,17 @@ async def next_change(changes: AsyncIterator[Any], kind: type[T]) -> T:
         if isinstance(change, kind):
             return change
     raise RuntimeError(f"the supervisor stopped before a {kind.__name__} change")
+
+
+async def restart_once(sup: Any, changes: AsyncIterator[Any]) -> float:
+    """SIGKILL the ready runner; seconds from its exit being seen to the next ``Ready``."""
+    pid = sup.statistics().pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    await next_change(changes, Exited)
+    exited_at = time.perf_counter()
+    await next_change(changes, Ready)
+    return time.perf_counter() - exited_at
 
 
 async def start_bare(

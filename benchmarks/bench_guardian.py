@@ -14,19 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import statistics
 import subprocess
 import sys
-import time
 from contextlib import AsyncExitStack
 from typing import Any
 
 import _children
-from _common import MS, RESTART, Config, fmt_ms, next_change, row, summary
+from _common import MS, RESTART, Config, fmt_ms, restart_once, row, summary
 
-from trio_runner import Exited, Ready, Supervisor
+from trio_runner import Supervisor
 from trio_runner._process import ProcessWorker, SpawnSpec, Worker
 from trio_runner._supervisor import _open  # pyright: ignore[reportPrivateUsage]
 
@@ -58,14 +55,9 @@ async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
         for i in range(cfg.n(60, 2) + 1):
             for label in labels if i % 2 else reversed(labels):
                 sup, changes = sups[label]
-                pid = sup.statistics().pid
-                assert pid is not None
-                os.kill(pid, signal.SIGKILL)
-                await next_change(changes, Exited)
-                exited_at = time.perf_counter()
-                await next_change(changes, Ready)
+                elapsed = await restart_once(sup, changes)
                 if i:  # the first round warms up both: thread cache, lazy imports
-                    samples[label].append(time.perf_counter() - exited_at)
+                    samples[label].append(elapsed)
     return samples
 
 

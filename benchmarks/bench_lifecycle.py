@@ -18,9 +18,9 @@ from typing import Any
 
 import _children
 import psutil
-from _common import MS, RESTART, Config, fmt_ms, next_change, row, start_bare, summary
+from _common import MS, RESTART, Config, fmt_ms, next_change, restart_once, row, start_bare, summary
 
-from trio_runner import Exited, Ready, open_supervisor
+from trio_runner import Exited, open_supervisor
 
 
 async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
@@ -33,13 +33,7 @@ async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
         changes = sup.watch()
         await sup.wait_ready()
         for _ in range(cfg.n(25, 2)):
-            pid = sup.statistics().pid
-            assert pid is not None
-            os.kill(pid, signal.SIGKILL)
-            await next_change(changes, Exited)
-            exited_at = time.perf_counter()
-            await next_change(changes, Ready)
-            samples["ours"].append(time.perf_counter() - exited_at)
+            samples["ours"].append(await restart_once(sup, changes))
             child, elapsed = await start_bare(_children.bare_ready, method=method)
             samples["bare multiprocessing"].append(elapsed)
             await child.close()

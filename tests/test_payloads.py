@@ -12,8 +12,6 @@ import math
 import pickle
 import threading
 import zlib
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -23,6 +21,7 @@ from hypothesis import strategies as st
 
 from trio_runner import RestartPolicy, TaskFailed, _payloads, open_supervisor
 from trio_runner import _protocol as proto
+from trio_runner.testing import monitor_lateness
 
 from .payload_runners import PayloadRunner, blob
 
@@ -196,34 +195,11 @@ async def test_a_burst_of_twelve_thousand_cancels_at_the_minimum_frame_size_leav
 LATENESS_BOUND = 0.25
 
 
-class _Ticker:
-    """Sleeps 1 ms over and over and records the worst lateness: a blocked loop shows up here."""
-
-    def __init__(self) -> None:
-        self.worst = 0.0
-
-    async def run(self) -> None:
-        while True:
-            start = trio.current_time()
-            await trio.sleep(0.001)
-            self.worst = max(self.worst, trio.current_time() - start - 0.001)
-
-
-@asynccontextmanager
-async def _ticking() -> AsyncIterator[_Ticker]:
-    ticker = _Ticker()
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(ticker.run)
-        await trio.sleep(0.01)
-        yield ticker
-        nursery.cancel_scope.cancel()
-
-
 async def test_a_5m_int_result_arrives_intact_without_stalling_the_loop() -> None:
     async with open_supervisor(PayloadRunner) as sup:
         await sup.wait_ready()
         with trio.fail_after(60):
-            async with _ticking() as ticker:
+            async with monitor_lateness() as ticker:
                 result = await sup.run(("ints", 5_000_000))
                 worst = ticker.worst
         assert result == list(range(5_000_000))
@@ -234,7 +210,7 @@ async def test_a_5m_int_event_arrives_intact_without_stalling_the_loop() -> None
     async with open_supervisor(PayloadRunner) as sup:
         await sup.wait_ready()
         with trio.fail_after(60):
-            async with _ticking() as ticker, sup.stream(("emit_ints", 5_000_000)) as task:
+            async with monitor_lateness() as ticker, sup.stream(("emit_ints", 5_000_000)) as task:
                 events = [event async for event in task]
                 worst = ticker.worst
         assert events == [list(range(5_000_000))]
@@ -248,7 +224,7 @@ async def test_a_50_mib_event_between_small_ones_arrives_intact_and_in_order_wit
     async with open_supervisor(PayloadRunner) as sup:
         await sup.wait_ready()
         with trio.fail_after(60):
-            async with _ticking() as ticker, sup.stream(("emit_then_ints", size, 1_000_000)) as task:
+            async with monitor_lateness() as ticker, sup.stream(("emit_then_ints", size, 1_000_000)) as task:
                 events = [event async for event in task]
                 worst = ticker.worst
         assert [events[0], len(events[1]), events[2]] == ["first", size, "last"]
@@ -262,7 +238,7 @@ async def test_a_60_mib_request_arrives_intact_without_stalling_the_loop() -> No
     async with open_supervisor(PayloadRunner) as sup:
         await sup.wait_ready()
         with trio.fail_after(60):
-            async with _ticking() as ticker:
+            async with monitor_lateness() as ticker:
                 size, checksum = await sup.run(("checksum", request))
                 worst = ticker.worst
             assert await sup.run(("echo", "small after big")) == "small after big"
