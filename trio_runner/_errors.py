@@ -131,7 +131,7 @@ class TaskCancelled(TaskError):
 
 
 class RunnerCrashed(TaskError):
-    """The runner process died while the task was in flight (or could not start).
+    """The runner process died while the task ran (its ``handle()`` had started), or could not start.
 
     Attributes:
         exit: the :class:`ExitRecord` of the incarnation that died.

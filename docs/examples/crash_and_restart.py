@@ -46,7 +46,7 @@ async def main() -> None:
         lifecycle = sup.watch(replay=True)
         first_pid = await sup.run("pid")
 
-        # A task in flight when the runner dies fails with RunnerCrashed...
+        # A task running when the runner dies fails with RunnerCrashed...
         try:
             await sup.run("oom")
         except RunnerCrashed as exc:
