@@ -20,7 +20,6 @@ import math
 import multiprocessing
 import multiprocessing.process
 import pickle
-import re
 import signal
 import sys
 import traceback
@@ -46,10 +45,10 @@ from ._errors import (
     TaskError,
     TaskFailed,
 )
+from ._exits import UNKNOWN_STATUS, ExitFacts, ExitStatus, Fatal, classify_exit, never_restarts
 from ._groups import reraise_unwrapped
 from ._policy import RestartPolicy, RestartTracker
 from ._process import (
-    ExitStatus,
     SpawnSpec,
     Worker,
     WorkerFactory,
@@ -151,7 +150,7 @@ class _Incarnation:
         self.last_frame: float | None = None
         self.last_progress = 0.0
         self.running: set[int] = set()  # tasks the child acknowledged and has not finished
-        self.fatal: tuple[str, str, str, str] | None = None
+        self.fatal: Fatal | None = None
         self.kill_reason: ExitReason | None = None
         self.kill_detail = ""
         self.stop_requested = False
@@ -174,6 +173,22 @@ class _Incarnation:
 
     def poke_watchdog(self) -> None:
         self.watch_wake.set()
+
+    def facts(self, kill_timeout: float) -> ExitFacts:
+        """What is known of this incarnation, for ``classify_exit``."""
+        return ExitFacts(
+            incarnation=self.number,
+            pid=self.worker.pid,
+            stop_requested=self.stop_requested,
+            kill_reason=self.kill_reason,
+            kill_detail=self.kill_detail,
+            ready=self.ready,
+            hello=self.hello,
+            fatal=self.fatal,
+            stopped_by=self.stopped_by,
+            stderr_tail=tuple(self.stderr_tail),
+            kill_timeout=kill_timeout,
+        )
 
 
 class TaskHandle(Generic[EventT, ResultT]):
@@ -947,7 +962,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     def _decide(self, inc: _Incarnation, record: ExitRecord) -> tuple[float | None, BaseException | None]:
         """Apply the policy to an exit: (the backoff before a restart or None to stop, the error to raise)."""
-        if self._before_setup(inc, record):
+        if never_restarts(inc.facts(self._timeouts.kill), record):
             self._set_state(RunnerState.FAILED)
             self._emit(GaveUp(self._tracker.failures, record))
             return None, RunnerCrashed(record)
@@ -1004,18 +1019,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 forkserver_preload(self._spec.preload)
             )
         forkserver.ensure_running()
-
-    @staticmethod
-    def _before_setup(inc: _Incarnation, record: ExitRecord) -> bool:
-        """A failure no restart can fix: the runner never got as far as ``setup``, or lacks a module."""
-        if record.reason is not ExitReason.STARTUP_FAILED or inc.kill_reason is not None:
-            return False
-        if _missing_module(inc.fatal) is not None:
-            return True  # in setup() too: a restart cannot install it
-        return not inc.hello and (
-            (inc.fatal is not None and inc.fatal[0] == proto.STAGE_LOAD)
-            or (record.signal is None and record.reaped and record.exitcode is not None)
-        )
 
     def _settle_in_flight(self, inc: _Incarnation, record: ExitRecord) -> None:
         retried: dict[int, _Task] = {}
@@ -1093,7 +1096,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 # (a loop pass or two): nothing can be put in flight on it any
                 # more (see _send_tasks and _send_now).
                 nursery.cancel_scope.cancel()
-                record = self._classify(inc, status or ExitStatus(exitcode=None, signal=None, reaped=False))
+                record = classify_exit(inc.facts(self._timeouts.kill), status or UNKNOWN_STATUS)
                 self._report_exit(inc, record)
                 return record
         finally:
@@ -1115,65 +1118,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._settle_in_flight(inc, record)
         if not self._stop_requested:
             inc.decision = self._decide(inc, record)
-
-    def _classify(self, inc: _Incarnation, status: ExitStatus) -> ExitRecord:
-        fatal = inc.fatal
-        detail = ""
-        if inc.stop_requested:
-            reason = ExitReason.REQUESTED
-        elif inc.kill_reason is not None:
-            reason, detail = inc.kill_reason, inc.kill_detail
-        elif (
-            fatal is not None
-            and fatal[0] == proto.STAGE_PROTOCOL
-            and status.exitcode == proto.EXIT_PROTOCOL_ERROR
-        ):
-            reason = ExitReason.PROTOCOL_ERROR
-            detail = f"the runner could not read a frame from the supervisor: {fatal[2]}"
-        elif not inc.ready:
-            reason = ExitReason.STARTUP_FAILED
-            if fatal is not None and fatal[0] == proto.STAGE_LOAD:
-                detail = (
-                    f"the child could not load the runner ({fatal[1]}: {fatal[2]}); the runner class "
-                    "and its arguments must be importable in a fresh interpreter"
-                )
-            elif fatal is not None:
-                detail = f"setup() raised {fatal[1]}: {fatal[2]}"
-            elif not inc.hello and status.signal is None and status.exitcode is not None:
-                detail = (
-                    f"the child exited with code {status.exitcode} before the runner was loaded. "
-                    "If the script that starts the supervisor has no 'if __name__ == \"__main__\":' "
-                    "guard, the spawn start method re-runs it in the child: add the guard. "
-                    "Anything the child printed then went to this process's stderr"
-                )
-            missing = _missing_module(fatal)
-            if missing is not None:
-                detail += f"; {_install_hint(missing)}"
-        elif status.signal is not None:
-            reason = ExitReason.SIGNALED
-        elif status.exitcode == 0:
-            reason = ExitReason.CLEAN_EXIT
-            detail = "the runner exited with code 0 although nobody asked it to"
-        else:
-            reason = ExitReason.ERROR_EXIT
-            if fatal is not None:
-                detail = f"{fatal[1]}: {fatal[2]}"
-        if not status.reaped:
-            detail = (detail + "; " if detail else "") + (
-                f"the process could not be reaped within Timeouts(kill={self._timeouts.kill})"
-            )
-        return ExitRecord(
-            reason=reason,
-            exitcode=status.exitcode,
-            signal=status.signal,
-            stopped_by=inc.stopped_by,
-            pid=inc.worker.pid,
-            incarnation=inc.number,
-            detail=detail,
-            stderr_tail=tuple(inc.stderr_tail),
-            remote_traceback=None if fatal is None else fatal[3],
-            reaped=status.reaped,
-        )
 
     def _kill(self, inc: _Incarnation, reason: ExitReason, detail: str) -> None:
         if inc.kill_reason is not None or inc.exited.is_set():
@@ -1505,36 +1449,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                     "the runner has stopped reading its control socket",
                 )
                 return
-
-
-#: The top-level modules that come with one of trio-runner's extras (pyproject.toml).
-_EXTRA_OF_MODULE = {
-    "mlx": "mlx",
-    "mlx_lm": "mlx",
-    "tokenizers": "mlx",
-    "hypercorn": "serve",
-    "starlette": "serve",
-    "anyio": "serve",
-    "prometheus_client": "serve",
-}
-_NO_MODULE_NAMED = re.compile(r"No module named '([^']+)'")
-
-
-def _missing_module(fatal: tuple[str, str, str, str] | None) -> str | None:
-    """The module a child's fatal ``ModuleNotFoundError`` names ("" if its message names none)."""
-    if fatal is None or fatal[1] != "ModuleNotFoundError":
-        return None
-    match = _NO_MODULE_NAMED.match(fatal[2])
-    return "" if match is None else match[1]
-
-
-def _install_hint(module: str) -> str:
-    """What to do about a missing module: no restart can install it."""
-    extra = _EXTRA_OF_MODULE.get(module.partition(".")[0])
-    if extra is not None:
-        return f"no restart can install {module}; it comes with an extra: pip install 'trio-runner[{extra}]'"
-    what = module or "the missing module"
-    return f"no restart can install {what}; install it where the runner runs ({sys.executable})"
 
 
 async def _send_locked(inc: _Incarnation, data: bytes | list[proto.Buffer]) -> None:
