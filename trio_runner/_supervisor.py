@@ -87,6 +87,13 @@ _SEND_SLICE = 256 * 1024  # the most of a big request written to the socket in o
 _CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
 _WATCH_BUFFER = 1024
 _LOG_FLUSH_BOUND = 1.0
+# Threads that (un)pickle big payloads, on a limiter of their own: never trio's
+# default one, which the application may have saturated.
+_PAYLOAD_THREADS = 2
+# The tasks the sender writes in one go add up to at most this share of
+# max_frame_size: a batch is pickled on the loop, so its size bounds the time
+# that takes, and it fits in one frame or two.
+_SEND_BATCH_SHARE = 0.5
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
 
 
@@ -488,9 +495,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._window = window
         self._credit_batch = max(1, window // 2)
         self._max_frame = max_frame_size
-        # Big payloads are (un)pickled in threads of their own, never on trio's
-        # default limiter, which the application may have saturated.
-        self._payload_limiter = trio.CapacityLimiter(2)
+        self._payload_limiter = trio.CapacityLimiter(_PAYLOAD_THREADS)
         self._loop_pickler = _payloads.LoopPickler()
         self._raise_on_give_up = raise_on_give_up
         self._worker_factory = worker_factory
@@ -1388,7 +1393,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     async def _send_tasks(self, inc: _Incarnation) -> None:
         """Deliver pending tasks once the runner is READY, in submission order."""
         await inc.ready_event.wait()
-        limit = self._max_frame // 2
+        limit = int(self._max_frame * _SEND_BATCH_SHARE)
         while not inc.stop_requested:
             if not self._pending:
                 if inc.backlog:
