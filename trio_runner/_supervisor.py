@@ -23,7 +23,6 @@ import pickle
 import signal
 import sys
 import traceback
-import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -47,6 +46,7 @@ from ._errors import (
 )
 from ._exits import UNKNOWN_STATUS, ExitFacts, ExitStatus, Fatal, classify_exit, never_restarts
 from ._groups import reraise_unwrapped
+from ._lifecycle import Lifecycle
 from ._policy import RestartPolicy, RestartTracker
 from ._process import (
     SpawnSpec,
@@ -85,7 +85,6 @@ _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
 _SEND_SLICE = 256 * 1024  # the most of a big request written to the socket in one call
 _CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
-_WATCH_BUFFER = 1024
 _LOG_FLUSH_BOUND = 1.0
 # Threads that (un)pickle big payloads, on a limiter of their own: never trio's
 # default one, which the application may have saturated.
@@ -348,34 +347,6 @@ class _Batches(Generic[EventT]):
         return batch
 
 
-class _Watcher:
-    """An async iterator over lifecycle changes, from :meth:`Supervisor.watch`."""
-
-    def __init__(self) -> None:
-        self._changes: deque[LifecycleChange] = deque(maxlen=_WATCH_BUFFER)
-        self._wake = trio.Event()
-        self._finished = False
-
-    def push(self, change: LifecycleChange) -> None:
-        self._changes.append(change)
-        self._wake.set()
-
-    def __aiter__(self) -> _Watcher:
-        return self
-
-    async def __anext__(self) -> LifecycleChange:
-        while not self._changes:
-            if self._finished:
-                raise StopAsyncIteration
-            await self._wake.wait()
-            self._wake = trio.Event()
-        change = self._changes.popleft()
-        if isinstance(change, Stopped):
-            self._finished = True
-        await trio.lowlevel.checkpoint()
-        return change
-
-
 def _describe_runner(cls: object) -> tuple[str, str]:
     """(module, qualname) of a runner class the child can import, or a TypeError that says why not."""
     if not (isinstance(cls, type) and issubclass(cls, Runner)):
@@ -510,8 +481,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             heartbeat_interval=timeouts.heartbeat_interval,
         )
         self._tracker = RestartTracker(policy)
-        self._state = RunnerState.STARTING
-        self._state_changed = trio.Event()
+        self._lifecycle = Lifecycle()
         self._ids = itertools.count(1)
         self._pending: dict[int, _Task] = {}
         self._in_flight: dict[int, _Task] = {}
@@ -529,8 +499,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._done = trio.Event()
         self._main_scope: trio.CancelScope | None = None
         self._deferred_failure: Callable[[], RunnerUnavailable] | None = None
-        self._history: deque[LifecycleChange] = deque(maxlen=_WATCH_BUFFER)
-        self._watchers: weakref.WeakSet[_Watcher] = weakref.WeakSet()
         self._child_logger = logging.getLogger(f"trio_runner.runner.{name}")
         self._child_log = ChildLog(self._child_logger)
 
@@ -539,7 +507,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     @property
     def state(self) -> RunnerState:
         """The current :class:`RunnerState`."""
-        return self._state
+        return self._lifecycle.state
 
     @property
     def start_method(self) -> str:
@@ -550,10 +518,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         """A frozen snapshot: pid, incarnation, restarts, tasks in flight, uptime, last exit."""
         inc = self._inc
         uptime = 0.0
-        if inc is not None and inc.ready and self._state is RunnerState.READY:
+        if inc is not None and inc.ready and self._lifecycle.state is RunnerState.READY:
             uptime = trio.current_time() - inc.ready_at
         return SupervisorStatistics(
-            state=self._state,
+            state=self._lifecycle.state,
             pid=None if inc is None else inc.worker.pid,
             incarnation=self._incarnations,
             restarts=self._tracker.total_restarts,
@@ -577,17 +545,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             replay: first yield the changes retained so far (up to 1024), so a
                 watcher started late still sees the whole story.
         """
-        watcher = _Watcher()
-        history = self._history
-        if replay:
-            for change in history:
-                watcher.push(change)
-        if history and isinstance(history[-1], Stopped):
-            if not replay:
-                watcher.push(history[-1])  # nothing more will happen: end at once
-        else:
-            self._watchers.add(watcher)
-        return watcher
+        return self._lifecycle.watch(replay=replay)
 
     async def wait_ready(self) -> None:
         """Wait until the runner is READY.
@@ -595,10 +553,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         Raises:
             RunnerUnavailable: the supervisor is stopping, stopped or failed.
         """
-        while self._state is not RunnerState.READY:
-            if self._state in _TERMINAL:
+        while self._lifecycle.state is not RunnerState.READY:
+            if self._lifecycle.state in _TERMINAL:
                 raise RunnerUnavailable(self._unavailable_reason())
-            await self._state_changed.wait()
+            await self._lifecycle.wait_state_change()
         await trio.lowlevel.checkpoint()
 
     async def run(self, request: RequestT, *, retry: bool = False) -> ResultT:
@@ -678,10 +636,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     # -- tasks ----------------------------------------------------------------
 
     def _unavailable_reason(self) -> str:
-        if self._state is RunnerState.FAILED:
+        if self._lifecycle.state is RunnerState.FAILED:
             last = "" if self._last_exit is None else f" (last exit: {self._last_exit.describe()})"
             return f"runner {self.name!r} has failed and will not be restarted{last}"
-        return f"runner {self.name!r} is {self._state.value}: no new tasks are accepted"
+        return f"runner {self.name!r} is {self._lifecycle.state.value}: no new tasks are accepted"
 
     def _submit(self, request: Any, retry: bool) -> _Task | None:
         """The task for ``request``, submitted; None if it must be pickled in a thread first.
@@ -692,7 +650,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         thread (``_pickle_in_thread``) and submits that with ``_submit_pickled``.
         Nothing of the aborted pickle is kept.
         """
-        if self._stop_requested or self._state in _TERMINAL:
+        if self._stop_requested or self._lifecycle.state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())
         try:
             data = self._loop_pickler.dumps(request)
@@ -703,7 +661,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         return self._submit_pickled(data, retry)
 
     def _submit_pickled(self, data: bytes | bytearray, retry: bool) -> _Task:
-        if self._stop_requested or self._state in _TERMINAL:
+        if self._stop_requested or self._lifecycle.state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())  # again: a thread pickled it meanwhile
         if len(data) > self._max_frame - proto.MESSAGE_OVERHEAD:
             raise ValueError(
@@ -842,19 +800,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     # -- lifecycle reporting ----------------------------------------------------
 
-    def _set_state(self, state: RunnerState) -> None:
-        if self._state is not state:
-            self._state = state
-            self._state_changed.set()
-            self._state_changed = trio.Event()
-
-    def _emit(self, change: LifecycleChange) -> None:
-        self._history.append(change)
-        for watcher in list(self._watchers):
-            watcher.push(change)
-        if isinstance(change, Stopped):
-            self._watchers.clear()
-
     def _on_output(self, inc: _Incarnation, stream: str, batch: bytes) -> None:
         """A batch of whole lines from the child: keep the stderr tail here, log them from the log thread."""
         level = logging.INFO
@@ -871,8 +816,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if self._stop_requested:
             return
         self._stop_requested = True
-        if self._state not in (RunnerState.STOPPED, RunnerState.FAILED):
-            self._set_state(RunnerState.STOPPING)
+        if self._lifecycle.state not in (RunnerState.STOPPED, RunnerState.FAILED):
+            self._lifecycle.set_state(RunnerState.STOPPING)
             self._fail_all(lambda: RunnerUnavailable(f"runner {self.name!r} is shutting down"))
         inc = self._inc
         if inc is not None:
@@ -954,9 +899,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 with trio.move_on_after(delay):
                     await self._stop_event.wait()
         finally:
-            if self._state is not RunnerState.FAILED:
-                self._set_state(RunnerState.STOPPED)
-            self._emit(Stopped(self._state, self._last_exit))
+            if self._lifecycle.state is not RunnerState.FAILED:
+                self._lifecycle.set_state(RunnerState.STOPPED)
+            self._lifecycle.emit(Stopped(self._lifecycle.state, self._last_exit))
             error = lambda: RunnerUnavailable(self._unavailable_reason())  # noqa: E731
             if failure is None:
                 self._fail_all(error, crashes=not self._stop_requested)
@@ -968,8 +913,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     def _decide(self, inc: _Incarnation, record: ExitRecord) -> tuple[float | None, BaseException | None]:
         """Apply the policy to an exit: (the backoff before a restart or None to stop, the error to raise)."""
         if never_restarts(inc.facts(self._timeouts.kill), record):
-            self._set_state(RunnerState.FAILED)
-            self._emit(GaveUp(self._tracker.failures, record))
+            self._lifecycle.set_state(RunnerState.FAILED)
+            self._lifecycle.emit(GaveUp(self._tracker.failures, record))
             return None, RunnerCrashed(record)
         decision = self._tracker.on_exit(record.reason, trio.current_time())
         if decision.action == "stop":
@@ -979,7 +924,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 record.describe(),
                 self._policy.mode,
             )
-            self._set_state(RunnerState.STOPPED)
+            self._lifecycle.set_state(RunnerState.STOPPED)
             return None, None
         if decision.action == "give_up":
             logger.error(
@@ -988,8 +933,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 record.describe(),
                 decision.restarts,
             )
-            self._set_state(RunnerState.FAILED)
-            self._emit(GaveUp(decision.restarts, record))
+            self._lifecycle.set_state(RunnerState.FAILED)
+            self._lifecycle.emit(GaveUp(decision.restarts, record))
             failure = RestartLimitExceeded(decision.restarts, record) if self._raise_on_give_up else None
             return None, failure
         logger.warning(
@@ -998,8 +943,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             record.describe(),
             decision.delay,
         )
-        self._set_state(RunnerState.BACKING_OFF)
-        self._emit(BackingOff(decision.delay, self._tracker.total_restarts))
+        self._lifecycle.set_state(RunnerState.BACKING_OFF)
+        self._lifecycle.emit(BackingOff(decision.delay, self._tracker.total_restarts))
         return decision.delay, None
 
     def _ensure_forkserver(self) -> None:
@@ -1060,7 +1005,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     async def _run_incarnation(self, inc: _Incarnation) -> ExitRecord:
         worker = inc.worker
-        self._set_state(RunnerState.STARTING)
+        self._lifecycle.set_state(RunnerState.STARTING)
         if self._stop_requested:
             inc.stop_requested = True
             inc.escalate.set()
@@ -1077,7 +1022,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             )
         inc.spawned_at = inc.last_progress = trio.current_time()
         logger.info("runner %r spawned (pid %s, incarnation %d)", self.name, worker.pid, inc.number)
-        self._emit(Spawned(inc.number, worker.pid))
+        self._lifecycle.emit(Spawned(inc.number, worker.pid))
         status: ExitStatus | None = None
         try:
             async with trio.open_nursery() as nursery:
@@ -1119,7 +1064,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         inc.reported = True
         self._inc = None
         self._last_exit = record
-        self._emit(Exited(record))
+        self._lifecycle.emit(Exited(record))
         self._settle_in_flight(inc, record)
         if not self._stop_requested:
             inc.decision = self._decide(inc, record)
@@ -1379,8 +1324,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         startup = now - inc.spawned_at
         logger.info("runner %r ready (pid %s) after %.3f s", self.name, inc.worker.pid, startup)
         if not inc.stop_requested:
-            self._set_state(RunnerState.READY)
-        self._emit(Ready(inc.number, inc.worker.pid, startup))
+            self._lifecycle.set_state(RunnerState.READY)
+        self._lifecycle.emit(Ready(inc.number, inc.worker.pid, startup))
         inc.ready_event.set()
         inc.poke_watchdog()
 
