@@ -1,7 +1,9 @@
-"""The supervisor: incarnations, task bookkeeping and the restart loop.
+"""The supervisor: its API, incarnations and the restart loop.
 
-One trio nursery per incarnation owns the runner process (death watch and
-stdio pumps), the cancel channel, the task sender, the event forwarder, the
+The tasks themselves live in the task table (``_tasks``), exit records are
+made by ``_exits`` and lifecycle changes are logged by ``_lifecycle``. One
+trio nursery per incarnation owns the runner process (death watch and stdio
+pumps), the cancel channel, the task sender, the event forwarder, the
 watchdog and the shutdown escalation. When the process is gone and reaped
 (and its socket read to end-of-file, so a last result is never lost) the
 restart policy decides what comes next.
@@ -14,15 +16,12 @@ within ``Timeouts.shutdown_bound``: cancellation never leaves a process behind.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-import math
 import multiprocessing
 import multiprocessing.process
 import pickle
 import signal
 import sys
-import traceback
 from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -68,6 +67,7 @@ from ._state import (
     Stopped,
     SupervisorStatistics,
 )
+from ._tasks import Task, TaskHandle, TaskTable
 from ._timeouts import Timeouts
 
 RequestT = TypeVar("RequestT")
@@ -84,7 +84,6 @@ _EOF_GRACE = 1.0
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 _STDERR_TAIL = 50
 _SEND_SLICE = 256 * 1024  # the most of a big request written to the socket in one call
-_CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
 _LOG_FLUSH_BOUND = 1.0
 # Threads that (un)pickle big payloads, on a limiter of their own: never trio's
 # default one, which the application may have saturated.
@@ -94,53 +93,6 @@ _PAYLOAD_THREADS = 2
 # that takes, and it fits in one frame or two.
 _SEND_BATCH_SHARE = 0.5
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
-
-
-class _Task:
-    """The supervisor's record of one submitted task."""
-
-    __slots__ = (
-        "attempt",
-        "cancel_sent",
-        "crashed",
-        "done",
-        "error",
-        "events",
-        "id",
-        "incarnation",
-        "received",
-        "released",
-        "request",
-        "result",
-        "retry",
-        "returned",
-        "unreturned",
-        "waiter",
-    )
-
-    def __init__(self, task_id: int, request: bytes | bytearray, retry: bool) -> None:
-        self.id = task_id
-        self.request: bytes | bytearray | None = request
-        self.retry = retry
-        self.events: deque[Any] = deque()
-        self.done = False
-        self.result: Any = None
-        self.error: TaskError | RunnerUnavailable | None = None
-        self.waiter: trio.Event | None = None
-        self.incarnation = 0
-        self.received = 0  # events received in the current incarnation
-        self.returned = 0  # credits sent back to the child in the current incarnation
-        self.unreturned = 0  # events consumed whose credits are not yet sent back
-        self.released = False  # the caller left the stream block
-        self.cancel_sent = False
-        self.attempt = 1
-        self.crashed: ExitRecord | None = None  # the crash a retry=True task is waiting out
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            waiter.set()
 
 
 class _Incarnation:
@@ -195,156 +147,6 @@ class _Incarnation:
             stderr_tail=tuple(self.stderr_tail),
             kill_timeout=kill_timeout,
         )
-
-
-class TaskHandle(Generic[EventT, ResultT]):
-    """One task in flight, from :meth:`Supervisor.stream`.
-
-    Iterate it for the events the runner emits, in order. A successful task
-    ends the ``async for`` normally; a failed, cancelled or crashed task makes
-    it raise that exception after every event that arrived before the end.
-
-    **Cancellation:** cancelling the task that iterates (or awaits ``wait()``)
-    cancels the task in the runner, and leaving the ``stream`` block early
-    does the same and returns at once.
-    """
-
-    __slots__ = ("_since_checkpoint", "_supervisor", "_task")
-
-    def __init__(self, supervisor: Supervisor[Any, EventT, ResultT], task: _Task) -> None:
-        self._supervisor = supervisor
-        self._task = task
-        self._since_checkpoint = 0
-
-    @property
-    def id(self) -> int:
-        """The task's id, unique within its supervisor; ``ctx.task_id`` in the child."""
-        return self._task.id
-
-    @property
-    def done(self) -> bool:
-        """True once the task has its outcome."""
-        return self._task.done
-
-    @property
-    def attempt(self) -> int:
-        """1, then 2, 3 ... each time a ``retry=True`` task is re-run after a crash.
-
-        A re-run streams its events again from the start: a consumer that must
-        not see an event twice checks ``attempt`` as it iterates.
-        """
-        return self._task.attempt
-
-    def __aiter__(self) -> TaskHandle[EventT, ResultT]:
-        return self
-
-    async def __anext__(self) -> EventT:
-        task = self._task
-        while True:
-            if task.events:
-                self._since_checkpoint += 1
-                if self._since_checkpoint >= _CHECKPOINT_EVERY:
-                    # Checkpoint every N events, not every one: per-event
-                    # checkpoints cap delivery far below the transport's rate.
-                    self._since_checkpoint = 0
-                    await trio.lowlevel.checkpoint()
-                    if not task.events:
-                        continue
-                event = task.events.popleft()
-                self._supervisor._consumed(task, 1)  # pyright: ignore[reportPrivateUsage]
-                return event
-            if task.done:
-                if task.error is None:
-                    raise StopAsyncIteration
-                raise task.error
-            await self._supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
-            # That wait was a checkpoint: a batch that just arrived is not
-            # interrupted by another one part-way through.
-            self._since_checkpoint = 0
-
-    @property
-    def result(self) -> ResultT:
-        """The task's result; raises its error. Only once the task is done.
-
-        Raises:
-            RuntimeError: the task has not finished yet (use ``await wait()``).
-        """
-        task = self._task
-        if not task.done:
-            raise RuntimeError(f"task {task.id} is still running: use 'await task.wait()' for its result")
-        if task.error is not None:
-            raise task.error
-        return task.result
-
-    async def wait(self) -> ResultT:
-        """Wait for the outcome and return the result (or raise the error).
-
-        Events not yet read are discarded, so a task whose events nobody wants
-        never stalls on its flow-control window.
-        """
-        task = self._task
-        supervisor = self._supervisor
-        blocked = False
-        while True:
-            if task.events:
-                count = len(task.events)
-                task.events.clear()
-                supervisor._consumed(task, count)  # pyright: ignore[reportPrivateUsage]
-            if task.done:
-                break
-            await supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
-            blocked = True
-        if not blocked:
-            # Blocking above was already a checkpoint; another costs a whole loop pass.
-            await trio.lowlevel.checkpoint()
-        return self.result
-
-    def batches(self) -> AsyncIterator[list[EventT]]:
-        """Iterate the events in batches: each step yields every event that has arrived.
-
-        The same events, in the same order, and the same ending as iterating
-        the handle itself, but one step per batch instead of one per event: use
-        it when events come faster than a per-event ``async for`` can take them.
-        Do not mix the two on one handle.
-        """
-        return _Batches(self._supervisor, self._task)
-
-    async def cancel(self) -> None:
-        """Ask the runner to cancel this task. Idempotent.
-
-        Returns once the cancel is handed to the cancel channel; it does not
-        wait for the runner. The outcome (usually :class:`TaskCancelled`, or the
-        result if the task finished first) arrives through this handle.
-        """
-        self._supervisor._cancel_task(self._task)  # pyright: ignore[reportPrivateUsage]
-        await trio.lowlevel.checkpoint()
-
-
-class _Batches(Generic[EventT]):
-    """The async iterator behind :meth:`TaskHandle.batches`."""
-
-    __slots__ = ("_supervisor", "_task")
-
-    def __init__(self, supervisor: Supervisor[Any, EventT, Any], task: _Task) -> None:
-        self._supervisor = supervisor
-        self._task = task
-
-    def __aiter__(self) -> _Batches[EventT]:
-        return self
-
-    async def __anext__(self) -> list[EventT]:
-        task = self._task
-        while not task.events:
-            if task.done:
-                if task.error is None:
-                    raise StopAsyncIteration
-                raise task.error
-            await self._supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
-        await trio.lowlevel.checkpoint()  # more events may arrive meanwhile: they join this batch
-        batch: list[EventT] = list(task.events)
-        task.events.clear()
-        self._supervisor._consumed(task, len(batch))  # pyright: ignore[reportPrivateUsage]
-        return batch
 
 
 def _describe_runner(cls: object) -> tuple[str, str]:
@@ -463,8 +265,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self.name = name
         self._policy = policy
         self._timeouts = timeouts
-        self._window = window
-        self._credit_batch = max(1, window // 2)
         self._max_frame = max_frame_size
         self._payload_limiter = trio.CapacityLimiter(_PAYLOAD_THREADS)
         self._loop_pickler = _payloads.LoopPickler()
@@ -482,18 +282,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         )
         self._tracker = RestartTracker(policy)
         self._lifecycle = Lifecycle()
-        self._ids = itertools.count(1)
-        self._pending: dict[int, _Task] = {}
-        self._in_flight: dict[int, _Task] = {}
-        self._pending_wake = trio.Event()
-        self._control_send, self._control_recv = trio.open_memory_channel[tuple[int, int | None, int, int]](
-            math.inf
-        )
+        self._tasks = TaskTable(window, max_frame_size)
         self._inc: _Incarnation | None = None
         self._incarnations = 0
         self._last_exit: ExitRecord | None = None
-        self._completed = 0
-        self._events_dropped = 0
         self._stop_requested = False
         self._stop_event = trio.Event()
         self._done = trio.Event()
@@ -526,13 +318,13 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             incarnation=self._incarnations,
             restarts=self._tracker.total_restarts,
             consecutive_failures=self._tracker.failures,
-            in_flight=len(self._in_flight),
-            pending=len(self._pending),
+            in_flight=len(self._tasks.in_flight),
+            pending=len(self._tasks.pending),
             uptime=uptime,
             last_exit=self._last_exit,
-            tasks_completed=self._completed,
+            tasks_completed=self._tasks.completed,
             log_lines_dropped=self._child_log.dropped,
-            events_dropped=self._events_dropped,
+            events_dropped=self._tasks.events_dropped,
         )
 
     def watch(self, *, replay: bool = False) -> AsyncIterator[LifecycleChange]:
@@ -584,9 +376,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if task is None:  # too big to pickle on the loop
             task = self._submit_pickled(await self._pickle_in_thread(request), retry)
         try:
-            return await TaskHandle(self, task).wait()
+            handle: TaskHandle[EventT, ResultT] = TaskHandle(self._tasks, task)
+            return await handle.wait()
         finally:
-            self._release(task)
+            self._tasks.release(task)
 
     @asynccontextmanager
     async def stream(
@@ -605,21 +398,14 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if task is None:  # too big to pickle on the loop
             task = self._submit_pickled(await self._pickle_in_thread(request), retry)
         try:
-            yield TaskHandle(self, task)
+            yield TaskHandle(self._tasks, task)
         finally:
-            self._release(task)
+            self._tasks.release(task)
 
     async def cancel_all(self) -> None:
         """Cancel every task, queued or running. Returns once the cancel is handed over."""
-        for task in list(self._pending.values()):
-            self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
         inc = self._inc
-        if self._in_flight and inc is not None:
-            # Tagged with the incarnation, so a cancel-all left over from one that
-            # died never reaches the next.
-            self._control_send.send_nowait((proto.CANCEL, None, 0, inc.number))
-            for task in self._in_flight.values():
-                self._cancel_sent(task)
+        self._tasks.cancel_all(None if inc is None else inc.number)
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -641,7 +427,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             return f"runner {self.name!r} has failed and will not be restarted{last}"
         return f"runner {self.name!r} is {self._lifecycle.state.value}: no new tasks are accepted"
 
-    def _submit(self, request: Any, retry: bool) -> _Task | None:
+    def _submit(self, request: Any, retry: bool) -> Task | None:
         """The task for ``request``, submitted; None if it must be pickled in a thread first.
 
         The size of a pickle is unknown until it is made. The request is pickled
@@ -660,7 +446,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             return None
         return self._submit_pickled(data, retry)
 
-    def _submit_pickled(self, data: bytes | bytearray, retry: bool) -> _Task:
+    def _submit_pickled(self, data: bytes | bytearray, retry: bool) -> Task:
         if self._stop_requested or self._lifecycle.state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())  # again: a thread pickled it meanwhile
         if len(data) > self._max_frame - proto.MESSAGE_OVERHEAD:
@@ -668,10 +454,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 f"the request pickles to {len(data)} bytes, more than max_frame_size="
                 f"{self._max_frame}; send a smaller request or raise max_frame_size"
             )
-        task = _Task(next(self._ids), data, retry)
+        task = self._tasks.new(data, retry)
         if not self._send_now(task):
-            self._pending[task.id] = task
-            self._pending_wake.set()
+            self._tasks.queue(task)
         return task
 
     async def _pickle_in_thread(self, request: Any) -> bytearray:
@@ -680,7 +465,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         except Exception as exc:  # the request's own classes run there: anything goes
             raise _request_type_error(exc) from exc
 
-    def _send_now(self, task: _Task) -> bool:
+    def _send_now(self, task: Task) -> bool:
         """Write the task straight to a ready runner's socket if nothing is ahead of it.
 
         Handing it to the sender task instead costs a loop pass: a third of a
@@ -690,7 +475,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         inc = self._inc
         if (
             inc is None
-            or self._pending
+            or self._tasks.pending
             or inc.backlog
             or not inc.ready_event.is_set()
             or inc.stop_requested
@@ -700,103 +485,16 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             or len(task.request) >= _payloads.LARGE_REQUEST  # sent in parts by _send_tasks, not copied
         ):
             return False
-        data = self._mark_sent(inc, [task])
+        data = self._tasks.mark_sent([task], inc.number)
         assert isinstance(data, bytes)
-        sent = inc.worker.send_nowait(data)
-        if sent < len(data):
-            inc.backlog = data[sent:]
-            self._pending_wake.set()  # the sender task writes the rest
-        return True
-
-    def _mark_sent(self, inc: _Incarnation, batch: list[_Task]) -> bytes | list[proto.Buffer]:
-        """Move ``batch`` in flight on ``inc``; the frames that deliver it.
-
-        Bytes, or with a big request, the parts to write in turn: a big request
-        is written from the pickle the thread made, never copied on the loop.
-        """
-        messages: list[Any] = []
-        big = False
-        for task in batch:
-            self._pending.pop(task.id, None)
-            self._in_flight[task.id] = task
-            task.incarnation = inc.number
-            # The request stays until the runner acknowledges the task: one the
-            # runner never started is delivered again if it dies.
-            assert task.request is not None
-            big = big or len(task.request) >= _payloads.LARGE_REQUEST
-            messages.append((proto.TASK, task.id, task.request, self._window))
         inc.last_progress = trio.current_time()
         if self._timeouts.stall is not None:
             inc.poke_watchdog()  # only the stall check depends on what was sent
-        if big:
-            return proto.encode_frame_parts(messages, self._max_frame)
-        return proto.encode_frames(messages, self._max_frame)
-
-    def _release(self, task: _Task) -> None:
-        task.released = True
-        if not task.done:
-            self._cancel_task(task)
-        if task.events:
-            count = len(task.events)
-            task.events.clear()
-            self._consumed(task, count)
-
-    def _cancel_task(self, task: _Task) -> None:
-        if task.done:
-            return
-        if task.id in self._pending:
-            self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
-        elif not task.cancel_sent:
-            self._cancel_sent(task)
-            self._control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
-
-    def _cancel_sent(self, task: _Task) -> None:
-        """Cancel means stop: the consumer gets no event from now on, and the runner no credits."""
-        task.cancel_sent = True
-        self._events_dropped += len(task.events)
-        task.events.clear()
-
-    def _finish(
-        self, task: _Task, result: Any = None, error: TaskError | RunnerUnavailable | None = None
-    ) -> None:
-        if task.done:
-            return
-        task.done = True
-        task.result = result
-        if error is not None:
-            if isinstance(error, TaskError):
-                error.task_id = task.id
-            task.error = error
-        task.request = None
-        self._pending.pop(task.id, None)
-        self._in_flight.pop(task.id, None)
-        self._completed += 1
-        task.wake()
-
-    def _fail_all(self, error: Callable[[], TaskError | RunnerUnavailable], *, crashes: bool = False) -> None:
-        """End every pending and in-flight task with ``error()``.
-
-        With ``crashes``, a retry=True task waiting out a crash ends with that
-        crash instead: the runner will not come back for it.
-        """
-        for task in [*self._pending.values(), *self._in_flight.values()]:
-            if crashes and task.crashed is not None:
-                self._finish(task, error=RunnerCrashed(task.crashed))
-            else:
-                self._finish(task, error=error())
-
-    def _consumed(self, task: _Task, count: int) -> None:
-        task.unreturned += count
-        if task.unreturned >= self._credit_batch and not task.done and not task.cancel_sent:
-            self._control_send.send_nowait((proto.CREDIT, task.id, task.unreturned, task.incarnation))
-            task.returned += task.unreturned
-            task.unreturned = 0
-
-    async def _wait_change(self, task: _Task) -> None:
-        waiter = task.waiter
-        if waiter is None:
-            waiter = task.waiter = trio.Event()
-        await waiter.wait()
+        sent = inc.worker.send_nowait(data)
+        if sent < len(data):
+            inc.backlog = data[sent:]
+            self._tasks.wake_sender()  # the sender task writes the rest
+        return True
 
     # -- lifecycle reporting ----------------------------------------------------
 
@@ -818,7 +516,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._stop_requested = True
         if self._lifecycle.state not in (RunnerState.STOPPED, RunnerState.FAILED):
             self._lifecycle.set_state(RunnerState.STOPPING)
-            self._fail_all(lambda: RunnerUnavailable(f"runner {self.name!r} is shutting down"))
+            self._tasks.fail_all(lambda: RunnerUnavailable(f"runner {self.name!r} is shutting down"))
         inc = self._inc
         if inc is not None:
             inc.stop_requested = True
@@ -867,7 +565,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 # so the body sees one clear error rather than a group of
                 # RunnerUnavailable beside it.
                 trio.lowlevel.current_trio_token().run_sync_soon(
-                    functools.partial(self._fail_all, self._deferred_failure, crashes=True)
+                    functools.partial(self._tasks.fail_all, self._deferred_failure, crashes=True)
                 )
 
     async def _main_loop(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
@@ -904,7 +602,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._lifecycle.emit(Stopped(self._lifecycle.state, self._last_exit))
             error = lambda: RunnerUnavailable(self._unavailable_reason())  # noqa: E731
             if failure is None:
-                self._fail_all(error, crashes=not self._stop_requested)
+                self._tasks.fail_all(error, crashes=not self._stop_requested)
             else:
                 self._deferred_failure = error
         if failure is not None:
@@ -970,37 +668,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             )
         forkserver.ensure_running()
 
-    def _settle_in_flight(self, inc: _Incarnation, record: ExitRecord) -> None:
-        retried: dict[int, _Task] = {}
-        for task in list(self._in_flight.values()):
-            if (
-                task.id not in inc.running
-                and not task.cancel_sent
-                and record.reason is not ExitReason.REQUESTED
-            ):
-                # Never started: the runner writes a task's ACK before handle() runs,
-                # and the socket was read to EOF. Deliver it again, as if it had waited.
-                del self._in_flight[task.id]
-                task.events.clear()
-                task.received = task.returned = task.unreturned = 0
-                retried[task.id] = task
-            elif task.cancel_sent:
-                # Cancelled, and the runner died before confirming: that is its outcome.
-                self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled"))
-            elif task.retry and not task.released and record.reason is not ExitReason.REQUESTED:
-                del self._in_flight[task.id]
-                task.events.clear()
-                task.received = task.returned = task.unreturned = 0
-                task.cancel_sent = False
-                task.attempt += 1
-                task.crashed = record
-                retried[task.id] = task
-            else:
-                self._finish(task, error=RunnerCrashed(record))
-        if retried:
-            self._pending = {**dict(sorted(retried.items())), **self._pending}
-            self._pending_wake.set()
-
     # -- one incarnation ----------------------------------------------------------
 
     async def _run_incarnation(self, inc: _Incarnation) -> ExitRecord:
@@ -1065,7 +732,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._inc = None
         self._last_exit = record
         self._lifecycle.emit(Exited(record))
-        self._settle_in_flight(inc, record)
+        self._tasks.settle_exit(inc.running, record)
         if not self._stop_requested:
             inc.decision = self._decide(inc, record)
 
@@ -1158,7 +825,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                         "frozen (stopped, or stuck holding the GIL), or cannot write to its control socket",
                     )
                 )
-            if timeouts.stall is not None and inc.ready and self._busy(inc):
+            if timeouts.stall is not None and inc.ready and self._tasks.busy(inc.running):
                 checks.append(
                     (
                         inc.last_progress + timeouts.stall,
@@ -1177,16 +844,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             with trio.move_on_at(deadline):
                 await inc.watch_wake.wait()
             inc.watch_wake = trio.Event()
-
-    def _busy(self, inc: _Incarnation) -> bool:
-        """Whether the runner should be making progress: a task runs and its consumer keeps up."""
-        if not self._in_flight:
-            return False
-        running = [task for task_id in inc.running if (task := self._in_flight.get(task_id)) is not None]
-        if not running:
-            return True  # tasks sent, none acknowledged yet
-        # A task whose window is full waits for its consumer, not for the runner.
-        return any(task.received - task.returned < self._window for task in running)
 
     # -- the incarnation's tasks ------------------------------------------------------
 
@@ -1232,40 +889,26 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         message = proto.check_from_child(message)
         tag = message[0]
         if tag == proto.EVENTS:
-            task = self._in_flight.get(message[1])
             inc.last_progress = now
-            if task is None or task.done:
-                return
-            events = self._unpack(task, message[2], "an event")
-            if events is None:
-                return
-            task.received += len(events)
-            if task.cancel_sent:
-                self._events_dropped += len(events)  # cancel means stop
-            else:
-                task.events.extend(events)
-                task.wake()
+            self._tasks.route_events(message[1], message[2])
         elif tag == proto.HEARTBEAT:
             pass
         elif tag == proto.RESULT:
-            task = self._in_flight.get(message[1])
-            result = None if task is None else self._unpack(task, message[2], "the result")
-            if task is not None and not task.done:
-                self._task_outcome(inc, message[1], now, result=result)
+            if self._tasks.route_result(message[1], message[2]):
+                inc.last_progress = now
+                inc.running.discard(message[1])
         elif tag == proto.ERROR:
             _, task_id, remote_type, text, tb = message
             self._task_outcome(inc, task_id, now, error=TaskFailed(remote_type, text, tb))
         elif tag == proto.CANCELLED:
             # (CANCELLED, task_id[, events the runner dropped])
-            self._events_dropped += message[2] if len(message) > 2 else 0
+            self._tasks.events_dropped += message[2] if len(message) > 2 else 0
             self._task_outcome(inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled"))
         elif tag == proto.ACK:
             # handle() is about to run: from now on, a crash fails this task
             # (unless retry=True), so the request is no longer needed.
             inc.running.add(message[1])
-            task = self._in_flight.get(message[1])
-            if task is not None and not task.retry:
-                task.request = None
+            self._tasks.acknowledged(message[1])
         elif tag == proto.HELLO:
             inc.hello = True
         elif tag == proto.READY:
@@ -1275,47 +918,16 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             inc.fatal = (stage, remote_type, text, tb)
 
     async def _load_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        """An EVENTS or RESULT message whose big payload is unpickled (in a thread) for ``_unpack``."""
+        """An EVENTS or RESULT message whose big payload is unpickled in a thread for ``TaskTable.unpack``."""
         tag, task_id, payload = message
-        task = self._in_flight.get(task_id)
-        if task is None or task.done:
+        if not self._tasks.wants(task_id):
             return message  # nobody wants it: _route drops it unread
         return (tag, task_id, await _payloads.load_in_thread(payload, self._payload_limiter))
 
-    def _unpack(self, task: _Task, payload: bytes | _payloads.Loaded, what: str) -> Any:
-        """Unpickle one task's payload; if this process cannot, that task alone fails."""
-        try:
-            if isinstance(payload, _payloads.Loaded):
-                return payload.get()  # unpickled in a thread by _load_payload
-            return pickle.loads(payload)
-        except Exception as exc:
-            self._finish(
-                task,
-                error=TaskFailed(
-                    type(exc).__qualname__,
-                    f"the parent could not unpickle {what} of task {task.id}: {exc}",
-                    "".join(traceback.format_exception(exc)),
-                ),
-            )
-            # The runner may still be working on it: stop it. Without credits its
-            # emit then raises TaskCancelled instead of blocking for ever.
-            task.cancel_sent = True
-            self._control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
-            return None
-
-    def _task_outcome(
-        self,
-        inc: _Incarnation,
-        task_id: int,
-        now: float,
-        result: Any = None,
-        error: TaskError | None = None,
-    ) -> None:
+    def _task_outcome(self, inc: _Incarnation, task_id: int, now: float, error: TaskError) -> None:
         inc.last_progress = now
         inc.running.discard(task_id)
-        task = self._in_flight.get(task_id)
-        if task is not None:
-            self._finish(task, result=result, error=error)
+        self._tasks.settle(task_id, error)
 
     def _on_ready(self, inc: _Incarnation, now: float) -> None:
         inc.ready = True
@@ -1339,34 +951,33 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         """Deliver pending tasks once the runner is READY, in submission order."""
         await inc.ready_event.wait()
         limit = int(self._max_frame * _SEND_BATCH_SHARE)
+        tasks = self._tasks
         while not inc.stop_requested:
-            if not self._pending:
+            if not tasks.pending:
                 if inc.backlog:
                     await _send_locked(inc, b"")
                     continue
-                self._pending_wake = trio.Event()
-                await self._pending_wake.wait()
+                await tasks.wait_pending()
                 continue
-            batch: list[_Task] = []
-            size = 0
-            for task in self._pending.values():
-                assert task.request is not None
-                if batch and size + len(task.request) > limit:
-                    break
-                batch.append(task)
-                size += len(task.request)
+            batch = tasks.next_batch(limit)
             if inc.exited.is_set():
                 return  # the exit is being reported: these wait for the next incarnation
-            await _send_locked(inc, self._mark_sent(inc, batch))
+            data = tasks.mark_sent(batch, inc.number)
+            inc.last_progress = trio.current_time()
+            if self._timeouts.stall is not None:
+                inc.poke_watchdog()  # only the stall check depends on what was sent
+            await _send_locked(inc, data)
 
     async def _send_control(self, inc: _Incarnation) -> None:
         """The cancel channel: cancels and credits, each write bounded by ``cancel_send``."""
         timeout = self._timeouts.cancel_send
+        tasks = self._tasks
+        control = tasks.control_recv
         while True:
-            items = [await self._control_recv.receive()]
+            items = [await control.receive()]
             while True:
                 try:
-                    items.append(self._control_recv.receive_nowait())
+                    items.append(control.receive_nowait())
                 except trio.WouldBlock:
                     break
             messages: list[Any] = []
@@ -1376,7 +987,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 # never reaches the next (a stale credit would over-grant a window).
                 if incarnation != inc.number:
                     continue
-                if tag == proto.CREDIT and task_id not in self._in_flight:
+                if tag == proto.CREDIT and task_id not in tasks.in_flight:
                     continue  # finished meanwhile
                 # A cancel still goes out for a task the parent already ended (say,
                 # its event did not unpickle): the runner must stop working on it.
