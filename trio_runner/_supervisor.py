@@ -1,12 +1,9 @@
-"""The supervisor: its API, incarnations and the restart loop.
+"""The supervisor: its API and the restart loop.
 
-The tasks themselves live in the task table (``_tasks``), exit records are
-made by ``_exits`` and lifecycle changes are logged by ``_lifecycle``. One
-trio nursery per incarnation owns the runner process (death watch and stdio
-pumps), the cancel channel, the task sender, the event forwarder, the
-watchdog and the shutdown escalation. When the process is gone and reaped
-(and its socket read to end-of-file, so a last result is never lost) the
-restart policy decides what comes next.
+The restart loop spawns an incarnation (``_incarnation``), runs it until its
+process is gone, reports the exit, settles the tasks in flight on it (in the
+task table, ``_tasks``) and lets the restart policy decide what comes next.
+Exit records are made by ``_exits``, lifecycle changes logged by ``_lifecycle``.
 
 The restart loop runs in a shielded scope. Cancelling the supervisor from
 outside turns into a *request* to stop, which is carried out gracefully and
@@ -20,9 +17,7 @@ import logging
 import multiprocessing
 import multiprocessing.process
 import pickle
-import signal
 import sys
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, TypeVar, cast
@@ -31,25 +26,20 @@ import trio
 
 from . import _payloads
 from . import _protocol as proto
-from ._childlog import ChildLog, last_lines
+from ._childlog import ChildLog
 from ._errors import (
-    ExitReason,
     ExitRecord,
     RestartLimitExceeded,
     RunnerCrashed,
     RunnerUnavailable,
-    StoppedBy,
-    TaskCancelled,
-    TaskError,
-    TaskFailed,
 )
-from ._exits import UNKNOWN_STATUS, ExitFacts, ExitStatus, Fatal, classify_exit, never_restarts
+from ._exits import never_restarts
 from ._groups import reraise_unwrapped
+from ._incarnation import DRAIN_BOUND, Incarnation
 from ._lifecycle import Lifecycle
 from ._policy import RestartPolicy, RestartTracker
 from ._process import (
     SpawnSpec,
-    Worker,
     WorkerFactory,
     forkserver_preload,
     private_limiter,
@@ -76,77 +66,12 @@ ResultT = TypeVar("ResultT")
 
 logger = logging.getLogger("trio_runner")
 
-_DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, at most this long
-# EOF on the control socket from a process still alive this long after it: the
-# runner closed its connection. A dying process closes it too, a moment before
-# its death is seen.
-_EOF_GRACE = 1.0
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
-_STDERR_TAIL = 50
-_SEND_SLICE = 256 * 1024  # the most of a big request written to the socket in one call
 _LOG_FLUSH_BOUND = 1.0
 # Threads that (un)pickle big payloads, on a limiter of their own: never trio's
 # default one, which the application may have saturated.
 _PAYLOAD_THREADS = 2
-# The tasks the sender writes in one go add up to at most this share of
-# max_frame_size: a batch is pickled on the loop, so its size bounds the time
-# that takes, and it fits in one frame or two.
-_SEND_BATCH_SHARE = 0.5
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
-
-
-class _Incarnation:
-    """One spawn of the runner process and what the supervisor knows of it."""
-
-    def __init__(self, number: int, worker: Worker) -> None:
-        self.number = number
-        self.worker = worker
-        self.spawned_at = 0.0
-        self.hello = False
-        self.ready = False
-        self.ready_at = 0.0
-        self.last_frame: float | None = None
-        self.last_progress = 0.0
-        self.running: set[int] = set()  # tasks the child acknowledged and has not finished
-        self.fatal: Fatal | None = None
-        self.kill_reason: ExitReason | None = None
-        self.kill_detail = ""
-        self.stop_requested = False
-        self.stopped_by = StoppedBy.SELF
-        self.exited = trio.Event()
-        self.eof = trio.Event()
-        self.output_done = trio.Event()
-        self.escalate = trio.Event()
-        self.ready_event = trio.Event()
-        self.watch_wake = trio.Event()
-        self.send_lock = trio.StrictFIFOLock()
-        # The unsent end of a task frame that ``_submit`` wrote without waiting;
-        # whoever takes ``send_lock`` next sends it first.
-        self.backlog = b""
-        self.reported = False  # its exit has been reported and its tasks settled
-        # What the policy made of the exit: (backoff or None to stop, error to raise).
-        self.decision: tuple[float | None, BaseException | None] = (None, None)
-        self.death_scope = trio.CancelScope()
-        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL)
-
-    def poke_watchdog(self) -> None:
-        self.watch_wake.set()
-
-    def facts(self, kill_timeout: float) -> ExitFacts:
-        """What is known of this incarnation, for ``classify_exit``."""
-        return ExitFacts(
-            incarnation=self.number,
-            pid=self.worker.pid,
-            stop_requested=self.stop_requested,
-            kill_reason=self.kill_reason,
-            kill_detail=self.kill_detail,
-            ready=self.ready,
-            hello=self.hello,
-            fatal=self.fatal,
-            stopped_by=self.stopped_by,
-            stderr_tail=tuple(self.stderr_tail),
-            kill_timeout=kill_timeout,
-        )
 
 
 def _describe_runner(cls: object) -> tuple[str, str]:
@@ -180,19 +105,6 @@ def _describe_runner(cls: object) -> tuple[str, str]:
             "cannot import; move it into a module (a .py file) and import it from there"
         )
     return module, qualname
-
-
-def _is_big_payload(message: Any) -> bool:
-    """An EVENTS or RESULT message whose payload is worth a thread to unpickle."""
-    if type(message) is not tuple:
-        return False  # malformed: _route says so
-    fields = cast("tuple[Any, ...]", message)
-    return (
-        len(fields) == 3
-        and (fields[0] == proto.EVENTS or fields[0] == proto.RESULT)
-        and type(fields[2]) is bytes
-        and len(fields[2]) >= _payloads.LARGE
-    )
 
 
 def _request_type_error(exc: Exception) -> TypeError:
@@ -283,7 +195,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._tracker = RestartTracker(policy)
         self._lifecycle = Lifecycle()
         self._tasks = TaskTable(window, max_frame_size)
-        self._inc: _Incarnation | None = None
+        self._inc: Incarnation | None = None
         self._incarnations = 0
         self._last_exit: ExitRecord | None = None
         self._stop_requested = False
@@ -455,7 +367,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 f"{self._max_frame}; send a smaller request or raise max_frame_size"
             )
         task = self._tasks.new(data, retry)
-        if not self._send_now(task):
+        inc = self._inc
+        if inc is None or not inc.send_now(task):
             self._tasks.queue(task)
         return task
 
@@ -464,49 +377,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             return await _payloads.dumps_in_thread(request, self._payload_limiter)
         except Exception as exc:  # the request's own classes run there: anything goes
             raise _request_type_error(exc) from exc
-
-    def _send_now(self, task: Task) -> bool:
-        """Write the task straight to a ready runner's socket if nothing is ahead of it.
-
-        Handing it to the sender task instead costs a loop pass: a third of a
-        small task's round trip. False, having done nothing, if the task must
-        queue (not ready, tasks or bytes ahead of it, a send in progress).
-        """
-        inc = self._inc
-        if (
-            inc is None
-            or self._tasks.pending
-            or inc.backlog
-            or not inc.ready_event.is_set()
-            or inc.stop_requested
-            or inc.exited.is_set()
-            or inc.send_lock.locked()
-            or task.request is None
-            or len(task.request) >= _payloads.LARGE_REQUEST  # sent in parts by _send_tasks, not copied
-        ):
-            return False
-        data = self._tasks.mark_sent([task], inc.number)
-        assert isinstance(data, bytes)
-        inc.last_progress = trio.current_time()
-        if self._timeouts.stall is not None:
-            inc.poke_watchdog()  # only the stall check depends on what was sent
-        sent = inc.worker.send_nowait(data)
-        if sent < len(data):
-            inc.backlog = data[sent:]
-            self._tasks.wake_sender()  # the sender task writes the rest
-        return True
-
-    # -- lifecycle reporting ----------------------------------------------------
-
-    def _on_output(self, inc: _Incarnation, stream: str, batch: bytes) -> None:
-        """A batch of whole lines from the child: keep the stderr tail here, log them from the log thread."""
-        level = logging.INFO
-        if stream == "stderr":
-            # Here, not in the log thread: the tail is complete once the pipe
-            # is drained, however far behind (or dropped) the logging is.
-            inc.stderr_tail.extend(last_lines(batch, _STDERR_TAIL))
-            level = logging.WARNING
-        self._child_log.put(level, inc.worker.pid, stream, batch)
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -519,11 +389,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._tasks.fail_all(lambda: RunnerUnavailable(f"runner {self.name!r} is shutting down"))
         inc = self._inc
         if inc is not None:
-            inc.stop_requested = True
-            inc.escalate.set()
+            inc.request_stop()
         self._stop_event.set()
         if self._main_scope is not None:
-            bound = trio.current_time() + self._timeouts.shutdown_bound + _DRAIN_BOUND + _STOP_MARGIN
+            bound = trio.current_time() + self._timeouts.shutdown_bound + DRAIN_BOUND + _STOP_MARGIN
             self._main_scope.deadline = min(self._main_scope.deadline, bound)
 
     async def _stop_on_cancel(self) -> None:
@@ -577,7 +446,18 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             while not self._stop_requested:
                 self._incarnations += 1
                 worker = self._worker_factory(self._spec, self._incarnations)
-                inc = self._inc = _Incarnation(self._incarnations, worker)
+                inc = self._inc = Incarnation(
+                    self._incarnations,
+                    worker,
+                    name=self.name,
+                    tasks=self._tasks,
+                    timeouts=self._timeouts,
+                    max_frame=self._max_frame,
+                    payload_limiter=self._payload_limiter,
+                    child_log=self._child_log,
+                    on_ready=self._on_ready,
+                    on_exit=self._report_exit,
+                )
                 if not started:
                     task_status.started(self)
                     started = True
@@ -608,9 +488,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if failure is not None:
             raise failure
 
-    def _decide(self, inc: _Incarnation, record: ExitRecord) -> tuple[float | None, BaseException | None]:
+    def _decide(self, inc: Incarnation, record: ExitRecord) -> tuple[float | None, BaseException | None]:
         """Apply the policy to an exit: (the backoff before a restart or None to stop, the error to raise)."""
-        if never_restarts(inc.facts(self._timeouts.kill), record):
+        if never_restarts(inc.facts(), record):
             self._lifecycle.set_state(RunnerState.FAILED)
             self._lifecycle.emit(GaveUp(self._tracker.failures, record))
             return None, RunnerCrashed(record)
@@ -670,57 +550,17 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     # -- one incarnation ----------------------------------------------------------
 
-    async def _run_incarnation(self, inc: _Incarnation) -> ExitRecord:
-        worker = inc.worker
+    async def _run_incarnation(self, inc: Incarnation) -> ExitRecord:
         self._lifecycle.set_state(RunnerState.STARTING)
         if self._stop_requested:
-            inc.stop_requested = True
-            inc.escalate.set()
-        try:
-            await worker.start()
-        except (OSError, EOFError) as exc:
-            # What starting a process can meet: fork or exec failing, too many
-            # open files, a forkserver that died (EOFError). Anything else is a
-            # bug, and raises as one rather than pass for a runner that failed.
-            return ExitRecord(
-                ExitReason.STARTUP_FAILED,
-                incarnation=inc.number,
-                detail=f"could not start the runner process: {type(exc).__name__}: {exc}",
-            )
-        inc.spawned_at = inc.last_progress = trio.current_time()
-        logger.info("runner %r spawned (pid %s, incarnation %d)", self.name, worker.pid, inc.number)
-        self._lifecycle.emit(Spawned(inc.number, worker.pid))
-        status: ExitStatus | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._forward, inc)
-                nursery.start_soon(self._pump_output, inc)
-                nursery.start_soon(self._send_tasks, inc)
-                nursery.start_soon(self._send_control, inc)
-                nursery.start_soon(self._watchdog, inc)
-                nursery.start_soon(self._escalation, inc)
-                with inc.death_scope:
-                    status = await worker.wait(self._timeouts.kill)
-                inc.exited.set()
-                # Grandchildren go with it, gracefully or not; they would also
-                # hold the stdio pipes open and delay the drain below.
-                worker.signal(signal.SIGKILL)
-                # Drain to EOF first, or a result sent just before the crash is lost.
-                with trio.move_on_after(_DRAIN_BOUND):
-                    await inc.eof.wait()
-                    await inc.output_done.wait()
-                # Report now, not after the incarnation's tasks have wound down
-                # (a loop pass or two): nothing can be put in flight on it any
-                # more (see _send_tasks and _send_now).
-                nursery.cancel_scope.cancel()
-                record = classify_exit(inc.facts(self._timeouts.kill), status or UNKNOWN_STATUS)
-                self._report_exit(inc, record)
-                return record
-        finally:
-            # Grandchildren survive a graceful exit: the whole group goes.
-            worker.signal(signal.SIGKILL)
+            inc.request_stop()
+        record = await inc.start()
+        if record is not None:
+            return record
+        self._lifecycle.emit(Spawned(inc.number, inc.worker.pid))
+        return await inc.run()
 
-    def _report_exit(self, inc: _Incarnation, record: ExitRecord) -> None:
+    def _report_exit(self, inc: Incarnation, record: ExitRecord) -> None:
         """Once per incarnation: report the exit, settle the tasks in flight on it, apply the policy.
 
         The state leaves READY here, so nobody who saw ``Exited`` finds the
@@ -736,200 +576,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if not self._stop_requested:
             inc.decision = self._decide(inc, record)
 
-    def _kill(self, inc: _Incarnation, reason: ExitReason, detail: str) -> None:
-        if inc.kill_reason is not None or inc.exited.is_set():
-            return
-        logger.warning("runner %r (pid %s): %s; killing it", self.name, inc.worker.pid, detail)
-        inc.kill_reason = reason
-        inc.kill_detail = detail
-        inc.stopped_by = StoppedBy.SIGKILL
-        inc.worker.signal(signal.SIGKILL)
-        inc.escalate.set()
-
-    async def _escalation(self, inc: _Incarnation) -> None:
-        """Shutdown, then SIGTERM, then SIGKILL, each after its timeout; then stop waiting."""
-        timeouts = self._timeouts
-        worker = inc.worker
-        await inc.escalate.wait()
-        if inc.kill_reason is None:
-            inc.stopped_by = StoppedBy.SHUTDOWN
-            with trio.move_on_after(timeouts.graceful):
-                await _send_locked(inc, proto.encode([(proto.SHUTDOWN,)]))
-                await inc.exited.wait()
-            if inc.exited.is_set():
-                return
-            logger.warning(
-                "runner %r (pid %s) did not exit within Timeouts(graceful=%s) of Shutdown; "
-                "sending SIGTERM to its process group",
-                self.name,
-                worker.pid,
-                timeouts.graceful,
-            )
-            inc.stopped_by = StoppedBy.SIGTERM
-            worker.signal(signal.SIGTERM)
-            with trio.move_on_after(timeouts.terminate):
-                await inc.exited.wait()
-            if inc.exited.is_set():
-                return
-            logger.warning(
-                "runner %r (pid %s) ignored SIGTERM for Timeouts(terminate=%s); sending SIGKILL",
-                self.name,
-                worker.pid,
-                timeouts.terminate,
-            )
-            inc.stopped_by = StoppedBy.SIGKILL
-            worker.signal(signal.SIGKILL)
-        with trio.move_on_after(timeouts.kill):
-            await inc.exited.wait()
-        if not inc.exited.is_set():
-            logger.error(
-                "runner %r (pid %s) survived SIGKILL for Timeouts(kill=%s); no longer waiting for it",
-                self.name,
-                worker.pid,
-                timeouts.kill,
-            )
-            inc.death_scope.cancel()
-
-    async def _watchdog(self, inc: _Incarnation) -> None:
-        """Enforces the startup, heartbeat and stall timeouts, and a control connection closed early."""
-        timeouts = self._timeouts
-        eof_at: float | None = None
-        while not (inc.stop_requested or inc.exited.is_set()):
-            checks: list[tuple[float, ExitReason, str]] = []
-            if not inc.ready:
-                checks.append(
-                    (
-                        inc.spawned_at + timeouts.startup,
-                        ExitReason.STARTUP_FAILED,
-                        f"setup did not finish within Timeouts(startup={timeouts.startup})",
-                    )
-                )
-            if inc.eof.is_set():
-                # The runner can no longer report anything, and no heartbeat will
-                # come: say what happened instead of waiting to call it frozen.
-                eof_at = trio.current_time() if eof_at is None else eof_at
-                checks.append(
-                    (
-                        eof_at + _EOF_GRACE,
-                        ExitReason.PROTOCOL_ERROR,
-                        "the runner closed its control connection (end of file from a process still "
-                        "alive), so it can no longer report results",
-                    )
-                )
-            elif inc.last_frame is not None:
-                checks.append(
-                    (
-                        inc.last_frame + timeouts.heartbeat,
-                        ExitReason.HUNG,
-                        f"no heartbeat for Timeouts(heartbeat={timeouts.heartbeat}) seconds: the runner is "
-                        "frozen (stopped, or stuck holding the GIL), or cannot write to its control socket",
-                    )
-                )
-            if timeouts.stall is not None and inc.ready and self._tasks.busy(inc.running):
-                checks.append(
-                    (
-                        inc.last_progress + timeouts.stall,
-                        ExitReason.HUNG,
-                        f"a task made no progress for Timeouts(stall={timeouts.stall}) seconds",
-                    )
-                )
-            if not checks:
-                await inc.watch_wake.wait()
-                inc.watch_wake = trio.Event()
-                continue
-            deadline, reason, detail = min(checks, key=lambda check: check[0])
-            if trio.current_time() >= deadline:
-                self._kill(inc, reason, detail)
-                return
-            with trio.move_on_at(deadline):
-                await inc.watch_wake.wait()
-            inc.watch_wake = trio.Event()
-
-    # -- the incarnation's tasks ------------------------------------------------------
-
-    async def _forward(self, inc: _Incarnation) -> None:
-        """Read frames to EOF and route each message to its task or to the lifecycle."""
-        reader = proto.FrameReader(self._max_frame)
-        limiter = self._payload_limiter
-        big = _payloads.LARGE
-        try:
-            while True:
-                data = await inc.worker.receive_some()
-                if not data:
-                    break
-                now = trio.current_time()
-                if inc.last_frame is None:
-                    inc.poke_watchdog()
-                inc.last_frame = now
-                # A big frame, and a big payload in it, are unpickled in a thread.
-                # Awaited here, in turn: no message overtakes another, so a task's
-                # events stay in order and before its outcome.
-                for batch in reader.feed_big(data, big):
-                    if isinstance(batch, list):
-                        for message in batch:
-                            self._route(inc, message, now)
-                        continue
-                    # Only a big frame can hold a big payload.
-                    messages = await _payloads.decode_in_thread(batch, limiter)
-                    now = inc.last_frame = trio.current_time()
-                    for message in messages:
-                        message = proto.check_from_child(message)
-                        if _is_big_payload(message):
-                            message = await self._load_payload(message)
-                            now = inc.last_frame = trio.current_time()
-                        self._route(inc, message, now)
-        except proto.FrameError as exc:
-            self._kill(inc, ExitReason.PROTOCOL_ERROR, str(exc))
-        finally:
-            inc.eof.set()
-            inc.poke_watchdog()
-
-    def _route(self, inc: _Incarnation, message: Any, now: float) -> None:
-        # Only the check can raise a protocol error: a bug below raises as itself.
-        message = proto.check_from_child(message)
-        tag = message[0]
-        if tag == proto.EVENTS:
-            inc.last_progress = now
-            self._tasks.route_events(message[1], message[2])
-        elif tag == proto.HEARTBEAT:
-            pass
-        elif tag == proto.RESULT:
-            if self._tasks.route_result(message[1], message[2]):
-                inc.last_progress = now
-                inc.running.discard(message[1])
-        elif tag == proto.ERROR:
-            _, task_id, remote_type, text, tb = message
-            self._task_outcome(inc, task_id, now, error=TaskFailed(remote_type, text, tb))
-        elif tag == proto.CANCELLED:
-            # (CANCELLED, task_id[, events the runner dropped])
-            self._tasks.events_dropped += message[2] if len(message) > 2 else 0
-            self._task_outcome(inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled"))
-        elif tag == proto.ACK:
-            # handle() is about to run: from now on, a crash fails this task
-            # (unless retry=True), so the request is no longer needed.
-            inc.running.add(message[1])
-            self._tasks.acknowledged(message[1])
-        elif tag == proto.HELLO:
-            inc.hello = True
-        elif tag == proto.READY:
-            self._on_ready(inc, now)
-        elif tag == proto.FATAL:
-            _, stage, remote_type, text, tb = message
-            inc.fatal = (stage, remote_type, text, tb)
-
-    async def _load_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        """An EVENTS or RESULT message whose big payload is unpickled in a thread for ``TaskTable.unpack``."""
-        tag, task_id, payload = message
-        if not self._tasks.wants(task_id):
-            return message  # nobody wants it: _route drops it unread
-        return (tag, task_id, await _payloads.load_in_thread(payload, self._payload_limiter))
-
-    def _task_outcome(self, inc: _Incarnation, task_id: int, now: float, error: TaskError) -> None:
-        inc.last_progress = now
-        inc.running.discard(task_id)
-        self._tasks.settle(task_id, error)
-
-    def _on_ready(self, inc: _Incarnation, now: float) -> None:
+    def _on_ready(self, inc: Incarnation, now: float) -> None:
         inc.ready = True
         inc.ready_at = inc.last_progress = now
         self._tracker.on_ready(now)
@@ -940,107 +587,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._lifecycle.emit(Ready(inc.number, inc.worker.pid, startup))
         inc.ready_event.set()
         inc.poke_watchdog()
-
-    async def _pump_output(self, inc: _Incarnation) -> None:
-        try:
-            await inc.worker.pump_output(lambda stream, batch: self._on_output(inc, stream, batch))
-        finally:
-            inc.output_done.set()
-
-    async def _send_tasks(self, inc: _Incarnation) -> None:
-        """Deliver pending tasks once the runner is READY, in submission order."""
-        await inc.ready_event.wait()
-        limit = int(self._max_frame * _SEND_BATCH_SHARE)
-        tasks = self._tasks
-        while not inc.stop_requested:
-            if not tasks.pending:
-                if inc.backlog:
-                    await _send_locked(inc, b"")
-                    continue
-                await tasks.wait_pending()
-                continue
-            batch = tasks.next_batch(limit)
-            if inc.exited.is_set():
-                return  # the exit is being reported: these wait for the next incarnation
-            data = tasks.mark_sent(batch, inc.number)
-            inc.last_progress = trio.current_time()
-            if self._timeouts.stall is not None:
-                inc.poke_watchdog()  # only the stall check depends on what was sent
-            await _send_locked(inc, data)
-
-    async def _send_control(self, inc: _Incarnation) -> None:
-        """The cancel channel: cancels and credits, each write bounded by ``cancel_send``."""
-        timeout = self._timeouts.cancel_send
-        tasks = self._tasks
-        control = tasks.control_recv
-        while True:
-            items = [await control.receive()]
-            while True:
-                try:
-                    items.append(control.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            messages: list[Any] = []
-            for tag, task_id, count, incarnation in items:
-                # Items are tagged with the incarnation they were meant for at the
-                # moment they were queued: one left over from a runner that died
-                # never reaches the next (a stale credit would over-grant a window).
-                if incarnation != inc.number:
-                    continue
-                if tag == proto.CREDIT and task_id not in tasks.in_flight:
-                    continue  # finished meanwhile
-                # A cancel still goes out for a task the parent already ended (say,
-                # its event did not unpickle): the runner must stop working on it.
-                if tag == proto.CANCEL:
-                    messages.append((proto.CANCEL, task_id))
-                else:
-                    messages.append((proto.CREDIT, task_id, count))
-                    if task_id in inc.running:
-                        inc.last_progress = trio.current_time()
-            if not messages:
-                continue
-            with trio.move_on_after(timeout) as scope:
-                # A burst of cancels or credits is split like any other batch.
-                await _send_locked(inc, proto.encode_frames(messages, self._max_frame))
-            if scope.cancelled_caught:
-                self._kill(
-                    inc,
-                    ExitReason.HUNG,
-                    f"a cancel could not be written within Timeouts(cancel_send={timeout}): "
-                    "the runner has stopped reading its control socket",
-                )
-                return
-
-
-async def _send_locked(inc: _Incarnation, data: bytes | list[proto.Buffer]) -> None:
-    """``send_all`` under the incarnation's send lock, without a schedule point when the lock is free.
-
-    ``async with lock`` yields once even uncontended: a whole loop pass per task sent.
-    The backlog a fast-path send left goes first. ``data`` may be a list of
-    parts (a big request), written in turn, never joined.
-    """
-    try:
-        inc.send_lock.acquire_nowait()
-    except trio.WouldBlock:
-        await inc.send_lock.acquire()
-    try:
-        if isinstance(data, list):
-            if inc.backlog:
-                backlog, inc.backlog = inc.backlog, b""
-                await inc.worker.send_all(backlog)
-            for part in data:
-                with memoryview(part) as view:
-                    # In slices: one send of a whole big payload to a peer that
-                    # keeps reading can copy for tens of milliseconds in one call.
-                    for offset in range(0, len(view), _SEND_SLICE):
-                        # Any bytes-like will do: trio's send_all writes from a memoryview of it.
-                        await inc.worker.send_all(cast(bytes, view[offset : offset + _SEND_SLICE]))
-            return
-        if inc.backlog:
-            data, inc.backlog = inc.backlog + data, b""
-        await inc.worker.send_all(data)
-    finally:
-        inc.send_lock.release()
 
 
 async def run_supervisor(
