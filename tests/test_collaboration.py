@@ -35,8 +35,9 @@ from trio_runner import (
 )
 from trio_runner import _protocol as proto
 from trio_runner._errors import StoppedBy
+from trio_runner._incarnation import DRAIN_BOUND
 from trio_runner._state import BackingOff, Exited, GaveUp, Ready, Spawned, Stopped
-from trio_runner._supervisor import _DRAIN_BOUND, Supervisor  # pyright: ignore[reportPrivateUsage]
+from trio_runner._supervisor import Supervisor
 
 from .fakes import (
     SERVE,
@@ -439,7 +440,7 @@ async def test_a_runner_that_survives_sigkill_is_reported_unreaped_and_no_longer
     assert worker.signals_while_alive()[:2] == [(4.0, signal.SIGTERM), (9.0, signal.SIGKILL)]
     assert worker.alive
     # kill=2 s after SIGKILL it stops waiting; the socket drain then waits its own bound for EOF.
-    assert fake.time_of(Stopped) == 1.0 + timeouts.shutdown_bound + _DRAIN_BOUND
+    assert fake.time_of(Stopped) == 1.0 + timeouts.shutdown_bound + DRAIN_BOUND
     record = sup.statistics().last_exit
     assert record is not None
     assert (record.reaped, record.exitcode, record.signal) == (False, None, None)

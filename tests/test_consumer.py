@@ -1,6 +1,6 @@
 """How a per-event ``async for`` over a TaskHandle yields to the scheduler.
 
-The handle is driven by a stub in place of the supervisor: it hands the task
+The handle is driven by a stub in place of the task table: it hands the task
 prepared batches of events, one per wait. Each resumption of the consumer
 task after the first is one yield, counted by a trio instrument.
 """
@@ -12,21 +12,21 @@ from typing import Any
 
 import trio
 
-from trio_runner._supervisor import _CHECKPOINT_EVERY, TaskHandle, _Task  # pyright: ignore[reportPrivateUsage]
+from trio_runner._tasks import CHECKPOINT_EVERY, Task, TaskHandle
 
 
 class _Batches:
-    """Stands in for the supervisor: each wait delivers the next batch, then the end."""
+    """Stands in for the task table: each wait delivers the next batch, then the end."""
 
-    def __init__(self, task: _Task, batches: list[int]) -> None:
+    def __init__(self, task: Task, batches: list[int]) -> None:
         self.task = task
         self.batches = deque(batches)
         self.waits = 0
 
-    def _consumed(self, task: _Task, count: int) -> None:
+    def consumed(self, task: Task, count: int) -> None:
         pass
 
-    async def _wait_change(self, task: _Task) -> None:
+    async def wait_change(self, task: Task) -> None:
         self.waits += 1
         await trio.lowlevel.checkpoint()
         if self.batches:
@@ -47,7 +47,7 @@ class _Steps(trio.abc.Instrument):
 
 async def _yields_while_consuming(first: int, later: list[int]) -> tuple[int, int, int]:
     """(events read, yields, waits) for a task holding ``first`` events, then ``later`` batches."""
-    task = _Task(1, b"", retry=False)
+    task = Task(1, b"", retry=False)
     task.events.extend(range(first))
     stub = _Batches(task, later)
     handle: TaskHandle[Any, Any] = TaskHandle(stub, task)  # pyright: ignore[reportArgumentType]
@@ -66,14 +66,14 @@ async def test_a_consumer_of_a_long_backlog_yields_every_n_events_not_every_one(
     count, yields, waits = await _yields_while_consuming(1000, [])
     assert count == 1000
     assert waits == 1  # only to see the end
-    # A checkpoint every _CHECKPOINT_EVERY events, plus the final wait: other
+    # A checkpoint every CHECKPOINT_EVERY events, plus the final wait: other
     # tasks run during a long drain, but not once per event.
-    assert yields == 1000 // _CHECKPOINT_EVERY + waits
+    assert yields == 1000 // CHECKPOINT_EVERY + waits
 
 
 async def test_a_batch_that_arrives_while_waiting_is_read_without_an_extra_checkpoint() -> None:
-    batch = _CHECKPOINT_EVERY * 3 // 4
+    batch = CHECKPOINT_EVERY * 3 // 4
     count, yields, waits = await _yields_while_consuming(batch, [batch, batch])
-    assert count == 3 * batch  # more than _CHECKPOINT_EVERY in all
+    assert count == 3 * batch  # more than CHECKPOINT_EVERY in all
     assert waits == 3
     assert yields == waits  # each wait was the checkpoint; none in between

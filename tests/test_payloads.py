@@ -175,7 +175,7 @@ async def test_a_burst_of_twelve_thousand_cancels_at_the_minimum_frame_size_leav
             await sup.wait_ready()
             inc = sup._inc  # pyright: ignore[reportPrivateUsage]
             assert inc is not None
-            control = sup._control_send  # pyright: ignore[reportPrivateUsage]
+            control = sup._tasks.control_send  # pyright: ignore[reportPrivateUsage]
             # Cancels for tasks the runner does not know, all queued in one go:
             # the cancel channel sends them as one batch.
             for task_id in range(1_000_000, 1_012_000):

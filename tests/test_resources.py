@@ -81,9 +81,10 @@ async def test_bookkeeping_is_empty_after_two_thousand_tasks_of_every_outcome() 
         await trio.sleep(0.05)  # let the cancel channel drain what it has
         stats = sup.statistics()
         assert (stats.in_flight, stats.pending, stats.tasks_completed) == (0, 0, 2_001)
-        assert sup._pending == {}  # pyright: ignore[reportPrivateUsage]
-        assert sup._in_flight == {}  # pyright: ignore[reportPrivateUsage]
-        assert sup._control_recv.statistics().current_buffer_used == 0  # pyright: ignore[reportPrivateUsage]
+        table = sup._tasks  # pyright: ignore[reportPrivateUsage]
+        assert table.pending == {}
+        assert table.in_flight == {}
+        assert table.control_recv.statistics().current_buffer_used == 0
         assert child == {"contexts": 1, "requests": 0}  # only the task that asked
 
 

@@ -26,19 +26,11 @@ import trio
 
 from . import _child
 from ._childlog import MAX_LINE
+from ._exits import ExitStatus as ExitStatus
 
 _RECEIVE_SIZE = 256 * 1024
 _READS_PER_YIELD = 8
 _SOCKET_BUFFER = 1024 * 1024
-
-
-@dataclass(frozen=True)
-class ExitStatus:
-    """What the operating system said about a finished process."""
-
-    exitcode: int | None
-    signal: int | None
-    reaped: bool = True
 
 
 @dataclass(frozen=True)

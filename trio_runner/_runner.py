@@ -8,7 +8,7 @@ the standard library.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Generic, TypeVar
 
 from ._errors import TaskCancelled
 
@@ -119,8 +119,3 @@ def check_linger(owner: str, linger: object) -> None:
     """Raise ValueError unless ``linger`` is a number of seconds in [0, 1]."""
     if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger <= 1:
         raise ValueError(f"{owner}.linger={linger!r} must be a number of seconds from 0 to 1")
-
-
-def runner_reference(cls: type[Any]) -> tuple[str, str]:
-    """The (module, qualname) by which the child imports ``cls``."""
-    return cls.__module__, cls.__qualname__

@@ -1,10 +1,9 @@
-"""The supervisor: incarnations, task bookkeeping and the restart loop.
+"""The supervisor: its API and the restart loop.
 
-One trio nursery per incarnation owns the runner process (death watch and
-stdio pumps), the cancel channel, the task sender, the event forwarder, the
-watchdog and the shutdown escalation. When the process is gone and reaped
-(and its socket read to end-of-file, so a last result is never lost) the
-restart policy decides what comes next.
+The restart loop spawns an incarnation (``_incarnation``), runs it until its
+process is gone, reports the exit, settles the tasks in flight on it (in the
+task table, ``_tasks``) and lets the restart policy decide what comes next.
+Exit records are made by ``_exits``, lifecycle changes logged by ``_lifecycle``.
 
 The restart loop runs in a shielded scope. Cancelling the supervisor from
 outside turns into a *request* to stop, which is carried out gracefully and
@@ -14,18 +13,11 @@ within ``Timeouts.shutdown_bound``: cancellation never leaves a process behind.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
-import math
 import multiprocessing
 import multiprocessing.process
 import pickle
-import re
-import signal
 import sys
-import traceback
-import weakref
-from collections import deque
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, TypeVar, cast
@@ -34,24 +26,20 @@ import trio
 
 from . import _payloads
 from . import _protocol as proto
-from ._childlog import ChildLog, last_lines
+from ._childlog import ChildLog
 from ._errors import (
-    ExitReason,
     ExitRecord,
     RestartLimitExceeded,
     RunnerCrashed,
     RunnerUnavailable,
-    StoppedBy,
-    TaskCancelled,
-    TaskError,
-    TaskFailed,
 )
+from ._exits import never_restarts
 from ._groups import reraise_unwrapped
+from ._incarnation import DRAIN_BOUND, Incarnation
+from ._lifecycle import Lifecycle
 from ._policy import RestartPolicy, RestartTracker
 from ._process import (
-    ExitStatus,
     SpawnSpec,
-    Worker,
     WorkerFactory,
     forkserver_preload,
     private_limiter,
@@ -69,6 +57,7 @@ from ._state import (
     Stopped,
     SupervisorStatistics,
 )
+from ._tasks import Task, TaskHandle, TaskTable
 from ._timeouts import Timeouts
 
 RequestT = TypeVar("RequestT")
@@ -77,281 +66,12 @@ ResultT = TypeVar("ResultT")
 
 logger = logging.getLogger("trio_runner")
 
-_DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, at most this long
-# EOF on the control socket from a process still alive this long after it: the
-# runner closed its connection. A dying process closes it too, a moment before
-# its death is seen.
-_EOF_GRACE = 1.0
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
-_STDERR_TAIL = 50
-_SEND_SLICE = 256 * 1024  # the most of a big request written to the socket in one call
-_CHECKPOINT_EVERY = 128  # events a consumer takes from its queue between checkpoints
-_WATCH_BUFFER = 1024
 _LOG_FLUSH_BOUND = 1.0
+# Threads that (un)pickle big payloads, on a limiter of their own: never trio's
+# default one, which the application may have saturated.
+_PAYLOAD_THREADS = 2
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
-
-
-class _Task:
-    """The supervisor's record of one submitted task."""
-
-    __slots__ = (
-        "attempt",
-        "cancel_sent",
-        "crashed",
-        "done",
-        "error",
-        "events",
-        "id",
-        "incarnation",
-        "received",
-        "released",
-        "request",
-        "result",
-        "retry",
-        "returned",
-        "unreturned",
-        "waiter",
-    )
-
-    def __init__(self, task_id: int, request: bytes | bytearray, retry: bool) -> None:
-        self.id = task_id
-        self.request: bytes | bytearray | None = request
-        self.retry = retry
-        self.events: deque[Any] = deque()
-        self.done = False
-        self.result: Any = None
-        self.error: TaskError | RunnerUnavailable | None = None
-        self.waiter: trio.Event | None = None
-        self.incarnation = 0
-        self.received = 0  # events received in the current incarnation
-        self.returned = 0  # credits sent back to the child in the current incarnation
-        self.unreturned = 0  # events consumed whose credits are not yet sent back
-        self.released = False  # the caller left the stream block
-        self.cancel_sent = False
-        self.attempt = 1
-        self.crashed: ExitRecord | None = None  # the crash a retry=True task is waiting out
-
-    def wake(self) -> None:
-        waiter = self.waiter
-        if waiter is not None:
-            self.waiter = None
-            waiter.set()
-
-
-class _Incarnation:
-    """One spawn of the runner process and what the supervisor knows of it."""
-
-    def __init__(self, number: int, worker: Worker) -> None:
-        self.number = number
-        self.worker = worker
-        self.spawned_at = 0.0
-        self.hello = False
-        self.ready = False
-        self.ready_at = 0.0
-        self.last_frame: float | None = None
-        self.last_progress = 0.0
-        self.running: set[int] = set()  # tasks the child acknowledged and has not finished
-        self.fatal: tuple[str, str, str, str] | None = None
-        self.kill_reason: ExitReason | None = None
-        self.kill_detail = ""
-        self.stop_requested = False
-        self.stopped_by = StoppedBy.SELF
-        self.exited = trio.Event()
-        self.eof = trio.Event()
-        self.output_done = trio.Event()
-        self.escalate = trio.Event()
-        self.ready_event = trio.Event()
-        self.watch_wake = trio.Event()
-        self.send_lock = trio.StrictFIFOLock()
-        # The unsent end of a task frame that ``_submit`` wrote without waiting;
-        # whoever takes ``send_lock`` next sends it first.
-        self.backlog = b""
-        self.reported = False  # its exit has been reported and its tasks settled
-        # What the policy made of the exit: (backoff or None to stop, error to raise).
-        self.decision: tuple[float | None, BaseException | None] = (None, None)
-        self.death_scope = trio.CancelScope()
-        self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL)
-
-    def poke_watchdog(self) -> None:
-        self.watch_wake.set()
-
-
-class TaskHandle(Generic[EventT, ResultT]):
-    """One task in flight, from :meth:`Supervisor.stream`.
-
-    Iterate it for the events the runner emits, in order. A successful task
-    ends the ``async for`` normally; a failed, cancelled or crashed task makes
-    it raise that exception after every event that arrived before the end.
-
-    **Cancellation:** cancelling the task that iterates (or awaits ``wait()``)
-    cancels the task in the runner, and leaving the ``stream`` block early
-    does the same and returns at once.
-    """
-
-    __slots__ = ("_since_checkpoint", "_supervisor", "_task")
-
-    def __init__(self, supervisor: Supervisor[Any, EventT, ResultT], task: _Task) -> None:
-        self._supervisor = supervisor
-        self._task = task
-        self._since_checkpoint = 0
-
-    @property
-    def id(self) -> int:
-        """The task's id, unique within its supervisor; ``ctx.task_id`` in the child."""
-        return self._task.id
-
-    @property
-    def done(self) -> bool:
-        """True once the task has its outcome."""
-        return self._task.done
-
-    @property
-    def attempt(self) -> int:
-        """1, then 2, 3 ... each time a ``retry=True`` task is re-run after a crash.
-
-        A re-run streams its events again from the start: a consumer that must
-        not see an event twice checks ``attempt`` as it iterates.
-        """
-        return self._task.attempt
-
-    def __aiter__(self) -> TaskHandle[EventT, ResultT]:
-        return self
-
-    async def __anext__(self) -> EventT:
-        task = self._task
-        while True:
-            if task.events:
-                self._since_checkpoint += 1
-                if self._since_checkpoint >= _CHECKPOINT_EVERY:
-                    # Checkpoint every N events, not every one: per-event
-                    # checkpoints cap delivery far below the transport's rate.
-                    self._since_checkpoint = 0
-                    await trio.lowlevel.checkpoint()
-                    if not task.events:
-                        continue
-                event = task.events.popleft()
-                self._supervisor._consumed(task, 1)  # pyright: ignore[reportPrivateUsage]
-                return event
-            if task.done:
-                if task.error is None:
-                    raise StopAsyncIteration
-                raise task.error
-            await self._supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
-            # That wait was a checkpoint: a batch that just arrived is not
-            # interrupted by another one part-way through.
-            self._since_checkpoint = 0
-
-    @property
-    def result(self) -> ResultT:
-        """The task's result; raises its error. Only once the task is done.
-
-        Raises:
-            RuntimeError: the task has not finished yet (use ``await wait()``).
-        """
-        task = self._task
-        if not task.done:
-            raise RuntimeError(f"task {task.id} is still running: use 'await task.wait()' for its result")
-        if task.error is not None:
-            raise task.error
-        return task.result
-
-    async def wait(self) -> ResultT:
-        """Wait for the outcome and return the result (or raise the error).
-
-        Events not yet read are discarded, so a task whose events nobody wants
-        never stalls on its flow-control window.
-        """
-        task = self._task
-        supervisor = self._supervisor
-        blocked = False
-        while True:
-            if task.events:
-                count = len(task.events)
-                task.events.clear()
-                supervisor._consumed(task, count)  # pyright: ignore[reportPrivateUsage]
-            if task.done:
-                break
-            await supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
-            blocked = True
-        if not blocked:
-            # Blocking above was already a checkpoint; another costs a whole loop pass.
-            await trio.lowlevel.checkpoint()
-        return self.result
-
-    def batches(self) -> AsyncIterator[list[EventT]]:
-        """Iterate the events in batches: each step yields every event that has arrived.
-
-        The same events, in the same order, and the same ending as iterating
-        the handle itself, but one step per batch instead of one per event: use
-        it when events come faster than a per-event ``async for`` can take them.
-        Do not mix the two on one handle.
-        """
-        return _Batches(self._supervisor, self._task)
-
-    async def cancel(self) -> None:
-        """Ask the runner to cancel this task. Idempotent.
-
-        Returns once the cancel is handed to the cancel channel; it does not
-        wait for the runner. The outcome (usually :class:`TaskCancelled`, or the
-        result if the task finished first) arrives through this handle.
-        """
-        self._supervisor._cancel_task(self._task)  # pyright: ignore[reportPrivateUsage]
-        await trio.lowlevel.checkpoint()
-
-
-class _Batches(Generic[EventT]):
-    """The async iterator behind :meth:`TaskHandle.batches`."""
-
-    __slots__ = ("_supervisor", "_task")
-
-    def __init__(self, supervisor: Supervisor[Any, EventT, Any], task: _Task) -> None:
-        self._supervisor = supervisor
-        self._task = task
-
-    def __aiter__(self) -> _Batches[EventT]:
-        return self
-
-    async def __anext__(self) -> list[EventT]:
-        task = self._task
-        while not task.events:
-            if task.done:
-                if task.error is None:
-                    raise StopAsyncIteration
-                raise task.error
-            await self._supervisor._wait_change(task)  # pyright: ignore[reportPrivateUsage]
-        await trio.lowlevel.checkpoint()  # more events may arrive meanwhile: they join this batch
-        batch: list[EventT] = list(task.events)
-        task.events.clear()
-        self._supervisor._consumed(task, len(batch))  # pyright: ignore[reportPrivateUsage]
-        return batch
-
-
-class _Watcher:
-    """An async iterator over lifecycle changes, from :meth:`Supervisor.watch`."""
-
-    def __init__(self) -> None:
-        self._changes: deque[LifecycleChange] = deque(maxlen=_WATCH_BUFFER)
-        self._wake = trio.Event()
-        self._finished = False
-
-    def push(self, change: LifecycleChange) -> None:
-        self._changes.append(change)
-        self._wake.set()
-
-    def __aiter__(self) -> _Watcher:
-        return self
-
-    async def __anext__(self) -> LifecycleChange:
-        while not self._changes:
-            if self._finished:
-                raise StopAsyncIteration
-            await self._wake.wait()
-            self._wake = trio.Event()
-        change = self._changes.popleft()
-        if isinstance(change, Stopped):
-            self._finished = True
-        await trio.lowlevel.checkpoint()
-        return change
 
 
 def _describe_runner(cls: object) -> tuple[str, str]:
@@ -385,19 +105,6 @@ def _describe_runner(cls: object) -> tuple[str, str]:
             "cannot import; move it into a module (a .py file) and import it from there"
         )
     return module, qualname
-
-
-def _is_big_payload(message: Any) -> bool:
-    """An EVENTS or RESULT message whose payload is worth a thread to unpickle."""
-    if type(message) is not tuple:
-        return False  # malformed: _route says so
-    fields = cast("tuple[Any, ...]", message)
-    return (
-        len(fields) == 3
-        and (fields[0] == proto.EVENTS or fields[0] == proto.RESULT)
-        and type(fields[2]) is bytes
-        and len(fields[2]) >= _payloads.LARGE
-    )
 
 
 def _request_type_error(exc: Exception) -> TypeError:
@@ -470,12 +177,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self.name = name
         self._policy = policy
         self._timeouts = timeouts
-        self._window = window
-        self._credit_batch = max(1, window // 2)
         self._max_frame = max_frame_size
-        # Big payloads are (un)pickled in threads of their own, never on trio's
-        # default limiter, which the application may have saturated.
-        self._payload_limiter = trio.CapacityLimiter(2)
+        self._payload_limiter = trio.CapacityLimiter(_PAYLOAD_THREADS)
         self._loop_pickler = _payloads.LoopPickler()
         self._raise_on_give_up = raise_on_give_up
         self._worker_factory = worker_factory
@@ -490,27 +193,16 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             heartbeat_interval=timeouts.heartbeat_interval,
         )
         self._tracker = RestartTracker(policy)
-        self._state = RunnerState.STARTING
-        self._state_changed = trio.Event()
-        self._ids = itertools.count(1)
-        self._pending: dict[int, _Task] = {}
-        self._in_flight: dict[int, _Task] = {}
-        self._pending_wake = trio.Event()
-        self._control_send, self._control_recv = trio.open_memory_channel[tuple[int, int | None, int, int]](
-            math.inf
-        )
-        self._inc: _Incarnation | None = None
+        self._lifecycle = Lifecycle()
+        self._tasks = TaskTable(window, max_frame_size)
+        self._inc: Incarnation | None = None
         self._incarnations = 0
         self._last_exit: ExitRecord | None = None
-        self._completed = 0
-        self._events_dropped = 0
         self._stop_requested = False
         self._stop_event = trio.Event()
         self._done = trio.Event()
         self._main_scope: trio.CancelScope | None = None
         self._deferred_failure: Callable[[], RunnerUnavailable] | None = None
-        self._history: deque[LifecycleChange] = deque(maxlen=_WATCH_BUFFER)
-        self._watchers: weakref.WeakSet[_Watcher] = weakref.WeakSet()
         self._child_logger = logging.getLogger(f"trio_runner.runner.{name}")
         self._child_log = ChildLog(self._child_logger)
 
@@ -519,7 +211,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     @property
     def state(self) -> RunnerState:
         """The current :class:`RunnerState`."""
-        return self._state
+        return self._lifecycle.state
 
     @property
     def start_method(self) -> str:
@@ -530,21 +222,21 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         """A frozen snapshot: pid, incarnation, restarts, tasks in flight, uptime, last exit."""
         inc = self._inc
         uptime = 0.0
-        if inc is not None and inc.ready and self._state is RunnerState.READY:
+        if inc is not None and inc.ready and self._lifecycle.state is RunnerState.READY:
             uptime = trio.current_time() - inc.ready_at
         return SupervisorStatistics(
-            state=self._state,
+            state=self._lifecycle.state,
             pid=None if inc is None else inc.worker.pid,
             incarnation=self._incarnations,
             restarts=self._tracker.total_restarts,
             consecutive_failures=self._tracker.failures,
-            in_flight=len(self._in_flight),
-            pending=len(self._pending),
+            in_flight=len(self._tasks.in_flight),
+            pending=len(self._tasks.pending),
             uptime=uptime,
             last_exit=self._last_exit,
-            tasks_completed=self._completed,
+            tasks_completed=self._tasks.completed,
             log_lines_dropped=self._child_log.dropped,
-            events_dropped=self._events_dropped,
+            events_dropped=self._tasks.events_dropped,
         )
 
     def watch(self, *, replay: bool = False) -> AsyncIterator[LifecycleChange]:
@@ -557,17 +249,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             replay: first yield the changes retained so far (up to 1024), so a
                 watcher started late still sees the whole story.
         """
-        watcher = _Watcher()
-        history = self._history
-        if replay:
-            for change in history:
-                watcher.push(change)
-        if history and isinstance(history[-1], Stopped):
-            if not replay:
-                watcher.push(history[-1])  # nothing more will happen: end at once
-        else:
-            self._watchers.add(watcher)
-        return watcher
+        return self._lifecycle.watch(replay=replay)
 
     async def wait_ready(self) -> None:
         """Wait until the runner is READY.
@@ -575,10 +257,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         Raises:
             RunnerUnavailable: the supervisor is stopping, stopped or failed.
         """
-        while self._state is not RunnerState.READY:
-            if self._state in _TERMINAL:
+        while self._lifecycle.state is not RunnerState.READY:
+            if self._lifecycle.state in _TERMINAL:
                 raise RunnerUnavailable(self._unavailable_reason())
-            await self._state_changed.wait()
+            await self._lifecycle.wait_state_change()
         await trio.lowlevel.checkpoint()
 
     async def run(self, request: RequestT, *, retry: bool = False) -> ResultT:
@@ -606,9 +288,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if task is None:  # too big to pickle on the loop
             task = self._submit_pickled(await self._pickle_in_thread(request), retry)
         try:
-            return await TaskHandle(self, task).wait()
+            handle: TaskHandle[EventT, ResultT] = TaskHandle(self._tasks, task)
+            return await handle.wait()
         finally:
-            self._release(task)
+            self._tasks.release(task)
 
     @asynccontextmanager
     async def stream(
@@ -627,21 +310,14 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         if task is None:  # too big to pickle on the loop
             task = self._submit_pickled(await self._pickle_in_thread(request), retry)
         try:
-            yield TaskHandle(self, task)
+            yield TaskHandle(self._tasks, task)
         finally:
-            self._release(task)
+            self._tasks.release(task)
 
     async def cancel_all(self) -> None:
         """Cancel every task, queued or running. Returns once the cancel is handed over."""
-        for task in list(self._pending.values()):
-            self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
         inc = self._inc
-        if self._in_flight and inc is not None:
-            # Tagged with the incarnation, so a cancel-all left over from one that
-            # died never reaches the next.
-            self._control_send.send_nowait((proto.CANCEL, None, 0, inc.number))
-            for task in self._in_flight.values():
-                self._cancel_sent(task)
+        self._tasks.cancel_all(None if inc is None else inc.number)
         await trio.lowlevel.checkpoint()
 
     async def aclose(self) -> None:
@@ -658,12 +334,12 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     # -- tasks ----------------------------------------------------------------
 
     def _unavailable_reason(self) -> str:
-        if self._state is RunnerState.FAILED:
+        if self._lifecycle.state is RunnerState.FAILED:
             last = "" if self._last_exit is None else f" (last exit: {self._last_exit.describe()})"
             return f"runner {self.name!r} has failed and will not be restarted{last}"
-        return f"runner {self.name!r} is {self._state.value}: no new tasks are accepted"
+        return f"runner {self.name!r} is {self._lifecycle.state.value}: no new tasks are accepted"
 
-    def _submit(self, request: Any, retry: bool) -> _Task | None:
+    def _submit(self, request: Any, retry: bool) -> Task | None:
         """The task for ``request``, submitted; None if it must be pickled in a thread first.
 
         The size of a pickle is unknown until it is made. The request is pickled
@@ -672,7 +348,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         thread (``_pickle_in_thread``) and submits that with ``_submit_pickled``.
         Nothing of the aborted pickle is kept.
         """
-        if self._stop_requested or self._state in _TERMINAL:
+        if self._stop_requested or self._lifecycle.state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())
         try:
             data = self._loop_pickler.dumps(request)
@@ -682,18 +358,18 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             return None
         return self._submit_pickled(data, retry)
 
-    def _submit_pickled(self, data: bytes | bytearray, retry: bool) -> _Task:
-        if self._stop_requested or self._state in _TERMINAL:
+    def _submit_pickled(self, data: bytes | bytearray, retry: bool) -> Task:
+        if self._stop_requested or self._lifecycle.state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())  # again: a thread pickled it meanwhile
         if len(data) > self._max_frame - proto.MESSAGE_OVERHEAD:
             raise ValueError(
                 f"the request pickles to {len(data)} bytes, more than max_frame_size="
                 f"{self._max_frame}; send a smaller request or raise max_frame_size"
             )
-        task = _Task(next(self._ids), data, retry)
-        if not self._send_now(task):
-            self._pending[task.id] = task
-            self._pending_wake.set()
+        task = self._tasks.new(data, retry)
+        inc = self._inc
+        if inc is None or not inc.send_now(task):
+            self._tasks.queue(task)
         return task
 
     async def _pickle_in_thread(self, request: Any) -> bytearray:
@@ -702,165 +378,21 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         except Exception as exc:  # the request's own classes run there: anything goes
             raise _request_type_error(exc) from exc
 
-    def _send_now(self, task: _Task) -> bool:
-        """Write the task straight to a ready runner's socket if nothing is ahead of it.
-
-        Handing it to the sender task instead costs a loop pass: a third of a
-        small task's round trip. False, having done nothing, if the task must
-        queue (not ready, tasks or bytes ahead of it, a send in progress).
-        """
-        inc = self._inc
-        if (
-            inc is None
-            or self._pending
-            or inc.backlog
-            or not inc.ready_event.is_set()
-            or inc.stop_requested
-            or inc.exited.is_set()
-            or inc.send_lock.locked()
-            or task.request is None
-            or len(task.request) >= _payloads.LARGE_REQUEST  # sent in parts by _send_tasks, not copied
-        ):
-            return False
-        data = self._mark_sent(inc, [task])
-        assert isinstance(data, bytes)
-        sent = inc.worker.send_nowait(data)
-        if sent < len(data):
-            inc.backlog = data[sent:]
-            self._pending_wake.set()  # the sender task writes the rest
-        return True
-
-    def _mark_sent(self, inc: _Incarnation, batch: list[_Task]) -> bytes | list[proto.Buffer]:
-        """Move ``batch`` in flight on ``inc``; the frames that deliver it.
-
-        Bytes, or with a big request, the parts to write in turn: a big request
-        is written from the pickle the thread made, never copied on the loop.
-        """
-        messages: list[Any] = []
-        big = False
-        for task in batch:
-            self._pending.pop(task.id, None)
-            self._in_flight[task.id] = task
-            task.incarnation = inc.number
-            # The request stays until the runner acknowledges the task: one the
-            # runner never started is delivered again if it dies.
-            assert task.request is not None
-            big = big or len(task.request) >= _payloads.LARGE_REQUEST
-            messages.append((proto.TASK, task.id, task.request, self._window))
-        inc.last_progress = trio.current_time()
-        if self._timeouts.stall is not None:
-            inc.poke_watchdog()  # only the stall check depends on what was sent
-        if big:
-            return proto.encode_frame_parts(messages, self._max_frame)
-        return proto.encode_frames(messages, self._max_frame)
-
-    def _release(self, task: _Task) -> None:
-        task.released = True
-        if not task.done:
-            self._cancel_task(task)
-        if task.events:
-            count = len(task.events)
-            task.events.clear()
-            self._consumed(task, count)
-
-    def _cancel_task(self, task: _Task) -> None:
-        if task.done:
-            return
-        if task.id in self._pending:
-            self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
-        elif not task.cancel_sent:
-            self._cancel_sent(task)
-            self._control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
-
-    def _cancel_sent(self, task: _Task) -> None:
-        """Cancel means stop: the consumer gets no event from now on, and the runner no credits."""
-        task.cancel_sent = True
-        self._events_dropped += len(task.events)
-        task.events.clear()
-
-    def _finish(
-        self, task: _Task, result: Any = None, error: TaskError | RunnerUnavailable | None = None
-    ) -> None:
-        if task.done:
-            return
-        task.done = True
-        task.result = result
-        if error is not None:
-            if isinstance(error, TaskError):
-                error.task_id = task.id
-            task.error = error
-        task.request = None
-        self._pending.pop(task.id, None)
-        self._in_flight.pop(task.id, None)
-        self._completed += 1
-        task.wake()
-
-    def _fail_all(self, error: Callable[[], TaskError | RunnerUnavailable], *, crashes: bool = False) -> None:
-        """End every pending and in-flight task with ``error()``.
-
-        With ``crashes``, a retry=True task waiting out a crash ends with that
-        crash instead: the runner will not come back for it.
-        """
-        for task in [*self._pending.values(), *self._in_flight.values()]:
-            if crashes and task.crashed is not None:
-                self._finish(task, error=RunnerCrashed(task.crashed))
-            else:
-                self._finish(task, error=error())
-
-    def _consumed(self, task: _Task, count: int) -> None:
-        task.unreturned += count
-        if task.unreturned >= self._credit_batch and not task.done and not task.cancel_sent:
-            self._control_send.send_nowait((proto.CREDIT, task.id, task.unreturned, task.incarnation))
-            task.returned += task.unreturned
-            task.unreturned = 0
-
-    async def _wait_change(self, task: _Task) -> None:
-        waiter = task.waiter
-        if waiter is None:
-            waiter = task.waiter = trio.Event()
-        await waiter.wait()
-
-    # -- lifecycle reporting ----------------------------------------------------
-
-    def _set_state(self, state: RunnerState) -> None:
-        if self._state is not state:
-            self._state = state
-            self._state_changed.set()
-            self._state_changed = trio.Event()
-
-    def _emit(self, change: LifecycleChange) -> None:
-        self._history.append(change)
-        for watcher in list(self._watchers):
-            watcher.push(change)
-        if isinstance(change, Stopped):
-            self._watchers.clear()
-
-    def _on_output(self, inc: _Incarnation, stream: str, batch: bytes) -> None:
-        """A batch of whole lines from the child: keep the stderr tail here, log them from the log thread."""
-        level = logging.INFO
-        if stream == "stderr":
-            # Here, not in the log thread: the tail is complete once the pipe
-            # is drained, however far behind (or dropped) the logging is.
-            inc.stderr_tail.extend(last_lines(batch, _STDERR_TAIL))
-            level = logging.WARNING
-        self._child_log.put(level, inc.worker.pid, stream, batch)
-
     # -- shutdown ---------------------------------------------------------------
 
     def _request_stop(self) -> None:
         if self._stop_requested:
             return
         self._stop_requested = True
-        if self._state not in (RunnerState.STOPPED, RunnerState.FAILED):
-            self._set_state(RunnerState.STOPPING)
-            self._fail_all(lambda: RunnerUnavailable(f"runner {self.name!r} is shutting down"))
+        if self._lifecycle.state not in (RunnerState.STOPPED, RunnerState.FAILED):
+            self._lifecycle.set_state(RunnerState.STOPPING)
+            self._tasks.fail_all(lambda: RunnerUnavailable(f"runner {self.name!r} is shutting down"))
         inc = self._inc
         if inc is not None:
-            inc.stop_requested = True
-            inc.escalate.set()
+            inc.request_stop()
         self._stop_event.set()
         if self._main_scope is not None:
-            bound = trio.current_time() + self._timeouts.shutdown_bound + _DRAIN_BOUND + _STOP_MARGIN
+            bound = trio.current_time() + self._timeouts.shutdown_bound + DRAIN_BOUND + _STOP_MARGIN
             self._main_scope.deadline = min(self._main_scope.deadline, bound)
 
     async def _stop_on_cancel(self) -> None:
@@ -902,7 +434,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 # so the body sees one clear error rather than a group of
                 # RunnerUnavailable beside it.
                 trio.lowlevel.current_trio_token().run_sync_soon(
-                    functools.partial(self._fail_all, self._deferred_failure, crashes=True)
+                    functools.partial(self._tasks.fail_all, self._deferred_failure, crashes=True)
                 )
 
     async def _main_loop(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
@@ -914,7 +446,18 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             while not self._stop_requested:
                 self._incarnations += 1
                 worker = self._worker_factory(self._spec, self._incarnations)
-                inc = self._inc = _Incarnation(self._incarnations, worker)
+                inc = self._inc = Incarnation(
+                    self._incarnations,
+                    worker,
+                    name=self.name,
+                    tasks=self._tasks,
+                    timeouts=self._timeouts,
+                    max_frame=self._max_frame,
+                    payload_limiter=self._payload_limiter,
+                    child_log=self._child_log,
+                    on_ready=self._on_ready,
+                    on_exit=self._report_exit,
+                )
                 if not started:
                     task_status.started(self)
                     started = True
@@ -934,22 +477,22 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 with trio.move_on_after(delay):
                     await self._stop_event.wait()
         finally:
-            if self._state is not RunnerState.FAILED:
-                self._set_state(RunnerState.STOPPED)
-            self._emit(Stopped(self._state, self._last_exit))
+            if self._lifecycle.state is not RunnerState.FAILED:
+                self._lifecycle.set_state(RunnerState.STOPPED)
+            self._lifecycle.emit(Stopped(self._lifecycle.state, self._last_exit))
             error = lambda: RunnerUnavailable(self._unavailable_reason())  # noqa: E731
             if failure is None:
-                self._fail_all(error, crashes=not self._stop_requested)
+                self._tasks.fail_all(error, crashes=not self._stop_requested)
             else:
                 self._deferred_failure = error
         if failure is not None:
             raise failure
 
-    def _decide(self, inc: _Incarnation, record: ExitRecord) -> tuple[float | None, BaseException | None]:
+    def _decide(self, inc: Incarnation, record: ExitRecord) -> tuple[float | None, BaseException | None]:
         """Apply the policy to an exit: (the backoff before a restart or None to stop, the error to raise)."""
-        if self._before_setup(inc, record):
-            self._set_state(RunnerState.FAILED)
-            self._emit(GaveUp(self._tracker.failures, record))
+        if never_restarts(inc.facts(), record):
+            self._lifecycle.set_state(RunnerState.FAILED)
+            self._lifecycle.emit(GaveUp(self._tracker.failures, record))
             return None, RunnerCrashed(record)
         decision = self._tracker.on_exit(record.reason, trio.current_time())
         if decision.action == "stop":
@@ -959,7 +502,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 record.describe(),
                 self._policy.mode,
             )
-            self._set_state(RunnerState.STOPPED)
+            self._lifecycle.set_state(RunnerState.STOPPED)
             return None, None
         if decision.action == "give_up":
             logger.error(
@@ -968,8 +511,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 record.describe(),
                 decision.restarts,
             )
-            self._set_state(RunnerState.FAILED)
-            self._emit(GaveUp(decision.restarts, record))
+            self._lifecycle.set_state(RunnerState.FAILED)
+            self._lifecycle.emit(GaveUp(decision.restarts, record))
             failure = RestartLimitExceeded(decision.restarts, record) if self._raise_on_give_up else None
             return None, failure
         logger.warning(
@@ -978,8 +521,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             record.describe(),
             decision.delay,
         )
-        self._set_state(RunnerState.BACKING_OFF)
-        self._emit(BackingOff(decision.delay, self._tracker.total_restarts))
+        self._lifecycle.set_state(RunnerState.BACKING_OFF)
+        self._lifecycle.emit(BackingOff(decision.delay, self._tracker.total_restarts))
         return decision.delay, None
 
     def _ensure_forkserver(self) -> None:
@@ -1005,102 +548,19 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             )
         forkserver.ensure_running()
 
-    @staticmethod
-    def _before_setup(inc: _Incarnation, record: ExitRecord) -> bool:
-        """A failure no restart can fix: the runner never got as far as ``setup``, or lacks a module."""
-        if record.reason is not ExitReason.STARTUP_FAILED or inc.kill_reason is not None:
-            return False
-        if _missing_module(inc.fatal) is not None:
-            return True  # in setup() too: a restart cannot install it
-        return not inc.hello and (
-            (inc.fatal is not None and inc.fatal[0] == proto.STAGE_LOAD)
-            or (record.signal is None and record.reaped and record.exitcode is not None)
-        )
-
-    def _settle_in_flight(self, inc: _Incarnation, record: ExitRecord) -> None:
-        retried: dict[int, _Task] = {}
-        for task in list(self._in_flight.values()):
-            if (
-                task.id not in inc.running
-                and not task.cancel_sent
-                and record.reason is not ExitReason.REQUESTED
-            ):
-                # Never started: the runner writes a task's ACK before handle() runs,
-                # and the socket was read to EOF. Deliver it again, as if it had waited.
-                del self._in_flight[task.id]
-                task.events.clear()
-                task.received = task.returned = task.unreturned = 0
-                retried[task.id] = task
-            elif task.cancel_sent:
-                # Cancelled, and the runner died before confirming: that is its outcome.
-                self._finish(task, error=TaskCancelled(f"task {task.id} was cancelled"))
-            elif task.retry and not task.released and record.reason is not ExitReason.REQUESTED:
-                del self._in_flight[task.id]
-                task.events.clear()
-                task.received = task.returned = task.unreturned = 0
-                task.cancel_sent = False
-                task.attempt += 1
-                task.crashed = record
-                retried[task.id] = task
-            else:
-                self._finish(task, error=RunnerCrashed(record))
-        if retried:
-            self._pending = {**dict(sorted(retried.items())), **self._pending}
-            self._pending_wake.set()
-
     # -- one incarnation ----------------------------------------------------------
 
-    async def _run_incarnation(self, inc: _Incarnation) -> ExitRecord:
-        worker = inc.worker
-        self._set_state(RunnerState.STARTING)
+    async def _run_incarnation(self, inc: Incarnation) -> ExitRecord:
+        self._lifecycle.set_state(RunnerState.STARTING)
         if self._stop_requested:
-            inc.stop_requested = True
-            inc.escalate.set()
-        try:
-            await worker.start()
-        except (OSError, EOFError) as exc:
-            # What starting a process can meet: fork or exec failing, too many
-            # open files, a forkserver that died (EOFError). Anything else is a
-            # bug, and raises as one rather than pass for a runner that failed.
-            return ExitRecord(
-                ExitReason.STARTUP_FAILED,
-                incarnation=inc.number,
-                detail=f"could not start the runner process: {type(exc).__name__}: {exc}",
-            )
-        inc.spawned_at = inc.last_progress = trio.current_time()
-        logger.info("runner %r spawned (pid %s, incarnation %d)", self.name, worker.pid, inc.number)
-        self._emit(Spawned(inc.number, worker.pid))
-        status: ExitStatus | None = None
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._forward, inc)
-                nursery.start_soon(self._pump_output, inc)
-                nursery.start_soon(self._send_tasks, inc)
-                nursery.start_soon(self._send_control, inc)
-                nursery.start_soon(self._watchdog, inc)
-                nursery.start_soon(self._escalation, inc)
-                with inc.death_scope:
-                    status = await worker.wait(self._timeouts.kill)
-                inc.exited.set()
-                # Grandchildren go with it, gracefully or not; they would also
-                # hold the stdio pipes open and delay the drain below.
-                worker.signal(signal.SIGKILL)
-                # Drain to EOF first, or a result sent just before the crash is lost.
-                with trio.move_on_after(_DRAIN_BOUND):
-                    await inc.eof.wait()
-                    await inc.output_done.wait()
-                # Report now, not after the incarnation's tasks have wound down
-                # (a loop pass or two): nothing can be put in flight on it any
-                # more (see _send_tasks and _send_now).
-                nursery.cancel_scope.cancel()
-                record = self._classify(inc, status or ExitStatus(exitcode=None, signal=None, reaped=False))
-                self._report_exit(inc, record)
-                return record
-        finally:
-            # Grandchildren survive a graceful exit: the whole group goes.
-            worker.signal(signal.SIGKILL)
+            inc.request_stop()
+        record = await inc.start()
+        if record is not None:
+            return record
+        self._lifecycle.emit(Spawned(inc.number, inc.worker.pid))
+        return await inc.run()
 
-    def _report_exit(self, inc: _Incarnation, record: ExitRecord) -> None:
+    def _report_exit(self, inc: Incarnation, record: ExitRecord) -> None:
         """Once per incarnation: report the exit, settle the tasks in flight on it, apply the policy.
 
         The state leaves READY here, so nobody who saw ``Exited`` finds the
@@ -1111,461 +571,22 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         inc.reported = True
         self._inc = None
         self._last_exit = record
-        self._emit(Exited(record))
-        self._settle_in_flight(inc, record)
+        self._lifecycle.emit(Exited(record))
+        self._tasks.settle_exit(inc.running, record)
         if not self._stop_requested:
             inc.decision = self._decide(inc, record)
 
-    def _classify(self, inc: _Incarnation, status: ExitStatus) -> ExitRecord:
-        fatal = inc.fatal
-        detail = ""
-        if inc.stop_requested:
-            reason = ExitReason.REQUESTED
-        elif inc.kill_reason is not None:
-            reason, detail = inc.kill_reason, inc.kill_detail
-        elif (
-            fatal is not None
-            and fatal[0] == proto.STAGE_PROTOCOL
-            and status.exitcode == proto.EXIT_PROTOCOL_ERROR
-        ):
-            reason = ExitReason.PROTOCOL_ERROR
-            detail = f"the runner could not read a frame from the supervisor: {fatal[2]}"
-        elif not inc.ready:
-            reason = ExitReason.STARTUP_FAILED
-            if fatal is not None and fatal[0] == proto.STAGE_LOAD:
-                detail = (
-                    f"the child could not load the runner ({fatal[1]}: {fatal[2]}); the runner class "
-                    "and its arguments must be importable in a fresh interpreter"
-                )
-            elif fatal is not None:
-                detail = f"setup() raised {fatal[1]}: {fatal[2]}"
-            elif not inc.hello and status.signal is None and status.exitcode is not None:
-                detail = (
-                    f"the child exited with code {status.exitcode} before the runner was loaded. "
-                    "If the script that starts the supervisor has no 'if __name__ == \"__main__\":' "
-                    "guard, the spawn start method re-runs it in the child: add the guard. "
-                    "Anything the child printed then went to this process's stderr"
-                )
-            missing = _missing_module(fatal)
-            if missing is not None:
-                detail += f"; {_install_hint(missing)}"
-        elif status.signal is not None:
-            reason = ExitReason.SIGNALED
-        elif status.exitcode == 0:
-            reason = ExitReason.CLEAN_EXIT
-            detail = "the runner exited with code 0 although nobody asked it to"
-        else:
-            reason = ExitReason.ERROR_EXIT
-            if fatal is not None:
-                detail = f"{fatal[1]}: {fatal[2]}"
-        if not status.reaped:
-            detail = (detail + "; " if detail else "") + (
-                f"the process could not be reaped within Timeouts(kill={self._timeouts.kill})"
-            )
-        return ExitRecord(
-            reason=reason,
-            exitcode=status.exitcode,
-            signal=status.signal,
-            stopped_by=inc.stopped_by,
-            pid=inc.worker.pid,
-            incarnation=inc.number,
-            detail=detail,
-            stderr_tail=tuple(inc.stderr_tail),
-            remote_traceback=None if fatal is None else fatal[3],
-            reaped=status.reaped,
-        )
-
-    def _kill(self, inc: _Incarnation, reason: ExitReason, detail: str) -> None:
-        if inc.kill_reason is not None or inc.exited.is_set():
-            return
-        logger.warning("runner %r (pid %s): %s; killing it", self.name, inc.worker.pid, detail)
-        inc.kill_reason = reason
-        inc.kill_detail = detail
-        inc.stopped_by = StoppedBy.SIGKILL
-        inc.worker.signal(signal.SIGKILL)
-        inc.escalate.set()
-
-    async def _escalation(self, inc: _Incarnation) -> None:
-        """Shutdown, then SIGTERM, then SIGKILL, each after its timeout; then stop waiting."""
-        timeouts = self._timeouts
-        worker = inc.worker
-        await inc.escalate.wait()
-        if inc.kill_reason is None:
-            inc.stopped_by = StoppedBy.SHUTDOWN
-            with trio.move_on_after(timeouts.graceful):
-                await _send_locked(inc, proto.encode([(proto.SHUTDOWN,)]))
-                await inc.exited.wait()
-            if inc.exited.is_set():
-                return
-            logger.warning(
-                "runner %r (pid %s) did not exit within Timeouts(graceful=%s) of Shutdown; "
-                "sending SIGTERM to its process group",
-                self.name,
-                worker.pid,
-                timeouts.graceful,
-            )
-            inc.stopped_by = StoppedBy.SIGTERM
-            worker.signal(signal.SIGTERM)
-            with trio.move_on_after(timeouts.terminate):
-                await inc.exited.wait()
-            if inc.exited.is_set():
-                return
-            logger.warning(
-                "runner %r (pid %s) ignored SIGTERM for Timeouts(terminate=%s); sending SIGKILL",
-                self.name,
-                worker.pid,
-                timeouts.terminate,
-            )
-            inc.stopped_by = StoppedBy.SIGKILL
-            worker.signal(signal.SIGKILL)
-        with trio.move_on_after(timeouts.kill):
-            await inc.exited.wait()
-        if not inc.exited.is_set():
-            logger.error(
-                "runner %r (pid %s) survived SIGKILL for Timeouts(kill=%s); no longer waiting for it",
-                self.name,
-                worker.pid,
-                timeouts.kill,
-            )
-            inc.death_scope.cancel()
-
-    async def _watchdog(self, inc: _Incarnation) -> None:
-        """Enforces the startup, heartbeat and stall timeouts, and a control connection closed early."""
-        timeouts = self._timeouts
-        eof_at: float | None = None
-        while not (inc.stop_requested or inc.exited.is_set()):
-            checks: list[tuple[float, ExitReason, str]] = []
-            if not inc.ready:
-                checks.append(
-                    (
-                        inc.spawned_at + timeouts.startup,
-                        ExitReason.STARTUP_FAILED,
-                        f"setup did not finish within Timeouts(startup={timeouts.startup})",
-                    )
-                )
-            if inc.eof.is_set():
-                # The runner can no longer report anything, and no heartbeat will
-                # come: say what happened instead of waiting to call it frozen.
-                eof_at = trio.current_time() if eof_at is None else eof_at
-                checks.append(
-                    (
-                        eof_at + _EOF_GRACE,
-                        ExitReason.PROTOCOL_ERROR,
-                        "the runner closed its control connection (end of file from a process still "
-                        "alive), so it can no longer report results",
-                    )
-                )
-            elif inc.last_frame is not None:
-                checks.append(
-                    (
-                        inc.last_frame + timeouts.heartbeat,
-                        ExitReason.HUNG,
-                        f"no heartbeat for Timeouts(heartbeat={timeouts.heartbeat}) seconds: the runner is "
-                        "frozen (stopped, or stuck holding the GIL), or cannot write to its control socket",
-                    )
-                )
-            if timeouts.stall is not None and inc.ready and self._busy(inc):
-                checks.append(
-                    (
-                        inc.last_progress + timeouts.stall,
-                        ExitReason.HUNG,
-                        f"a task made no progress for Timeouts(stall={timeouts.stall}) seconds",
-                    )
-                )
-            if not checks:
-                await inc.watch_wake.wait()
-                inc.watch_wake = trio.Event()
-                continue
-            deadline, reason, detail = min(checks, key=lambda check: check[0])
-            if trio.current_time() >= deadline:
-                self._kill(inc, reason, detail)
-                return
-            with trio.move_on_at(deadline):
-                await inc.watch_wake.wait()
-            inc.watch_wake = trio.Event()
-
-    def _busy(self, inc: _Incarnation) -> bool:
-        """Whether the runner should be making progress: a task runs and its consumer keeps up."""
-        if not self._in_flight:
-            return False
-        running = [task for task_id in inc.running if (task := self._in_flight.get(task_id)) is not None]
-        if not running:
-            return True  # tasks sent, none acknowledged yet
-        # A task whose window is full waits for its consumer, not for the runner.
-        return any(task.received - task.returned < self._window for task in running)
-
-    # -- the incarnation's tasks ------------------------------------------------------
-
-    async def _forward(self, inc: _Incarnation) -> None:
-        """Read frames to EOF and route each message to its task or to the lifecycle."""
-        reader = proto.FrameReader(self._max_frame)
-        limiter = self._payload_limiter
-        big = _payloads.LARGE
-        try:
-            while True:
-                data = await inc.worker.receive_some()
-                if not data:
-                    break
-                now = trio.current_time()
-                if inc.last_frame is None:
-                    inc.poke_watchdog()
-                inc.last_frame = now
-                # A big frame, and a big payload in it, are unpickled in a thread.
-                # Awaited here, in turn: no message overtakes another, so a task's
-                # events stay in order and before its outcome.
-                for batch in reader.feed_big(data, big):
-                    if isinstance(batch, list):
-                        for message in batch:
-                            self._route(inc, message, now)
-                        continue
-                    # Only a big frame can hold a big payload.
-                    messages = await _payloads.decode_in_thread(batch, limiter)
-                    now = inc.last_frame = trio.current_time()
-                    for message in messages:
-                        message = proto.check_from_child(message)
-                        if _is_big_payload(message):
-                            message = await self._load_payload(message)
-                            now = inc.last_frame = trio.current_time()
-                        self._route(inc, message, now)
-        except proto.FrameError as exc:
-            self._kill(inc, ExitReason.PROTOCOL_ERROR, str(exc))
-        finally:
-            inc.eof.set()
-            inc.poke_watchdog()
-
-    def _route(self, inc: _Incarnation, message: Any, now: float) -> None:
-        # Only the check can raise a protocol error: a bug below raises as itself.
-        message = proto.check_from_child(message)
-        tag = message[0]
-        if tag == proto.EVENTS:
-            task = self._in_flight.get(message[1])
-            inc.last_progress = now
-            if task is None or task.done:
-                return
-            events = self._unpack(task, message[2], "an event")
-            if events is None:
-                return
-            task.received += len(events)
-            if task.cancel_sent:
-                self._events_dropped += len(events)  # cancel means stop
-            else:
-                task.events.extend(events)
-                task.wake()
-        elif tag == proto.HEARTBEAT:
-            pass
-        elif tag == proto.RESULT:
-            task = self._in_flight.get(message[1])
-            result = None if task is None else self._unpack(task, message[2], "the result")
-            if task is not None and not task.done:
-                self._task_outcome(inc, message[1], now, result=result)
-        elif tag == proto.ERROR:
-            _, task_id, remote_type, text, tb = message
-            self._task_outcome(inc, task_id, now, error=TaskFailed(remote_type, text, tb))
-        elif tag == proto.CANCELLED:
-            # (CANCELLED, task_id[, events the runner dropped])
-            self._events_dropped += message[2] if len(message) > 2 else 0
-            self._task_outcome(inc, message[1], now, error=TaskCancelled(f"task {message[1]} was cancelled"))
-        elif tag == proto.ACK:
-            # handle() is about to run: from now on, a crash fails this task
-            # (unless retry=True), so the request is no longer needed.
-            inc.running.add(message[1])
-            task = self._in_flight.get(message[1])
-            if task is not None and not task.retry:
-                task.request = None
-        elif tag == proto.HELLO:
-            inc.hello = True
-        elif tag == proto.READY:
-            self._on_ready(inc, now)
-        elif tag == proto.FATAL:
-            _, stage, remote_type, text, tb = message
-            inc.fatal = (stage, remote_type, text, tb)
-
-    async def _load_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        """An EVENTS or RESULT message whose big payload is unpickled (in a thread) for ``_unpack``."""
-        tag, task_id, payload = message
-        task = self._in_flight.get(task_id)
-        if task is None or task.done:
-            return message  # nobody wants it: _route drops it unread
-        return (tag, task_id, await _payloads.load_in_thread(payload, self._payload_limiter))
-
-    def _unpack(self, task: _Task, payload: bytes | _payloads.Loaded, what: str) -> Any:
-        """Unpickle one task's payload; if this process cannot, that task alone fails."""
-        try:
-            if isinstance(payload, _payloads.Loaded):
-                return payload.get()  # unpickled in a thread by _load_payload
-            return pickle.loads(payload)
-        except Exception as exc:
-            self._finish(
-                task,
-                error=TaskFailed(
-                    type(exc).__qualname__,
-                    f"the parent could not unpickle {what} of task {task.id}: {exc}",
-                    "".join(traceback.format_exception(exc)),
-                ),
-            )
-            # The runner may still be working on it: stop it. Without credits its
-            # emit then raises TaskCancelled instead of blocking for ever.
-            task.cancel_sent = True
-            self._control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
-            return None
-
-    def _task_outcome(
-        self,
-        inc: _Incarnation,
-        task_id: int,
-        now: float,
-        result: Any = None,
-        error: TaskError | None = None,
-    ) -> None:
-        inc.last_progress = now
-        inc.running.discard(task_id)
-        task = self._in_flight.get(task_id)
-        if task is not None:
-            self._finish(task, result=result, error=error)
-
-    def _on_ready(self, inc: _Incarnation, now: float) -> None:
+    def _on_ready(self, inc: Incarnation, now: float) -> None:
         inc.ready = True
         inc.ready_at = inc.last_progress = now
         self._tracker.on_ready(now)
         startup = now - inc.spawned_at
         logger.info("runner %r ready (pid %s) after %.3f s", self.name, inc.worker.pid, startup)
         if not inc.stop_requested:
-            self._set_state(RunnerState.READY)
-        self._emit(Ready(inc.number, inc.worker.pid, startup))
+            self._lifecycle.set_state(RunnerState.READY)
+        self._lifecycle.emit(Ready(inc.number, inc.worker.pid, startup))
         inc.ready_event.set()
         inc.poke_watchdog()
-
-    async def _pump_output(self, inc: _Incarnation) -> None:
-        try:
-            await inc.worker.pump_output(lambda stream, batch: self._on_output(inc, stream, batch))
-        finally:
-            inc.output_done.set()
-
-    async def _send_tasks(self, inc: _Incarnation) -> None:
-        """Deliver pending tasks once the runner is READY, in submission order."""
-        await inc.ready_event.wait()
-        limit = self._max_frame // 2
-        while not inc.stop_requested:
-            if not self._pending:
-                if inc.backlog:
-                    await _send_locked(inc, b"")
-                    continue
-                self._pending_wake = trio.Event()
-                await self._pending_wake.wait()
-                continue
-            batch: list[_Task] = []
-            size = 0
-            for task in self._pending.values():
-                assert task.request is not None
-                if batch and size + len(task.request) > limit:
-                    break
-                batch.append(task)
-                size += len(task.request)
-            if inc.exited.is_set():
-                return  # the exit is being reported: these wait for the next incarnation
-            await _send_locked(inc, self._mark_sent(inc, batch))
-
-    async def _send_control(self, inc: _Incarnation) -> None:
-        """The cancel channel: cancels and credits, each write bounded by ``cancel_send``."""
-        timeout = self._timeouts.cancel_send
-        while True:
-            items = [await self._control_recv.receive()]
-            while True:
-                try:
-                    items.append(self._control_recv.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            messages: list[Any] = []
-            for tag, task_id, count, incarnation in items:
-                # Items are tagged with the incarnation they were meant for at the
-                # moment they were queued: one left over from a runner that died
-                # never reaches the next (a stale credit would over-grant a window).
-                if incarnation != inc.number:
-                    continue
-                if tag == proto.CREDIT and task_id not in self._in_flight:
-                    continue  # finished meanwhile
-                # A cancel still goes out for a task the parent already ended (say,
-                # its event did not unpickle): the runner must stop working on it.
-                if tag == proto.CANCEL:
-                    messages.append((proto.CANCEL, task_id))
-                else:
-                    messages.append((proto.CREDIT, task_id, count))
-                    if task_id in inc.running:
-                        inc.last_progress = trio.current_time()
-            if not messages:
-                continue
-            with trio.move_on_after(timeout) as scope:
-                # A burst of cancels or credits is split like any other batch.
-                await _send_locked(inc, proto.encode_frames(messages, self._max_frame))
-            if scope.cancelled_caught:
-                self._kill(
-                    inc,
-                    ExitReason.HUNG,
-                    f"a cancel could not be written within Timeouts(cancel_send={timeout}): "
-                    "the runner has stopped reading its control socket",
-                )
-                return
-
-
-#: The top-level modules that come with one of trio-runner's extras (pyproject.toml).
-_EXTRA_OF_MODULE = {
-    "mlx": "mlx",
-    "mlx_lm": "mlx",
-    "tokenizers": "mlx",
-    "hypercorn": "serve",
-    "starlette": "serve",
-    "anyio": "serve",
-    "prometheus_client": "serve",
-}
-_NO_MODULE_NAMED = re.compile(r"No module named '([^']+)'")
-
-
-def _missing_module(fatal: tuple[str, str, str, str] | None) -> str | None:
-    """The module a child's fatal ``ModuleNotFoundError`` names ("" if its message names none)."""
-    if fatal is None or fatal[1] != "ModuleNotFoundError":
-        return None
-    match = _NO_MODULE_NAMED.match(fatal[2])
-    return "" if match is None else match[1]
-
-
-def _install_hint(module: str) -> str:
-    """What to do about a missing module: no restart can install it."""
-    extra = _EXTRA_OF_MODULE.get(module.partition(".")[0])
-    if extra is not None:
-        return f"no restart can install {module}; it comes with an extra: pip install 'trio-runner[{extra}]'"
-    what = module or "the missing module"
-    return f"no restart can install {what}; install it where the runner runs ({sys.executable})"
-
-
-async def _send_locked(inc: _Incarnation, data: bytes | list[proto.Buffer]) -> None:
-    """``send_all`` under the incarnation's send lock, without a schedule point when the lock is free.
-
-    ``async with lock`` yields once even uncontended: a whole loop pass per task sent.
-    The backlog a fast-path send left goes first. ``data`` may be a list of
-    parts (a big request), written in turn, never joined.
-    """
-    try:
-        inc.send_lock.acquire_nowait()
-    except trio.WouldBlock:
-        await inc.send_lock.acquire()
-    try:
-        if isinstance(data, list):
-            if inc.backlog:
-                backlog, inc.backlog = inc.backlog, b""
-                await inc.worker.send_all(backlog)
-            for part in data:
-                with memoryview(part) as view:
-                    # In slices: one send of a whole big payload to a peer that
-                    # keeps reading can copy for tens of milliseconds in one call.
-                    for offset in range(0, len(view), _SEND_SLICE):
-                        # Any bytes-like will do: trio's send_all writes from a memoryview of it.
-                        await inc.worker.send_all(cast(bytes, view[offset : offset + _SEND_SLICE]))
-            return
-        if inc.backlog:
-            data, inc.backlog = inc.backlog + data, b""
-        await inc.worker.send_all(data)
-    finally:
-        inc.send_lock.release()
 
 
 async def run_supervisor(

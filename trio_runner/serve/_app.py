@@ -61,7 +61,7 @@ _SSE_HEADERS = [
 
 @dataclass(frozen=True, slots=True)
 class ServeOptions:
-    """How the API behaves; see :func:`trio_runner.serve.create_app`."""
+    """How the API behaves; set by :func:`trio_runner.serve.run_server`."""
 
     limits: Limits
     ready_wait: float = 5.0
