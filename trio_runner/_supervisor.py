@@ -274,7 +274,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         Raises:
             TaskFailed: ``handle`` raised; the remote traceback is kept.
             TaskCancelled: the task was cancelled (e.g. by :meth:`cancel_all`).
-            RunnerCrashed: the runner died while the task was in flight.
+            RunnerCrashed: the runner died while the task ran (its ``handle()`` had started).
             RunnerUnavailable: the supervisor is stopping, stopped or failed.
             TypeError: the request cannot be pickled.
             ValueError: the request is larger than ``max_frame_size``.
