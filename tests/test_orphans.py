@@ -214,12 +214,20 @@ async def _guardian_of(runner: int) -> int | None:
     """The runner's guardian: the process in the runner's session that leads a group of its own.
 
     It starts beside the runner (a fresh interpreter), so it may come a moment
-    after READY: polled, for at most 10 s.
+    after READY: polled, for at most 10 s. The launcher the runner spawns looks
+    the same until it has forked the guardian and exited, so a candidate counts
+    only once the runner is no longer among its parents (reparented away).
     """
     for _ in range(500):
         for pid in psutil.pids():
-            with contextlib.suppress(OSError):  # gone meanwhile
-                if pid != runner and os.getsid(pid) == runner and os.getpgid(pid) == pid and _running(pid):
+            with contextlib.suppress(OSError, psutil.Error):  # gone meanwhile
+                if (
+                    pid != runner
+                    and os.getsid(pid) == runner
+                    and os.getpgid(pid) == pid
+                    and _running(pid)
+                    and runner not in {proc.pid for proc in psutil.Process(pid).parents()}
+                ):
                     return pid
         await trio.sleep(0.02)
     return None

@@ -188,11 +188,13 @@ async def test_a_burst_of_twelve_thousand_cancels_at_the_minimum_frame_size_leav
 
 # -- big payloads do not stall the loop (finding 3) -------------------------------------
 
-#: Only a loop blocked by the payload itself breaks this: the code before the fix
-#: stalled 0.3-1 s for a 5M-int result or event and 0.2-0.7 s for a 60 MiB request
-#: here (a 50 MiB bytes event, 0.1 s, stays under it: that test checks delivery
-#: and order). The benchmark (bench_payload.py) holds the real goal, +1 ms over idle.
-LATENESS_BOUND = 0.25
+#: Generous, as the test rule asks: the fixed code stays under 0.1 s on a quiet
+#: machine but reached 0.25 s beside another test suite, and the code before the
+#: fix stalled 0.4-1 s for a 5M-int result, 2.8 s for a 5M-int event, 0.26-0.74 s
+#: for a 60 MiB request. What proves the work left the trio thread is
+#: test_big_payloads_are_unpickled_on_the_supervisors_own_threads; the goal
+#: (+1 ms over idle) is held by the benchmark (bench_payload.py).
+LATENESS_BOUND = 0.5
 
 
 async def test_a_5m_int_result_arrives_intact_without_stalling_the_loop() -> None:

@@ -29,7 +29,7 @@ from trio_runner.testing import (
 # Short, but with slack a loaded CI machine will not exhaust: a false HUNG or
 # STARTUP_FAILED fails the "no spurious exit" check, so these must only fire on
 # an injected fault.
-TIMEOUTS = Timeouts(startup=2.0, heartbeat=0.8, stall=0.6, graceful=0.3, terminate=0.3, kill=2.0)
+TIMEOUTS = Timeouts(startup=2.0, heartbeat=1.5, stall=1.2, graceful=0.3, terminate=0.3, kill=2.0)
 LATENESS_BOUND = 0.5  # seconds; a blocking call on the trio thread shows up far above this
 EXAMPLE_DEADLINE = 30.0  # one example; the slowest plan needs about 4 s
 
