@@ -42,7 +42,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 from . import _guardian
 from . import _protocol as proto
@@ -403,9 +403,9 @@ class Child:
             except proto.FrameError as exc:
                 # Not a signal: the parent must see a protocol error, not a runner
                 # killed by someone else.
-                self._die_of(proto.STAGE_PROTOCOL, exc, proto.EXIT_PROTOCOL_ERROR)
+                self.die(proto.STAGE_PROTOCOL, exc, proto.EXIT_PROTOCOL_ERROR)
             except BaseException as exc:  # a bug in dispatching a message: anything
-                self._die_of(proto.STAGE_READER, exc, 1)
+                self.die(proto.STAGE_READER, exc, 1)
         finally:
             # Whatever ended this thread, nothing reads cancels, credits or the
             # parent's end-of-file any more: this process must not outlive it.
@@ -425,18 +425,27 @@ class Child:
                 for message in batch:
                     self._dispatch(message)
 
-    def _die_of(self, stage: str, exc: BaseException, code: int) -> None:
+    def die(self, stage: str, exc: BaseException, code: int) -> NoReturn:
         """Report ``exc`` to the parent (FATAL, and stderr), then exit with ``code``.
 
-        From the reader thread: the writer gets a bounded time to send what
-        is queued and the report; the process exits either way.
+        From any thread: the writer gets a bounded time to send what is queued
+        and the report; the process exits either way. ``sys.exit()`` in runner
+        code is honoured like in any Python program: its code, no report.
         """
-        with contextlib.suppress(Exception):  # stderr may be gone with the parent
-            traceback.print_exception(exc)
-        self.send((proto.FATAL, stage, *_format_exception(exc)))
+        if isinstance(exc, SystemExit):
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+            if exc.code is not None and not isinstance(exc.code, int):
+                with contextlib.suppress(Exception):
+                    print(exc.code, file=sys.stderr)
+        else:
+            with contextlib.suppress(Exception):  # stderr may be gone with the parent
+                traceback.print_exception(exc)
+            self.send((proto.FATAL, stage, *_format_exception(exc)))
+        _guardian.kill_escaped_descendants()
         self.close_writer(2.0)
-        with contextlib.suppress(Exception):
-            sys.stderr.flush()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
         os._exit(code)
 
     def _dispatch(self, message: tuple[Any, ...]) -> None:
@@ -626,27 +635,10 @@ def main(
     child.writer.start()
     child.reader.start()
 
-    def die(stage: str, exc: BaseException, code: int) -> None:
-        if isinstance(exc, SystemExit):
-            # sys.exit() in runner code: honour the code, like any Python program.
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-            if exc.code is not None and not isinstance(exc.code, int):
-                print(exc.code, file=sys.stderr)
-        else:
-            traceback.print_exception(exc)
-            child.send((proto.FATAL, stage, *_format_exception(exc)))
-        _guardian.kill_escaped_descendants()
-        child.close_writer(2.0)
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
-        os._exit(code)
-
     try:
         runner = _load_runner(module, qualname, args_bytes)
     except BaseException as exc:
-        die(proto.STAGE_LOAD, exc, proto.EXIT_LOAD_FAILED)
-        raise  # unreachable; for the type checker
+        child.die(proto.STAGE_LOAD, exc, proto.EXIT_LOAD_FAILED)
     # Sent synchronously, before setup runs: a setup that dies at once must still
     # be seen as loaded, or it would pass for a runner that can never start.
     with child.send_lock:
@@ -655,7 +647,7 @@ def main(
     try:
         runner.setup()
     except BaseException as exc:
-        die(proto.STAGE_SETUP, exc, 1)
+        child.die(proto.STAGE_SETUP, exc, 1)
     child.send((proto.READY, os.getpid()))
 
     def serve() -> None:
@@ -667,7 +659,7 @@ def main(
                     return
                 child.run_task(runner, ctx)
         except BaseException as exc:
-            die(proto.STAGE_RUN, exc, 1)
+            child.die(proto.STAGE_RUN, exc, 1)
 
     concurrency = runner.concurrency
     if concurrency == 1:
@@ -684,7 +676,7 @@ def main(
     try:
         runner.teardown()
     except BaseException as exc:
-        die(proto.STAGE_TEARDOWN, exc, 1)
+        child.die(proto.STAGE_TEARDOWN, exc, 1)
     # Grandchildren that left the process group survive the supervisor's kill
     # of the group; their parent links, which find them, break when we exit.
     _guardian.kill_escaped_descendants()
