@@ -162,11 +162,16 @@ class Child:
         """Write ``message``, after everything queued, from this thread; waits out a send in progress."""
         with self.send_lock:
             with self.lock:
-                batch = self.outbox
-                batch.append(message)
-                self.outbox = []
-                self.queued = 0
+                batch = self._take_outbox()
+            batch.append(message)
             self._send_batch(batch)
+
+    def _take_outbox(self) -> list[Any]:
+        """With the lock held: everything queued to send, leaving the outbox empty."""
+        batch = self.outbox
+        self.outbox = []
+        self.queued = 0
+        return batch
 
     def _wake_writer(self, linger_until: float = 0.0) -> None:
         # Called with the lock held. The writer clears ``wake`` before it resets
@@ -270,9 +275,7 @@ class Child:
                 with self.lock:
                     self.wake_pending = False
                     self.flush_at = 0.0
-                    batch = self.outbox
-                    self.outbox = []
-                    self.queued = 0
+                    batch = self._take_outbox()
                     closing = self.closing
                     # Keep polling while events flow; an emit seeing this queues without a wake-up.
                     self.streaming = self.linger > 0 and any(message[0] == proto.EVENTS for message in batch)
@@ -310,9 +313,7 @@ class Child:
             return False
         try:
             with self.lock:
-                batch = self.outbox
-                self.outbox = []
-                self.queued = 0
+                batch = self._take_outbox()
             if batch:
                 self._send_batch(batch)
         finally:
