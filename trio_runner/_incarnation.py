@@ -311,7 +311,7 @@ class Incarnation:
                 for batch in reader.feed_big(data, big):
                     if isinstance(batch, list):
                         for message in batch:
-                            self._route(message, now)
+                            self._route(proto.check_from_child(message), now)
                         continue
                     # Only a big frame can hold a big payload.
                     messages = await _payloads.decode_in_thread(batch, limiter)
@@ -329,8 +329,8 @@ class Incarnation:
             self.poke_watchdog()
 
     def _route(self, message: Any, now: float) -> None:
-        # Only the check can raise a protocol error: a bug below raises as itself.
-        message = proto.check_from_child(message)
+        """Route one message that ``proto.check_from_child`` passed: only that check
+        raises a protocol error, so a bug here raises as itself."""
         tag = message[0]
         if tag == proto.EVENTS:
             self.last_progress = now
@@ -516,14 +516,10 @@ class Incarnation:
             lock.release()
 
 
-def _is_big_payload(message: Any) -> bool:
-    """An EVENTS or RESULT message whose payload is worth a thread to unpickle."""
-    if type(message) is not tuple:
-        return False  # malformed: _route says so
-    fields = cast("tuple[Any, ...]", message)
+def _is_big_payload(message: tuple[Any, ...]) -> bool:
+    """A checked EVENTS or RESULT message whose payload is worth a thread to unpickle."""
     return (
-        len(fields) == 3
-        and (fields[0] == proto.EVENTS or fields[0] == proto.RESULT)
-        and type(fields[2]) is bytes
-        and len(fields[2]) >= _payloads.LARGE
+        (message[0] == proto.EVENTS or message[0] == proto.RESULT)
+        and type(message[2]) is bytes
+        and len(message[2]) >= _payloads.LARGE
     )
