@@ -153,3 +153,40 @@ async def test_leaving_returns_within_the_bound_when_log_handlers_are_slow_and_t
 async def test_leaving_returns_within_the_bound_when_trios_default_thread_limiter_is_saturated() -> None:
     report = await _leave_open_supervisor("busy-thread-limiter")
     assert report["elapsed"] < report["bound"] + SHUTDOWN_MARGIN
+
+
+class _RejectFirst(logging.Filter):
+    """An application filter that raises on the first record it sees, and passes the rest."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("a broken filter")
+        return True
+
+
+async def test_a_log_filter_that_raises_drops_its_line_and_later_lines_are_still_logged(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    keep = _Keep()
+    broken = _RejectFirst()
+    logger = logging.getLogger("trio_runner.runner.chatty")
+    logger.addFilter(broken)
+    try:
+        with _runner_logs_to("chatty", keep):
+            async with open_supervisor(ChattyRunner, name="chatty", policy=FAST, timeouts=QUICK) as sup:
+                await sup.run(("long_line", 10))
+                with trio.fail_after(30):
+                    while "after" not in keep.messages:  # noqa: ASYNC110 - logged from a thread
+                        await trio.sleep(0.01)
+                dropped = sup.statistics().log_lines_dropped
+    finally:
+        logger.removeFilter(broken)
+    assert broken.raised
+    assert keep.messages == ["after"]  # the line the filter raised on is gone, the next one arrived
+    assert dropped == 1
+    assert "a broken filter" in capsys.readouterr().err

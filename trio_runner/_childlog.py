@@ -16,8 +16,10 @@ from __future__ import annotations
 
 import logging
 import queue
+import sys
 import threading
 import time
+import traceback
 
 _MAX_BYTES = 1024 * 1024  # child output waiting for slow log handlers
 MAX_LINE = 64 * 1024  # a longer line becomes several records (and tail entries) of this size
@@ -68,6 +70,7 @@ class ChildLog:
         self._dropped_here = 0
         self._dropped_there = 0
         self._abandon = False
+        self._warned = False
         self._thread: threading.Thread | None = None
 
     @property
@@ -126,10 +129,33 @@ class ChildLog:
                     record = log.makeRecord(log.name, level, "(runner)", 0, "%s", (_text(piece),), None)
                     record.runner_pid = pid
                     record.runner_stream = stream
-                    log.handle(record)
+                    self._handle(record)
                     built += 1
                     if built % _RECORDS_PER_YIELD == 0:
                         time.sleep(0)
             # Counted once the batch is handled, so that the bound covers the
             # batch in hand as well as the queued ones.
             self._taken_bytes += len(batch)
+
+    def _handle(self, record: logging.LogRecord) -> None:
+        """``logger.handle(record)``, surviving an application filter or handler that raises.
+
+        A handler's ``emit`` errors go to its own ``handleError``; a *filter*
+        (on the logger or a handler) that raises would otherwise end this
+        thread, and with it every later line of every incarnation. The line is
+        counted as dropped, and the first such error is printed to stderr, the
+        way ``logging`` reports its own errors.
+        """
+        try:
+            self._logger.handle(record)
+        except Exception:  # the application's filter code, whatever it raises
+            self._dropped_there += 1
+            if not self._warned:
+                self._warned = True
+                print(
+                    f"trio-runner: a log filter or handler on {self._logger.name!r} raised; "
+                    "runner output lines it rejects this way are counted as dropped "
+                    "(statistics().log_lines_dropped). The first error:",
+                    file=sys.stderr,
+                )
+                traceback.print_exc(file=sys.stderr)
