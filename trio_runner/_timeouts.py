@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ._policy import check_number
+from . import _validate as check
 
 
 @dataclass(frozen=True)
@@ -39,9 +39,8 @@ class Timeouts:
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name == "stall" and value is None:
-                continue
-            check_number("Timeouts", item.name, value, minimum=0, inclusive=False)
+            if item.name != "stall" or value is not None:  # None: no stall limit
+                check.seconds(f"Timeouts.{item.name}", value, above_zero=True)
 
     @property
     def heartbeat_interval(self) -> float:

@@ -1,0 +1,113 @@
+"""Unit tests of the shared argument checks (``trio_runner._validate``): pure, no process.
+
+The rule every check follows: the wrong type raises TypeError, the wrong value
+ValueError, and the message names the argument and says what to pass.
+"""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+
+from trio_runner import _validate as check
+
+
+@pytest.mark.parametrize("value", [1.0, "3", None, True, False])
+def test_integer_of_the_wrong_type_raises_type_error_naming_the_argument(value: object) -> None:
+    with pytest.raises(TypeError, match=r"^window=.* must be an int, not"):
+        check.integer("window", value, minimum=2)
+
+
+@pytest.mark.parametrize("value", [1, 0, -5])
+def test_integer_below_its_minimum_raises_value_error_saying_the_minimum(value: int) -> None:
+    with pytest.raises(ValueError, match=rf"^window={value} must be an int >= 2"):
+        check.integer("window", value, minimum=2)
+
+
+def test_integer_in_range_is_returned() -> None:
+    assert check.integer("window", 2, minimum=2) == 2
+
+
+@pytest.mark.parametrize("value", ["1", None, True, [1.0]])
+def test_number_of_the_wrong_type_raises_type_error(value: object) -> None:
+    with pytest.raises(TypeError, match=r"^Timeouts\.kill=.* must be a number of seconds, not"):
+        check.seconds("Timeouts.kill", value)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_number_that_is_not_finite_raises_value_error(value: float) -> None:
+    with pytest.raises(ValueError, match=r"^Timeouts\.kill=.* must be finite: pass a number of seconds"):
+        check.seconds("Timeouts.kill", value)
+
+
+def test_seconds_above_zero_refuses_zero_and_allows_a_tiny_positive() -> None:
+    with pytest.raises(ValueError, match=r"is out of range: pass a number of seconds > 0"):
+        check.seconds("Timeouts.kill", 0, above_zero=True)
+    assert check.seconds("Timeouts.kill", 1e-9, above_zero=True) == 1e-9
+
+
+def test_seconds_allows_zero_by_default_and_bounds_the_maximum() -> None:
+    assert check.seconds("linger", 0) == 0
+    assert check.seconds("linger", 1, maximum=1) == 1
+    with pytest.raises(
+        ValueError, match=r"^linger=1\.5 is out of range: pass a number of seconds from 0 to 1$"
+    ):
+        check.seconds("linger", 1.5, maximum=1)
+
+
+def test_optional_seconds_passes_none_through() -> None:
+    assert check.optional_seconds("Timeouts.stall", None) is None
+    with pytest.raises(ValueError, match="stall"):
+        check.optional_seconds("Timeouts.stall", -1.0)
+
+
+def test_one_of_refuses_an_unknown_choice_with_value_error_and_a_non_string_with_type_error() -> None:
+    assert check.one_of("mode", "b", ("a", "b")) == "b"
+    with pytest.raises(ValueError, match=r"^mode='c' must be one of 'a', 'b'"):
+        check.one_of("mode", "c", ("a", "b"))
+    with pytest.raises(TypeError, match=r"^mode=1 must be one of 'a', 'b', not int"):
+        check.one_of("mode", 1, ("a", "b"))
+
+
+def test_instance_of_says_which_class_to_pass() -> None:
+    from trio_runner import Timeouts
+
+    with pytest.raises(TypeError, match=r"^timeouts must be a trio_runner\.Timeouts, not dict"):
+        check.instance_of("timeouts", {"startup": 1}, Timeouts)
+
+
+def test_text_refuses_an_empty_string_with_value_error_and_a_non_string_with_type_error() -> None:
+    assert check.text("name", "x") == "x"
+    with pytest.raises(ValueError, match=r"^name=.. must be a non-empty string"):
+        check.text("name", "")
+    with pytest.raises(TypeError, match=r"^name=3 must be a string"):
+        check.text("name", 3)
+
+
+def test_names_takes_any_sequence_of_strings_but_not_a_single_string() -> None:
+    assert check.names("preload", ["json", "math"]) == ("json", "math")
+    with pytest.raises(TypeError, match=r"^preload='json' must be a sequence of strings"):
+        check.names("preload", "json")
+    with pytest.raises(TypeError, match=r"^preload\[1\]=3 must be a string"):
+        check.names("preload", ["json", 3])
+
+
+@pytest.mark.parametrize("value", [math.nan, 65536.0, True, "65536", None])
+def test_frame_size_must_be_an_int(value: object) -> None:
+    with pytest.raises(TypeError, match=r"^max_frame_size=.* must be an int number of bytes"):
+        check.frame_size(value, minimum=65536, maximum=2**32 - 1, default=2**26)
+
+
+@pytest.mark.parametrize("value", [65535, 2**32])
+def test_frame_size_must_be_within_its_bounds(value: int) -> None:
+    with pytest.raises(ValueError, match=r"must be between 65536 bytes .* and 4294967295"):
+        check.frame_size(value, minimum=65536, maximum=2**32 - 1, default=2**26)
+
+
+def test_the_validators_module_does_not_import_trio() -> None:
+    # The child imports it on every spawn; trio would add ~130 ms to each.
+    code = "import sys, trio_runner._validate; sys.exit('trio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
