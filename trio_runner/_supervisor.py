@@ -20,7 +20,7 @@ import pickle
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, TypeVar, Unpack, cast
 
 import trio
 
@@ -37,7 +37,8 @@ from ._exits import never_restarts
 from ._groups import reraise_unwrapped
 from ._incarnation import DRAIN_BOUND, Incarnation
 from ._lifecycle import Lifecycle
-from ._policy import RestartPolicy, RestartTracker
+from ._options import Options, SupervisorOptions
+from ._policy import RestartTracker
 from ._process import (
     SpawnSpec,
     WorkerFactory,
@@ -58,7 +59,6 @@ from ._state import (
     SupervisorStatistics,
 )
 from ._tasks import Task, TaskHandle, TaskTable
-from ._timeouts import Timeouts
 
 RequestT = TypeVar("RequestT")
 EventT = TypeVar("EventT")
@@ -139,62 +139,36 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
     def __init__(
         self,
         runner: type[Runner[RequestT, EventT, ResultT]],
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        policy: RestartPolicy | None = None,
-        timeouts: Timeouts | None = None,
-        name: str | None = None,
-        start_method: str = "spawn",
-        preload: Sequence[str] = (),
-        window: int = 8192,
-        max_frame_size: int = proto.DEFAULT_MAX_FRAME,
-        raise_on_give_up: bool = True,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        options: Options,
         worker_factory: WorkerFactory = process_worker,
     ) -> None:
         module, qualname = _describe_runner(runner)
-        policy = RestartPolicy() if policy is None else policy
-        timeouts = Timeouts() if timeouts is None else timeouts
-        if not isinstance(policy, RestartPolicy):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"policy must be a trio_runner.RestartPolicy, not {type(policy).__name__}")
-        if not isinstance(timeouts, Timeouts):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"timeouts must be a trio_runner.Timeouts, not {type(timeouts).__name__}")
-        if start_method not in ("spawn", "forkserver"):
-            raise ValueError(
-                f"start_method={start_method!r} is not supported: use 'spawn' (the default) or "
-                "'forkserver'; 'fork' is unsafe in a process that runs threads"
-            )
-        if preload and start_method != "forkserver":
-            raise ValueError("preload only applies to start_method='forkserver'; drop it or switch method")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"window={window!r} must be an int >= 2 (events in flight per task)")
-        max_frame_size = proto.check_max_frame(max_frame_size)
-        name = runner.__name__ if name is None else name
-        if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"name={name!r} must be a non-empty string")
         args_bytes = _pickle_or_type_error((tuple(args), dict(kwargs or {})), "the runner's arguments")
+        name = runner.__name__ if options.name is None else options.name
 
         self.name = name
-        self._policy = policy
-        self._timeouts = timeouts
-        self._max_frame = max_frame_size
+        self._policy = options.policy
+        self._timeouts = options.timeouts
+        self._max_frame = options.max_frame_size
         self._payload_limiter = trio.CapacityLimiter(_PAYLOAD_THREADS)
         self._loop_pickler = _payloads.LoopPickler()
-        self._raise_on_give_up = raise_on_give_up
+        self._raise_on_give_up = options.raise_on_give_up
         self._worker_factory = worker_factory
         self._spec = SpawnSpec(
             module=module,
             qualname=qualname,
             args_bytes=args_bytes,
             name=name,
-            start_method=start_method,
-            preload=tuple(preload),
-            max_frame=max_frame_size,
-            heartbeat_interval=timeouts.heartbeat_interval,
+            start_method=options.start_method,
+            preload=options.preload,
+            max_frame=options.max_frame_size,
+            heartbeat_interval=options.timeouts.heartbeat_interval,
         )
-        self._tracker = RestartTracker(policy)
+        self._tracker = RestartTracker(options.policy)
         self._lifecycle = Lifecycle()
-        self._tasks = TaskTable(window, max_frame_size)
+        self._tasks = TaskTable(options.window, options.max_frame_size)
         self._inc: Incarnation | None = None
         self._incarnations = 0
         self._last_exit: ExitRecord | None = None
@@ -593,15 +567,8 @@ async def run_supervisor(
     runner: type[Runner[RequestT, EventT, ResultT]],
     *args: Any,
     kwargs: Mapping[str, Any] | None = None,
-    policy: RestartPolicy | None = None,
-    timeouts: Timeouts | None = None,
-    name: str | None = None,
-    start_method: str = "spawn",
-    preload: Sequence[str] = (),
-    window: int = 8192,
-    max_frame_size: int = proto.DEFAULT_MAX_FRAME,
-    raise_on_give_up: bool = True,
     task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[SupervisorOptions],
 ) -> None:
     """Supervise ``runner`` in a nursery you already have: ``sup = await nursery.start(...)``.
 
@@ -618,19 +585,7 @@ async def run_supervisor(
         RunnerCrashed: the runner can never start (it could not be imported,
             or the script lacks a main guard); raised at once, without restarts.
     """
-    supervisor = Supervisor(
-        runner,
-        args,
-        kwargs,
-        policy=policy,
-        timeouts=timeouts,
-        name=name,
-        start_method=start_method,
-        preload=preload,
-        window=window,
-        max_frame_size=max_frame_size,
-        raise_on_give_up=raise_on_give_up,
-    )
+    supervisor = Supervisor(runner, args, kwargs, Options.from_keywords("run_supervisor", options))
     await supervisor._run(task_status)  # pyright: ignore[reportPrivateUsage]
 
 
@@ -638,14 +593,7 @@ def open_supervisor(
     runner: type[Runner[RequestT, EventT, ResultT]],
     *args: Any,
     kwargs: Mapping[str, Any] | None = None,
-    policy: RestartPolicy | None = None,
-    timeouts: Timeouts | None = None,
-    name: str | None = None,
-    start_method: str = "spawn",
-    preload: Sequence[str] = (),
-    window: int = 8192,
-    max_frame_size: int = proto.DEFAULT_MAX_FRAME,
-    raise_on_give_up: bool = True,
+    **options: Unpack[SupervisorOptions],
 ) -> AbstractAsyncContextManager[Supervisor[RequestT, EventT, ResultT]]:
     """Run ``runner`` in a supervised child process for the duration of the block.
 
@@ -653,16 +601,18 @@ def open_supervisor(
         runner: a :class:`Runner` subclass, importable by its module path.
         *args: positional arguments for the runner's constructor (picklable).
         kwargs: keyword arguments for the runner's constructor (picklable).
+        **options: keywords only; each default is in ``trio_runner._options.DEFAULT``.
         policy: the :class:`RestartPolicy`; by default permanent, 2, 4, 8 ... 60 s, 10 restarts.
-        timeouts: the :class:`Timeouts`.
+        timeouts: the :class:`Timeouts`; by default ``Timeouts()``.
         name: names the runner in logs; child output goes to the logger
             ``trio_runner.runner.<name>``. Defaults to the class name.
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
         preload: modules the forkserver imports once, so restarts skip them.
-        window: events in flight per task before ``ctx.emit`` blocks.
+        window: events in flight per task before ``ctx.emit`` blocks (default 8192).
         max_frame_size: the largest frame either side accepts; larger is a
-            protocol error. An int from 64 KiB to 2**32 - 1; a request, result
-            or batch of events may pickle to at most ``max_frame_size - 256`` bytes.
+            protocol error. An int from 64 KiB to 2**32 - 1 (default 64 MiB); a
+            request, result or batch of events may pickle to at most
+            ``max_frame_size - 256`` bytes.
         raise_on_give_up: when the policy gives up, raise
             :class:`RestartLimitExceeded` out of the block (the default, which
             cancels the body), or only move to FAILED.
@@ -682,21 +632,10 @@ def open_supervisor(
     Raises:
         TypeError: the runner is not an importable Runner subclass, or its
             arguments cannot be pickled. Raised at the call, before any await.
+        TypeError: an option has the wrong type, or is not an option.
         ValueError: an option is out of range. Raised at the call.
     """
-    supervisor = Supervisor(
-        runner,
-        args,
-        kwargs,
-        policy=policy,
-        timeouts=timeouts,
-        name=name,
-        start_method=start_method,
-        preload=preload,
-        window=window,
-        max_frame_size=max_frame_size,
-        raise_on_give_up=raise_on_give_up,
-    )
+    supervisor = Supervisor(runner, args, kwargs, Options.from_keywords("open_supervisor", options))
     return _open(supervisor)
 
 

@@ -100,6 +100,13 @@ def instance_of(name: str, value: object, kind: type[T]) -> T:
     return value
 
 
+def boolean(name: str, value: object) -> bool:
+    """``value`` if it is True or False (not merely truthy)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}={value!r} must be True or False, not {type(value).__name__}")
+    return value
+
+
 def text(name: str, value: object) -> str:
     """``value`` if it is a non-empty string."""
     if not isinstance(value, str):
