@@ -41,7 +41,7 @@ from trio_runner import _protocol as proto
 from trio_runner._options import Options, SupervisorOptions
 from trio_runner._process import ExitStatus, SpawnSpec
 from trio_runner._state import LifecycleChange
-from trio_runner._supervisor import Supervisor, _open  # pyright: ignore[reportPrivateUsage]
+from trio_runner._supervisor import Supervisor, _open, create_supervisor  # pyright: ignore[reportPrivateUsage]
 
 FAKE_PID_BASE = 40_000
 _UNBOUNDED = 1 << 30
@@ -531,7 +531,7 @@ async def open_fake_supervisor(
     group), so what leaves this block is what would leave ``open_supervisor``.
     ``fake.timeline`` records every lifecycle change with its exact time.
     """
-    sup: Supervisor[Any, Any, Any] = Supervisor(
+    sup: Supervisor[Any, Any, Any] = create_supervisor(
         FakeRunner, (), None, Options.from_keywords("open_fake_supervisor", options), fake
     )
     # A system task, runnable as soon as a change is pushed, so the times it records are exact.

@@ -1,4 +1,6 @@
-"""Unit tests of the supervisor's options (``trio_runner._options``): one default each, checked at the call.
+"""How a supervisor is configured and made: its options (``trio_runner._options``) and its factory.
+
+Each option has one default and is checked at the call.
 
 No process starts here: a bad option raises at ``open_supervisor(...)``,
 before the block is entered or anything is spawned.
@@ -112,3 +114,21 @@ def test_the_documented_option_defaults_are_the_defaults() -> None:
     namespace: dict[str, Any] = {"RestartPolicy": RestartPolicy, "Timeouts": Timeouts}
     for option, written in documented.items():
         assert eval(written, namespace) == getattr(DEFAULT, option), option
+
+
+def test_supervisor_has_no_public_constructor_and_says_where_to_get_one() -> None:
+    from trio_runner import Supervisor
+
+    with pytest.raises(
+        TypeError, match=r"^trio_runner\.Supervisor has no public constructor; .*open_supervisor"
+    ):
+        Supervisor(EchoRunner)  # type: ignore[call-arg]
+
+
+def test_a_supervisor_from_the_private_factory_is_a_supervisor() -> None:
+    from trio_runner import Supervisor
+    from trio_runner._supervisor import create_supervisor
+
+    sup = create_supervisor(EchoRunner, (), None, DEFAULT)
+    assert isinstance(sup, Supervisor)
+    assert sup.name == "EchoRunner"

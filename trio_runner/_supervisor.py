@@ -20,7 +20,7 @@ import pickle
 import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Generic, TypeVar, Unpack, cast
+from typing import Any, Generic, NoReturn, TypeVar, Unpack, cast
 
 import trio
 
@@ -63,6 +63,7 @@ from ._tasks import Task, TaskHandle, TaskTable
 RequestT = TypeVar("RequestT")
 EventT = TypeVar("EventT")
 ResultT = TypeVar("ResultT")
+T = TypeVar("T")
 
 logger = logging.getLogger("trio_runner")
 
@@ -133,7 +134,25 @@ def _check_not_bootstrapping() -> None:
         )
 
 
-class Supervisor(Generic[RequestT, EventT, ResultT]):
+class NoPublicConstructor(type):
+    """Metaclass for a class the library makes and users only receive (trio's pattern).
+
+    ``Cls(...)`` raises TypeError; the library calls ``Cls._create(...)``. So
+    the constructor's private hooks (a test's fake worker) stay out of the
+    public API, and nobody builds a half-started object by hand.
+    """
+
+    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(
+            f"trio_runner.{cls.__qualname__} has no public constructor; get one from "
+            "trio_runner.open_supervisor(...) or nursery.start(trio_runner.run_supervisor, ...)"
+        )
+
+    def _create(cls: type[T], *args: object, **kwargs: object) -> T:
+        return type.__call__(cls, *args, **kwargs)
+
+
+class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstructor):
     """Supervises one runner process. Made by :func:`open_supervisor` or :func:`run_supervisor`."""
 
     def __init__(
@@ -563,6 +582,17 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         inc.poke_watchdog()
 
 
+def create_supervisor(
+    runner: type[Runner[RequestT, EventT, ResultT]],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    options: Options,
+    worker_factory: WorkerFactory = process_worker,
+) -> Supervisor[RequestT, EventT, ResultT]:
+    """The one way to make a :class:`Supervisor`; tests pass a fake ``worker_factory``."""
+    return Supervisor[RequestT, EventT, ResultT]._create(runner, args, kwargs, options, worker_factory)  # pyright: ignore[reportPrivateUsage]
+
+
 async def run_supervisor(
     runner: type[Runner[RequestT, EventT, ResultT]],
     *args: Any,
@@ -585,7 +615,7 @@ async def run_supervisor(
         RunnerCrashed: the runner can never start (it could not be imported,
             or the script lacks a main guard); raised at once, without restarts.
     """
-    supervisor = Supervisor(runner, args, kwargs, Options.from_keywords("run_supervisor", options))
+    supervisor = create_supervisor(runner, args, kwargs, Options.from_keywords("run_supervisor", options))
     await supervisor._run(task_status)  # pyright: ignore[reportPrivateUsage]
 
 
@@ -635,7 +665,7 @@ def open_supervisor(
         TypeError: an option has the wrong type, or is not an option.
         ValueError: an option is out of range. Raised at the call.
     """
-    supervisor = Supervisor(runner, args, kwargs, Options.from_keywords("open_supervisor", options))
+    supervisor = create_supervisor(runner, args, kwargs, Options.from_keywords("open_supervisor", options))
     return _open(supervisor)
 
 
