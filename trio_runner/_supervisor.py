@@ -16,17 +16,16 @@ import functools
 import logging
 import multiprocessing
 import multiprocessing.process
-import pickle
-import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Generic, NoReturn, TypeVar, Unpack, cast
+from typing import Any, Generic, NoReturn, TypeVar, Unpack
 
 import trio
 
 from . import _payloads
 from . import _protocol as proto
 from ._childlog import ChildLog
+from ._describe import runner_arguments, runner_path, unpicklable
 from ._errors import (
     ExitRecord,
     RestartLimitExceeded,
@@ -46,7 +45,7 @@ from ._process import (
     private_limiter,
     process_worker,
 )
-from ._runner import Runner, check_linger
+from ._runner import Runner
 from ._state import (
     BackingOff,
     Exited,
@@ -68,61 +67,12 @@ T = TypeVar("T")
 logger = logging.getLogger("trio_runner")
 
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
+# Wall-clock seconds the log thread gets to hand the child's last lines to their handlers.
 _LOG_FLUSH_BOUND = 1.0
 # Threads that (un)pickle big payloads, on a limiter of their own: never trio's
 # default one, which the application may have saturated.
 _PAYLOAD_THREADS = 2
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
-
-
-def _describe_runner(cls: object) -> tuple[str, str]:
-    """(module, qualname) of a runner class the child can import, or a TypeError that says why not."""
-    if not (isinstance(cls, type) and issubclass(cls, Runner)):
-        raise TypeError(
-            f"the runner must be a subclass of trio_runner.Runner, not {cls!r}: "
-            "define 'class MyRunner(trio_runner.Runner)' in a module and pass the class"
-        )
-    module, qualname = cls.__module__, cls.__qualname__
-    if "<locals>" in qualname:
-        raise TypeError(
-            f"runner class {qualname} is defined inside a function; the child imports the "
-            "class by its module path, so define it at module level"
-        )
-    found: Any = sys.modules.get(module)
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-    if found is not cls:
-        raise TypeError(
-            f"runner class {qualname} is not importable as {module}.{qualname}; the child "
-            "imports it by that path, so define it at module level under its own name"
-        )
-    concurrency: object = getattr(cast(Any, cls), "concurrency", 1)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"{qualname}.concurrency={concurrency!r} must be an int >= 1 (tasks served at once)")
-    check_linger(qualname, getattr(cast(Any, cls), "linger", 0.0))
-    if module == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
-        raise TypeError(
-            f"runner class {qualname} is defined in an interactive session, which the child "
-            "cannot import; move it into a module (a .py file) and import it from there"
-        )
-    return module, qualname
-
-
-def _request_type_error(exc: Exception) -> TypeError:
-    return TypeError(
-        f"the request cannot be pickled for the child process ({type(exc).__name__}: {exc}); "
-        "pass plain data, or instances of classes defined at module level"
-    )
-
-
-def _pickle_or_type_error(obj: object, what: str) -> bytes:
-    try:
-        return pickle.dumps(obj, protocol=proto.PICKLE_PROTOCOL)
-    except Exception as exc:
-        raise TypeError(
-            f"{what} cannot be pickled for the child process ({type(exc).__name__}: {exc}); "
-            "pass plain data, or instances of classes defined at module level"
-        ) from exc
 
 
 def _check_not_bootstrapping() -> None:
@@ -163,8 +113,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         options: Options,
         worker_factory: WorkerFactory = process_worker,
     ) -> None:
-        module, qualname = _describe_runner(runner)
-        args_bytes = _pickle_or_type_error((tuple(args), dict(kwargs or {})), "the runner's arguments")
+        module, qualname = runner_path(runner)
+        args_bytes = runner_arguments(args, kwargs)
         name = runner.__name__ if options.name is None else options.name
 
         self.name = name
@@ -346,7 +296,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         try:
             data = self._loop_pickler.dumps(request)
         except Exception as exc:  # the request's own classes run here: anything goes
-            raise _request_type_error(exc) from exc
+            raise unpicklable("the request", exc) from exc
         if data is None:
             return None
         return self._submit_pickled(data, retry)
@@ -369,7 +319,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         try:
             return await _payloads.dumps_in_thread(request, self._payload_limiter)
         except Exception as exc:  # the request's own classes run there: anything goes
-            raise _request_type_error(exc) from exc
+            raise unpicklable("the request", exc) from exc
 
     # -- shutdown ---------------------------------------------------------------
 

@@ -6,6 +6,12 @@ from dataclasses import dataclass, fields
 
 from . import _validate as check
 
+#: The child beats this many times per ``heartbeat`` period (so one or two late
+#: beats never look like a frozen runner), and at least every
+#: ``MAX_BEAT_INTERVAL`` seconds, as the ``Timeouts`` docs promise.
+BEATS_PER_PERIOD = 4
+MAX_BEAT_INTERVAL = 1.0
+
 
 @dataclass(frozen=True)
 class Timeouts:
@@ -45,7 +51,7 @@ class Timeouts:
     @property
     def heartbeat_interval(self) -> float:
         """How often the child beats."""
-        return min(1.0, self.heartbeat / 4)
+        return min(MAX_BEAT_INTERVAL, self.heartbeat / BEATS_PER_PERIOD)
 
     @property
     def shutdown_bound(self) -> float:
