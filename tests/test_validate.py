@@ -1,7 +1,9 @@
-"""Unit tests of the shared argument checks (``trio_runner._validate``): pure, no process.
+"""The shared argument checks (``trio_runner._validate``), and both sides raising alike through them.
 
 The rule every check follows: the wrong type raises TypeError, the wrong value
-ValueError, and the message names the argument and says what to pass.
+ValueError, and the message names the argument and says what to pass. The
+unit tests start no process; the last ones check that the child, which
+checks the runner instance, raises what the parent raises for its class.
 """
 
 from __future__ import annotations
@@ -11,8 +13,13 @@ import subprocess
 import sys
 
 import pytest
+import trio
 
+from trio_runner import RunnerCrashed, open_supervisor
 from trio_runner import _validate as check
+from trio_runner._errors import ExitReason
+
+from .runners import BadConcurrencyRunner, EchoRunner
 
 
 @pytest.mark.parametrize("value", [1.0, "3", None, True, False])
@@ -111,3 +118,27 @@ def test_the_validators_module_does_not_import_trio() -> None:
     # The child imports it on every spawn; trio would add ~130 ms to each.
     code = "import sys, trio_runner._validate; sys.exit('trio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
+
+
+# -- both sides raise alike ----------------------------------------------------------
+
+
+class ConcurrencySetInInitRunner(EchoRunner):
+    """Passes the parent's check of the class; the child checks the instance."""
+
+    def __init__(self) -> None:
+        self.concurrency = 0
+
+
+def test_the_parent_refuses_a_zero_concurrency_with_value_error() -> None:
+    with pytest.raises(ValueError, match=r"BadConcurrencyRunner\.concurrency=0 must be an int"):
+        open_supervisor(BadConcurrencyRunner)
+
+
+async def test_the_child_refuses_a_zero_concurrency_with_the_same_value_error_as_the_parent() -> None:
+    with trio.fail_after(60), pytest.raises(RunnerCrashed) as info:
+        async with open_supervisor(ConcurrencySetInInitRunner):
+            await trio.sleep_forever()  # a runner that can never start cancels the body
+    assert info.value.reason is ExitReason.STARTUP_FAILED
+    assert "ValueError: " in (info.value.remote_traceback or "")
+    assert "ConcurrencySetInInitRunner.concurrency=0 must be an int" in (info.value.remote_traceback or "")

@@ -13,10 +13,10 @@ from __future__ import annotations
 import pickle
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 from . import _protocol as proto
-from ._runner import Runner, check_linger
+from ._runner import Runner, check_serving
 
 
 def unpicklable(what: str, exc: Exception) -> TypeError:
@@ -48,10 +48,7 @@ def runner_path(cls: object) -> tuple[str, str]:
             f"runner class {qualname} is not importable as {module}.{qualname}; the child "
             "imports it by that path, so define it at module level under its own name"
         )
-    concurrency: object = getattr(cast(Any, cls), "concurrency", 1)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"{qualname}.concurrency={concurrency!r} must be an int >= 1 (tasks served at once)")
-    check_linger(qualname, getattr(cast(Any, cls), "linger", 0.0))
+    check_serving(qualname, cls.concurrency, cls.linger)
     if module == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
         raise TypeError(
             f"runner class {qualname} is defined in an interactive session, which the child "

@@ -81,7 +81,7 @@ class Options:
         object.__setattr__(self, "preload", check.names("preload", self.preload))
         if self.preload and self.start_method != "forkserver":
             raise ValueError("preload only applies to start_method='forkserver'; drop it or switch method")
-        check.integer("window", self.window, minimum=2, what="an int (events in flight per task)")
+        check.integer("window", self.window, minimum=2, fix="it counts the events in flight per task")
         check.frame_size(
             self.max_frame_size,
             minimum=proto.MIN_FRAME_SIZE,
