@@ -84,6 +84,29 @@ def _check_not_bootstrapping() -> None:
         )
 
 
+def _ensure_forkserver(name: str, preload: tuple[str, ...]) -> None:
+    """Start the forkserver with ``preload`` imported, or warn that it runs without them."""
+    from multiprocessing import forkserver
+
+    server: Any = getattr(forkserver, "_forkserver", None)
+    running = server is not None and getattr(server, "_forkserver_pid", None) is not None
+    preloaded = set(getattr(server, "_preload_modules", ()) or ())
+    missing = set(preload) - preloaded
+    if running and missing:
+        # The forkserver is one per process and its preload list is fixed
+        # when it starts: say so rather than silently restart slowly.
+        logger.warning(
+            "runner %r asked the forkserver to preload %s, but it is already running without "
+            "them; every restart imports them again. Start supervisors that need different "
+            "preloads in separate processes, or give them all the same preload list",
+            name,
+            ", ".join(sorted(missing)),
+        )
+    elif not running:
+        multiprocessing.get_context("forkserver").set_forkserver_preload(forkserver_preload(preload))
+    forkserver.ensure_running()
+
+
 class NoPublicConstructor(type):
     """Metaclass for a class the library makes and users only receive (trio's pattern).
 
@@ -385,7 +408,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         failure: BaseException | None = None
         try:
             if self._spec.start_method == "forkserver":
-                await trio.to_thread.run_sync(self._ensure_forkserver, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(
+                    _ensure_forkserver, self.name, self._spec.preload, abandon_on_cancel=True
+                )
             while not self._stop_requested:
                 self._incarnations += 1
                 worker = self._worker_factory(self._spec, self._incarnations)
@@ -467,29 +492,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         self._lifecycle.set_state(RunnerState.BACKING_OFF)
         self._lifecycle.emit(BackingOff(decision.delay, self._tracker.total_restarts))
         return decision.delay, None
-
-    def _ensure_forkserver(self) -> None:
-        from multiprocessing import forkserver
-
-        server: Any = getattr(forkserver, "_forkserver", None)
-        running = server is not None and getattr(server, "_forkserver_pid", None) is not None
-        preloaded = set(getattr(server, "_preload_modules", ()) or ())
-        missing = set(self._spec.preload) - preloaded
-        if running and missing:
-            # The forkserver is one per process and its preload list is fixed
-            # when it starts: say so rather than silently restart slowly.
-            logger.warning(
-                "runner %r asked the forkserver to preload %s, but it is already running without "
-                "them; every restart imports them again. Start supervisors that need different "
-                "preloads in separate processes, or give them all the same preload list",
-                self.name,
-                ", ".join(sorted(missing)),
-            )
-        elif not running:
-            multiprocessing.get_context("forkserver").set_forkserver_preload(
-                forkserver_preload(self._spec.preload)
-            )
-        forkserver.ensure_running()
 
     # -- one incarnation ----------------------------------------------------------
 
