@@ -9,11 +9,15 @@ checks the runner instance, raises what the parent raises for its class.
 from __future__ import annotations
 
 import math
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 
 import pytest
 import trio
+from hypothesis import given
+from hypothesis import strategies as st
 
 from trio_runner import RunnerCrashed, open_supervisor
 from trio_runner import _validate as check
@@ -112,6 +116,39 @@ def test_frame_size_must_be_an_int(value: object) -> None:
 def test_frame_size_must_be_within_its_bounds(value: int) -> None:
     with pytest.raises(ValueError, match=r"must be between 65536 bytes .* and 4294967295"):
         check.frame_size(value, minimum=65536, maximum=2**32 - 1, default=2**26)
+
+
+ANYTHING = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=5),
+    st.lists(st.one_of(st.text(max_size=3), st.integers()), max_size=3),
+)
+
+
+@given(ANYTHING)
+def test_each_check_passes_a_value_through_or_raises_type_or_value_error_naming_it(
+    value: object,
+) -> None:
+    checks: list[Callable[[object], object]] = [
+        lambda v: check.integer("arg", v, minimum=1),
+        lambda v: check.number("arg", v, minimum=-1, maximum=1),
+        lambda v: check.seconds("arg", v, above_zero=True),
+        lambda v: check.optional_seconds("arg", v),
+        lambda v: check.one_of("arg", v, ("a", "b")),
+        lambda v: check.boolean("arg", v),
+        lambda v: check.text("arg", v),
+        lambda v: check.frame_size(v, minimum=65536, maximum=2**32 - 1, default=2**26),
+    ]
+    for run in checks:
+        try:
+            result = run(value)
+        except (TypeError, ValueError) as exc:
+            assert re.match(r"^(arg|max_frame_size)=", str(exc)), str(exc)
+        else:
+            assert result is value
 
 
 def test_the_validators_module_does_not_import_trio() -> None:
