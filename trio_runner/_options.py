@@ -104,7 +104,7 @@ class Options:
                 f"its options are {', '.join(sorted(_NAMES))}"
             )
         given = {k: v for k, v in options.items() if v is not None or k not in _NONE_MEANS_DEFAULT}
-        return dataclasses.replace(DEFAULT, **given)  # pyright: ignore[reportArgumentType]
+        return dataclasses.replace(DEFAULT, **given)
 
 
 _NAMES = frozenset(SupervisorOptions.__optional_keys__)
