@@ -23,9 +23,9 @@ from typing import Any
 import _children
 from _common import MS, RESTART, Config, fmt_ms, restart_once, row, summary
 
-from trio_runner import Supervisor
-from trio_runner._process import ProcessWorker, SpawnSpec, Worker
-from trio_runner._supervisor import _open  # pyright: ignore[reportPrivateUsage]
+from trio_runner._options import Options
+from trio_runner._process import ProcessWorker, SpawnSpec, Worker, process_worker
+from trio_runner._supervisor import _open, create_supervisor  # pyright: ignore[reportPrivateUsage]
 
 GOAL_MS = 2.0
 
@@ -40,13 +40,8 @@ async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
         sups: dict[str, Any] = {}
         for label in samples:
             factory = _without_guardian if label == "without guardian" else None
-            sup = Supervisor(
-                _children.BenchRunner,
-                policy=RESTART,
-                start_method=method,
-                name=f"bench-guardian-{method}",
-                **({"worker_factory": factory} if factory else {}),
-            )
+            options = Options(policy=RESTART, start_method=method, name=f"bench-guardian-{method}")
+            sup = create_supervisor(_children.BenchRunner, (), None, options, factory or process_worker)
             await stack.enter_async_context(_open(sup))
             sups[label] = (sup, sup.watch())
         for sup, _ in sups.values():

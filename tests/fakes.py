@@ -31,16 +31,17 @@ import signal
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Unpack
 
 import trio
 import trio.testing
 
 from trio_runner import Runner
 from trio_runner import _protocol as proto
+from trio_runner._options import Options, SupervisorOptions
 from trio_runner._process import ExitStatus, SpawnSpec
 from trio_runner._state import LifecycleChange
-from trio_runner._supervisor import Supervisor, _open  # pyright: ignore[reportPrivateUsage]
+from trio_runner._supervisor import Supervisor, _open, create_supervisor  # pyright: ignore[reportPrivateUsage]
 
 FAKE_PID_BASE = 40_000
 _UNBOUNDED = 1 << 30
@@ -519,16 +520,20 @@ class FakeFactory:
 
 
 @asynccontextmanager
-async def open_fake_supervisor(fake: FakeFactory, **options: Any) -> AsyncIterator[Supervisor[Any, Any, Any]]:
+async def open_fake_supervisor(
+    fake: FakeFactory, **options: Unpack[SupervisorOptions]
+) -> AsyncIterator[Supervisor[Any, Any, Any]]:
     """``open_supervisor`` with the in-memory fake instead of real processes.
 
-    ``Supervisor(FakeRunner, worker_factory=fake, **options)`` run through the
+    A supervisor of ``FakeRunner`` with ``fake`` as its worker factory, run through the
     same code ``open_supervisor`` uses (``nursery.start(sup._run)``, the body,
     then ``await sup.aclose()``, with a single exception unwrapped from its
     group), so what leaves this block is what would leave ``open_supervisor``.
     ``fake.timeline`` records every lifecycle change with its exact time.
     """
-    sup: Supervisor[Any, Any, Any] = Supervisor(FakeRunner, worker_factory=fake, **options)
+    sup: Supervisor[Any, Any, Any] = create_supervisor(
+        FakeRunner, (), None, Options.from_keywords("open_fake_supervisor", options), fake
+    )
     # A system task, runnable as soon as a change is pushed, so the times it records are exact.
     trio.lowlevel.spawn_system_task(fake.record_lifecycle, sup.watch(), name="fake-lifecycle-recorder")
     async with _open(sup) as opened:

@@ -71,3 +71,29 @@ async def test_a_result_sent_before_the_cancel_is_kept() -> None:
             assert await task.wait() == "early"
             await task.cancel()  # too late: the outcome is already here
             assert task.result == "early"
+
+
+async def test_a_cancelled_retry_task_is_not_rerun_after_a_crash() -> None:
+    async with open_supervisor(EchoRunner, policy=FAST) as sup:
+        async with sup.stream(("hang",), retry=True) as task:
+            await sup.wait_ready()
+            await trio.sleep(0.2)
+            await task.cancel()  # the runner ignores it ...
+            pid = sup.statistics().pid
+            assert pid is not None
+            import os
+            import signal
+
+            os.kill(pid, signal.SIGKILL)  # ... and dies before confirming
+            with trio.fail_after(10), pytest.raises(TaskCancelled):
+                await task.wait()
+        assert sup.statistics().in_flight == 0
+
+
+async def test_submitting_in_a_cancelled_scope_raises_cancelled_not_unavailable() -> None:
+    async with open_supervisor(EchoRunner) as sup:
+        await sup.wait_ready()
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await sup.run(("echo", 1))  # stopped supervisor, but the cancel comes first
+    assert scope.cancelled_caught

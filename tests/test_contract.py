@@ -256,6 +256,17 @@ async def test_leaving_open_supervisor_fails_outside_tasks_with_runner_unavailab
         await sup.run(("echo", 1))
 
 
+async def test_the_bodys_own_exception_group_comes_out_unchanged() -> None:
+    group = ExceptionGroup("mine", [ValueError("inner")])
+    with pytest.raises(ExceptionGroup) as info:
+        async with open_supervisor(EchoRunner):
+            raise group
+    # trio's cancel scopes re-derive groups that pass through them, so compare
+    # the shape: the same message and the very same inner exception, one level.
+    assert info.value.message == "mine"
+    assert info.value.exceptions == group.exceptions
+
+
 async def test_run_supervisor_under_nursery_start_and_cancellation_shuts_down() -> None:
     async with trio.open_nursery() as nursery:
         sup = await nursery.start(functools.partial(run_supervisor, EchoRunner, policy=FAST))
@@ -358,6 +369,14 @@ async def test_watch_reports_the_lifecycle_in_order() -> None:
         await sup.wait_ready()
     kinds = [type(change).__name__ async for change in sup.watch(replay=True)]
     assert kinds == ["Spawned", "Ready", "Exited", "BackingOff", "Spawned", "Ready", "Exited", "Stopped"]
+
+
+async def test_watch_called_after_the_supervisor_stopped_ends_at_once() -> None:
+    async with open_supervisor(EchoRunner) as sup:
+        await sup.wait_ready()
+    with trio.fail_after(2):
+        changes = [change async for change in sup.watch()]
+    assert [type(change).__name__ for change in changes] == ["Stopped"]
 
 
 async def test_a_cancel_reaches_a_busy_runner_promptly() -> None:

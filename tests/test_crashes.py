@@ -522,3 +522,62 @@ async def test_leaving_open_supervisor_while_the_runner_dies_is_bounded_and_rais
     exit_record = sup.statistics().last_exit
     assert exit_record is not None
     assert exit_record.reason is ExitReason.REQUESTED
+
+
+async def test_a_task_submitted_while_a_dead_runner_drains_waits_for_the_restart() -> None:
+    async with open_supervisor(EchoRunner, policy=FAST) as sup:
+        await sup.wait_ready()
+        async with trio.open_nursery() as nursery:
+            crashed: list[BaseException] = []
+
+            async def crasher() -> None:
+                try:
+                    await sup.run(("grandchild_then_die",))
+                except RunnerCrashed as exc:
+                    crashed.append(exc)
+
+            nursery.start_soon(crasher)
+            await trio.sleep(0.3)
+            with trio.fail_after(10):
+                assert await sup.run(("echo", 1)) == 1
+        assert len(crashed) == 1
+
+
+async def test_giving_up_raises_restart_limit_exceeded_alone_even_with_a_task_waiting() -> None:
+    policy = RestartPolicy(initial_delay=0.05, max_delay=0.05, max_restarts=1)
+    with pytest.raises(RestartLimitExceeded) as info:
+        async with open_supervisor(EchoRunner, kwargs={"fail_setup": True}, policy=policy) as sup:
+            await sup.run(("echo", 1))
+    assert info.value.last_exit.reason is ExitReason.STARTUP_FAILED
+    assert "setup failed on purpose" in (info.value.last_exit.remote_traceback or "")
+
+
+async def test_crash_exit_is_reported_promptly() -> None:
+    async with open_supervisor(EchoRunner, policy=FAST) as sup:
+        await sup.wait_ready()
+        start = time.monotonic()
+        with pytest.raises(RunnerCrashed):
+            await sup.run(("exit", 3))
+        # Only a hang: the claim "no writer-thread or drain delay of a second on
+        # the way" is a timing claim, measured by benchmarks/bench_crash.py
+        # (crash detection over the kernel's floor, same run).
+        assert time.monotonic() - start < 5.0
+
+
+async def test_a_retry_task_that_is_never_rerun_ends_with_its_crash() -> None:
+    async with open_supervisor(EchoRunner, policy=RestartPolicy(mode="temporary")) as sup:
+        with pytest.raises(RunnerCrashed) as info:
+            await sup.run(("signal", 9), retry=True)
+        assert info.value.exit.signal == 9
+
+
+async def test_a_retried_stream_counts_its_attempts() -> None:
+    async with open_supervisor(EchoRunner, policy=FAST) as sup:
+        await sup.wait_ready()
+        async with sup.stream(("grandchild_then_die",), retry=True) as task:
+            assert task.attempt == 1
+            assert await task.__anext__() == "x"
+            with trio.fail_after(10):
+                assert await task.__anext__() == "x"  # the re-run streams from the start
+            assert task.attempt == 2
+            await task.cancel()

@@ -248,3 +248,9 @@ def test_zero_jitter_draws_nothing_from_the_rng() -> None:
 def test_bad_policies_are_refused_at_construction(options: dict[str, object], error: type[Exception]) -> None:
     with pytest.raises(error, match="RestartPolicy"):
         RestartPolicy(**options)  # type: ignore[arg-type]
+
+
+def test_backoff_delay_does_not_overflow_in_a_long_crash_loop() -> None:
+    tracker = RestartTracker(RestartPolicy(max_restarts=5000))
+    decisions = [tracker.on_exit(ExitReason.SIGNALED, now=float(i)) for i in range(3000)]
+    assert decisions[-1].delay == 60.0

@@ -18,6 +18,7 @@ from trio_runner import TaskFailed, open_supervisor
 from trio_runner._protocol import MIN_FRAME_SIZE
 
 from .payload_runners import PairRunner
+from .runners import EchoRunner
 
 
 async def _fails_alone(sup: Any, hostile: tuple[Any, ...]) -> TaskFailed:
@@ -85,3 +86,19 @@ async def test_a_result_that_fails_to_pickle_with_a_huge_message_fails_only_its_
         error = await _fails_alone(sup, ("unpicklable_huge_error", 10 * MIN_FRAME_SIZE))
     assert error.remote_message.startswith("could not send to the parent: xxxx")
     assert "bytes truncated" in error.remote_message
+
+
+async def test_an_event_that_cannot_be_pickled_fails_its_task_and_frees_the_runner() -> None:
+    async with open_supervisor(EchoRunner, window=2) as sup:
+        with pytest.raises(TaskFailed, match="could not send"):
+            await sup.run(("unpicklable_event",))
+        with trio.fail_after(10):
+            assert await sup.run(("echo", "next")) == "next"
+
+
+async def test_a_result_the_parent_cannot_unpickle_fails_that_task_only() -> None:
+    async with open_supervisor(EchoRunner) as sup:
+        pid = await sup.run(("pid",))
+        with pytest.raises(TaskFailed, match="could not unpickle"):
+            await sup.run(("unpicklable_result",))
+        assert await sup.run(("pid",)) == pid

@@ -42,12 +42,12 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn
 
 from . import _guardian
 from . import _protocol as proto
 from ._errors import TaskCancelled
-from ._runner import Runner, TaskContext, check_linger
+from ._runner import Runner, TaskContext, check_serving
 
 #: Bounds on an error report's message and traceback (each) and its type name,
 #: in bytes of UTF-8; ``_encode`` lowers them for a smaller ``max_frame_size``.
@@ -579,11 +579,8 @@ def _load_runner(module: str, qualname: str, args_bytes: bytes) -> Runner[Any, A
     args, kwargs = pickle.loads(args_bytes)
     if not (isinstance(obj, type) and issubclass(obj, Runner)):
         raise TypeError(f"{module}.{qualname} is not a subclass of trio_runner.Runner")
-    concurrency: object = getattr(cast(Any, obj), "concurrency", 1)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise TypeError(f"{module}.{qualname}.concurrency must be an int >= 1, not {concurrency!r}")
     runner: Runner[Any, Any, Any] = obj(*args, **kwargs)  # pyright: ignore[reportUnknownVariableType]
-    check_linger(f"{module}.{qualname}", runner.linger)
+    check_serving(f"{module}.{qualname}", runner.concurrency, runner.linger)
     return runner
 
 

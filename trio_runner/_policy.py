@@ -6,26 +6,15 @@ supervisor decides with ``trio.current_time()`` and tests assert exact numbers.
 
 from __future__ import annotations
 
-import math
 import random
 from dataclasses import dataclass, field
 from typing import Literal
 
+from . import _validate as check
 from ._errors import ExitReason
 
 Mode = Literal["permanent", "transient", "temporary"]
 _MODES: tuple[Mode, ...] = ("permanent", "transient", "temporary")
-
-
-def check_number(owner: str, name: str, value: object, *, minimum: float, inclusive: bool) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{owner}({name}=...) takes a number of seconds, not {type(value).__name__}")
-    ok = value >= minimum if inclusive else value > minimum
-    if not ok or math.isnan(value):
-        bound = f">= {minimum}" if inclusive else f"> {minimum}"
-        raise ValueError(f"{owner}({name}={value!r}) is out of range: pass a finite number {bound}")
-    if math.isinf(value):
-        raise ValueError(f"{owner}({name}={value!r}) must be finite")
 
 
 @dataclass(frozen=True)
@@ -59,28 +48,18 @@ class RestartPolicy:
     jitter: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.mode not in _MODES:
-            raise ValueError(
-                f"RestartPolicy(mode={self.mode!r}) must be one of {', '.join(map(repr, _MODES))}"
-            )
-        check_number("RestartPolicy", "initial_delay", self.initial_delay, minimum=0, inclusive=True)
-        check_number("RestartPolicy", "factor", self.factor, minimum=1, inclusive=True)
-        check_number("RestartPolicy", "max_delay", self.max_delay, minimum=0, inclusive=True)
-        check_number("RestartPolicy", "reset_after", self.reset_after, minimum=0, inclusive=False)
-        check_number("RestartPolicy", "jitter", self.jitter, minimum=0, inclusive=True)
-        if self.jitter > 1:
-            raise ValueError(f"RestartPolicy(jitter={self.jitter!r}) is a fraction: pass a number in [0, 1]")
+        check.one_of("RestartPolicy.mode", self.mode, _MODES)
+        check.seconds("RestartPolicy.initial_delay", self.initial_delay)
+        check.number("RestartPolicy.factor", self.factor, minimum=1)
+        check.seconds("RestartPolicy.max_delay", self.max_delay)
+        check.seconds("RestartPolicy.reset_after", self.reset_after, above_zero=True)
+        check.number("RestartPolicy.jitter", self.jitter, maximum=1, what="a fraction")
+        check.integer("RestartPolicy.max_restarts", self.max_restarts, minimum=0)
         if self.max_delay < self.initial_delay:
             raise ValueError(
-                f"RestartPolicy(max_delay={self.max_delay!r}) is below initial_delay="
+                f"RestartPolicy.max_delay={self.max_delay!r} is below initial_delay="
                 f"{self.initial_delay!r}: raise max_delay or lower initial_delay"
             )
-        if isinstance(self.max_restarts, bool) or not isinstance(self.max_restarts, int):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(
-                f"RestartPolicy(max_restarts=...) takes an int, not {type(self.max_restarts).__name__}"
-            )
-        if self.max_restarts < 0:
-            raise ValueError(f"RestartPolicy(max_restarts={self.max_restarts!r}) must be >= 0")
 
     def restarts_after(self, reason: ExitReason) -> bool:
         """Whether this mode restarts after an exit for ``reason``."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Generic, TypeVar
 
+from . import _validate as check
 from ._errors import TaskCancelled
 
 if TYPE_CHECKING:
@@ -115,7 +116,7 @@ class Runner(Generic[RequestT, EventT, ResultT]):
         """Release resources on a graceful shutdown."""
 
 
-def check_linger(owner: str, linger: object) -> None:
-    """Raise ValueError unless ``linger`` is a number of seconds in [0, 1]."""
-    if isinstance(linger, bool) or not isinstance(linger, (int, float)) or not 0 <= linger <= 1:
-        raise ValueError(f"{owner}.linger={linger!r} must be a number of seconds from 0 to 1")
+def check_serving(owner: str, concurrency: object, linger: object) -> None:
+    """Check how a runner serves (``concurrency``, ``linger``); both sides call this, so both raise alike."""
+    check.integer(f"{owner}.concurrency", concurrency, minimum=1, fix="it counts the tasks served at once")
+    check.seconds(f"{owner}.linger", linger, maximum=1)

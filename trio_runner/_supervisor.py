@@ -16,17 +16,16 @@ import functools
 import logging
 import multiprocessing
 import multiprocessing.process
-import pickle
-import sys
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from typing import Any, Generic, TypeVar, cast
+from typing import Any, Generic, NoReturn, TypeVar, Unpack
 
 import trio
 
 from . import _payloads
 from . import _protocol as proto
 from ._childlog import ChildLog
+from ._describe import runner_arguments, runner_path, unpicklable
 from ._errors import (
     ExitRecord,
     RestartLimitExceeded,
@@ -37,7 +36,8 @@ from ._exits import never_restarts
 from ._groups import reraise_unwrapped
 from ._incarnation import DRAIN_BOUND, Incarnation
 from ._lifecycle import Lifecycle
-from ._policy import RestartPolicy, RestartTracker
+from ._options import Options, SupervisorOptions
+from ._policy import RestartTracker
 from ._process import (
     SpawnSpec,
     WorkerFactory,
@@ -45,7 +45,7 @@ from ._process import (
     private_limiter,
     process_worker,
 )
-from ._runner import Runner, check_linger
+from ._runner import Runner
 from ._state import (
     BackingOff,
     Exited,
@@ -58,70 +58,21 @@ from ._state import (
     SupervisorStatistics,
 )
 from ._tasks import Task, TaskHandle, TaskTable
-from ._timeouts import Timeouts
 
 RequestT = TypeVar("RequestT")
 EventT = TypeVar("EventT")
 ResultT = TypeVar("ResultT")
+T = TypeVar("T")
 
 logger = logging.getLogger("trio_runner")
 
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
+# Wall-clock seconds the log thread gets to hand the child's last lines to their handlers.
 _LOG_FLUSH_BOUND = 1.0
 # Threads that (un)pickle big payloads, on a limiter of their own: never trio's
 # default one, which the application may have saturated.
 _PAYLOAD_THREADS = 2
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
-
-
-def _describe_runner(cls: object) -> tuple[str, str]:
-    """(module, qualname) of a runner class the child can import, or a TypeError that says why not."""
-    if not (isinstance(cls, type) and issubclass(cls, Runner)):
-        raise TypeError(
-            f"the runner must be a subclass of trio_runner.Runner, not {cls!r}: "
-            "define 'class MyRunner(trio_runner.Runner)' in a module and pass the class"
-        )
-    module, qualname = cls.__module__, cls.__qualname__
-    if "<locals>" in qualname:
-        raise TypeError(
-            f"runner class {qualname} is defined inside a function; the child imports the "
-            "class by its module path, so define it at module level"
-        )
-    found: Any = sys.modules.get(module)
-    for part in qualname.split("."):
-        found = getattr(found, part, None)
-    if found is not cls:
-        raise TypeError(
-            f"runner class {qualname} is not importable as {module}.{qualname}; the child "
-            "imports it by that path, so define it at module level under its own name"
-        )
-    concurrency: object = getattr(cast(Any, cls), "concurrency", 1)
-    if isinstance(concurrency, bool) or not isinstance(concurrency, int) or concurrency < 1:
-        raise ValueError(f"{qualname}.concurrency={concurrency!r} must be an int >= 1 (tasks served at once)")
-    check_linger(qualname, getattr(cast(Any, cls), "linger", 0.0))
-    if module == "__main__" and not getattr(sys.modules["__main__"], "__file__", None):
-        raise TypeError(
-            f"runner class {qualname} is defined in an interactive session, which the child "
-            "cannot import; move it into a module (a .py file) and import it from there"
-        )
-    return module, qualname
-
-
-def _request_type_error(exc: Exception) -> TypeError:
-    return TypeError(
-        f"the request cannot be pickled for the child process ({type(exc).__name__}: {exc}); "
-        "pass plain data, or instances of classes defined at module level"
-    )
-
-
-def _pickle_or_type_error(obj: object, what: str) -> bytes:
-    try:
-        return pickle.dumps(obj, protocol=proto.PICKLE_PROTOCOL)
-    except Exception as exc:
-        raise TypeError(
-            f"{what} cannot be pickled for the child process ({type(exc).__name__}: {exc}); "
-            "pass plain data, or instances of classes defined at module level"
-        ) from exc
 
 
 def _check_not_bootstrapping() -> None:
@@ -133,68 +84,83 @@ def _check_not_bootstrapping() -> None:
         )
 
 
-class Supervisor(Generic[RequestT, EventT, ResultT]):
+def _ensure_forkserver(name: str, preload: tuple[str, ...]) -> None:
+    """Start the forkserver with ``preload`` imported, or warn that it runs without them."""
+    from multiprocessing import forkserver
+
+    server: Any = getattr(forkserver, "_forkserver", None)
+    running = server is not None and getattr(server, "_forkserver_pid", None) is not None
+    preloaded = set(getattr(server, "_preload_modules", ()) or ())
+    missing = set(preload) - preloaded
+    if running and missing:
+        # The forkserver is one per process and its preload list is fixed
+        # when it starts: say so rather than silently restart slowly.
+        logger.warning(
+            "runner %r asked the forkserver to preload %s, but it is already running without "
+            "them; every restart imports them again. Start supervisors that need different "
+            "preloads in separate processes, or give them all the same preload list",
+            name,
+            ", ".join(sorted(missing)),
+        )
+    elif not running:
+        multiprocessing.get_context("forkserver").set_forkserver_preload(forkserver_preload(preload))
+    forkserver.ensure_running()
+
+
+class NoPublicConstructor(type):
+    """Metaclass for a class the library makes and users only receive (trio's pattern).
+
+    ``Cls(...)`` raises TypeError; the library calls ``Cls._create(...)``. So
+    the constructor's private hooks (a test's fake worker) stay out of the
+    public API, and nobody builds a half-started object by hand.
+    """
+
+    def __call__(cls, *args: object, **kwargs: object) -> NoReturn:
+        raise TypeError(
+            f"trio_runner.{cls.__qualname__} has no public constructor; get one from "
+            "trio_runner.open_supervisor(...) or nursery.start(trio_runner.run_supervisor, ...)"
+        )
+
+    def _create(cls: type[T], *args: object, **kwargs: object) -> T:
+        return type.__call__(cls, *args, **kwargs)
+
+
+class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstructor):
     """Supervises one runner process. Made by :func:`open_supervisor` or :func:`run_supervisor`."""
 
     def __init__(
         self,
         runner: type[Runner[RequestT, EventT, ResultT]],
-        args: Sequence[Any] = (),
-        kwargs: Mapping[str, Any] | None = None,
-        *,
-        policy: RestartPolicy | None = None,
-        timeouts: Timeouts | None = None,
-        name: str | None = None,
-        start_method: str = "spawn",
-        preload: Sequence[str] = (),
-        window: int = 8192,
-        max_frame_size: int = proto.DEFAULT_MAX_FRAME,
-        raise_on_give_up: bool = True,
+        args: Sequence[Any],
+        kwargs: Mapping[str, Any] | None,
+        options: Options,
         worker_factory: WorkerFactory = process_worker,
     ) -> None:
-        module, qualname = _describe_runner(runner)
-        policy = RestartPolicy() if policy is None else policy
-        timeouts = Timeouts() if timeouts is None else timeouts
-        if not isinstance(policy, RestartPolicy):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"policy must be a trio_runner.RestartPolicy, not {type(policy).__name__}")
-        if not isinstance(timeouts, Timeouts):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"timeouts must be a trio_runner.Timeouts, not {type(timeouts).__name__}")
-        if start_method not in ("spawn", "forkserver"):
-            raise ValueError(
-                f"start_method={start_method!r} is not supported: use 'spawn' (the default) or "
-                "'forkserver'; 'fork' is unsafe in a process that runs threads"
-            )
-        if preload and start_method != "forkserver":
-            raise ValueError("preload only applies to start_method='forkserver'; drop it or switch method")
-        if isinstance(window, bool) or not isinstance(window, int) or window < 2:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"window={window!r} must be an int >= 2 (events in flight per task)")
-        max_frame_size = proto.check_max_frame(max_frame_size)
-        name = runner.__name__ if name is None else name
-        if not isinstance(name, str) or not name:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"name={name!r} must be a non-empty string")
-        args_bytes = _pickle_or_type_error((tuple(args), dict(kwargs or {})), "the runner's arguments")
+        module, qualname = runner_path(runner)
+        args_bytes = runner_arguments(args, kwargs)
+        name = runner.__name__ if options.name is None else options.name
 
         self.name = name
-        self._policy = policy
-        self._timeouts = timeouts
-        self._max_frame = max_frame_size
+        self._policy = options.policy
+        self._timeouts = options.timeouts
+        self._max_frame = options.max_frame_size
         self._payload_limiter = trio.CapacityLimiter(_PAYLOAD_THREADS)
         self._loop_pickler = _payloads.LoopPickler()
-        self._raise_on_give_up = raise_on_give_up
+        self._raise_on_give_up = options.raise_on_give_up
         self._worker_factory = worker_factory
         self._spec = SpawnSpec(
             module=module,
             qualname=qualname,
             args_bytes=args_bytes,
             name=name,
-            start_method=start_method,
-            preload=tuple(preload),
-            max_frame=max_frame_size,
-            heartbeat_interval=timeouts.heartbeat_interval,
+            start_method=options.start_method,
+            preload=options.preload,
+            max_frame=options.max_frame_size,
+            heartbeat_interval=options.timeouts.heartbeat_interval,
         )
-        self._tracker = RestartTracker(policy)
+        self._tracker = RestartTracker(options.policy)
         self._lifecycle = Lifecycle()
-        self._tasks = TaskTable(window, max_frame_size)
+        self._tasks = TaskTable(options.window, options.max_frame_size)
         self._inc: Incarnation | None = None
         self._incarnations = 0
         self._last_exit: ExitRecord | None = None
@@ -353,7 +319,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         try:
             data = self._loop_pickler.dumps(request)
         except Exception as exc:  # the request's own classes run here: anything goes
-            raise _request_type_error(exc) from exc
+            raise unpicklable("the request", exc) from exc
         if data is None:
             return None
         return self._submit_pickled(data, retry)
@@ -376,7 +342,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         try:
             return await _payloads.dumps_in_thread(request, self._payload_limiter)
         except Exception as exc:  # the request's own classes run there: anything goes
-            raise _request_type_error(exc) from exc
+            raise unpicklable("the request", exc) from exc
 
     # -- shutdown ---------------------------------------------------------------
 
@@ -442,7 +408,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         failure: BaseException | None = None
         try:
             if self._spec.start_method == "forkserver":
-                await trio.to_thread.run_sync(self._ensure_forkserver, abandon_on_cancel=True)
+                await trio.to_thread.run_sync(
+                    _ensure_forkserver, self.name, self._spec.preload, abandon_on_cancel=True
+                )
             while not self._stop_requested:
                 self._incarnations += 1
                 worker = self._worker_factory(self._spec, self._incarnations)
@@ -525,29 +493,6 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         self._lifecycle.emit(BackingOff(decision.delay, self._tracker.total_restarts))
         return decision.delay, None
 
-    def _ensure_forkserver(self) -> None:
-        from multiprocessing import forkserver
-
-        server: Any = getattr(forkserver, "_forkserver", None)
-        running = server is not None and getattr(server, "_forkserver_pid", None) is not None
-        preloaded = set(getattr(server, "_preload_modules", ()) or ())
-        missing = set(self._spec.preload) - preloaded
-        if running and missing:
-            # The forkserver is one per process and its preload list is fixed
-            # when it starts: say so rather than silently restart slowly.
-            logger.warning(
-                "runner %r asked the forkserver to preload %s, but it is already running without "
-                "them; every restart imports them again. Start supervisors that need different "
-                "preloads in separate processes, or give them all the same preload list",
-                self.name,
-                ", ".join(sorted(missing)),
-            )
-        elif not running:
-            multiprocessing.get_context("forkserver").set_forkserver_preload(
-                forkserver_preload(self._spec.preload)
-            )
-        forkserver.ensure_running()
-
     # -- one incarnation ----------------------------------------------------------
 
     async def _run_incarnation(self, inc: Incarnation) -> ExitRecord:
@@ -589,19 +534,23 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
         inc.poke_watchdog()
 
 
+def create_supervisor(
+    runner: type[Runner[RequestT, EventT, ResultT]],
+    args: Sequence[Any],
+    kwargs: Mapping[str, Any] | None,
+    options: Options,
+    worker_factory: WorkerFactory = process_worker,
+) -> Supervisor[RequestT, EventT, ResultT]:
+    """The one way to make a :class:`Supervisor`; tests pass a fake ``worker_factory``."""
+    return Supervisor[RequestT, EventT, ResultT]._create(runner, args, kwargs, options, worker_factory)  # pyright: ignore[reportPrivateUsage]
+
+
 async def run_supervisor(
     runner: type[Runner[RequestT, EventT, ResultT]],
     *args: Any,
     kwargs: Mapping[str, Any] | None = None,
-    policy: RestartPolicy | None = None,
-    timeouts: Timeouts | None = None,
-    name: str | None = None,
-    start_method: str = "spawn",
-    preload: Sequence[str] = (),
-    window: int = 8192,
-    max_frame_size: int = proto.DEFAULT_MAX_FRAME,
-    raise_on_give_up: bool = True,
     task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]] = trio.TASK_STATUS_IGNORED,
+    **options: Unpack[SupervisorOptions],
 ) -> None:
     """Supervise ``runner`` in a nursery you already have: ``sup = await nursery.start(...)``.
 
@@ -618,19 +567,7 @@ async def run_supervisor(
         RunnerCrashed: the runner can never start (it could not be imported,
             or the script lacks a main guard); raised at once, without restarts.
     """
-    supervisor = Supervisor(
-        runner,
-        args,
-        kwargs,
-        policy=policy,
-        timeouts=timeouts,
-        name=name,
-        start_method=start_method,
-        preload=preload,
-        window=window,
-        max_frame_size=max_frame_size,
-        raise_on_give_up=raise_on_give_up,
-    )
+    supervisor = create_supervisor(runner, args, kwargs, Options.from_keywords("run_supervisor", options))
     await supervisor._run(task_status)  # pyright: ignore[reportPrivateUsage]
 
 
@@ -638,14 +575,7 @@ def open_supervisor(
     runner: type[Runner[RequestT, EventT, ResultT]],
     *args: Any,
     kwargs: Mapping[str, Any] | None = None,
-    policy: RestartPolicy | None = None,
-    timeouts: Timeouts | None = None,
-    name: str | None = None,
-    start_method: str = "spawn",
-    preload: Sequence[str] = (),
-    window: int = 8192,
-    max_frame_size: int = proto.DEFAULT_MAX_FRAME,
-    raise_on_give_up: bool = True,
+    **options: Unpack[SupervisorOptions],
 ) -> AbstractAsyncContextManager[Supervisor[RequestT, EventT, ResultT]]:
     """Run ``runner`` in a supervised child process for the duration of the block.
 
@@ -653,16 +583,18 @@ def open_supervisor(
         runner: a :class:`Runner` subclass, importable by its module path.
         *args: positional arguments for the runner's constructor (picklable).
         kwargs: keyword arguments for the runner's constructor (picklable).
+        **options: keywords only; each default is in ``trio_runner._options.DEFAULT``.
         policy: the :class:`RestartPolicy`; by default permanent, 2, 4, 8 ... 60 s, 10 restarts.
-        timeouts: the :class:`Timeouts`.
+        timeouts: the :class:`Timeouts`; by default ``Timeouts()``.
         name: names the runner in logs; child output goes to the logger
             ``trio_runner.runner.<name>``. Defaults to the class name.
         start_method: ``"spawn"`` (default) or ``"forkserver"``.
         preload: modules the forkserver imports once, so restarts skip them.
-        window: events in flight per task before ``ctx.emit`` blocks.
+        window: events in flight per task before ``ctx.emit`` blocks (default 8192).
         max_frame_size: the largest frame either side accepts; larger is a
-            protocol error. An int from 64 KiB to 2**32 - 1; a request, result
-            or batch of events may pickle to at most ``max_frame_size - 256`` bytes.
+            protocol error. An int from 64 KiB to 2**32 - 1 (default 64 MiB); a
+            request, result or batch of events may pickle to at most
+            ``max_frame_size - 256`` bytes.
         raise_on_give_up: when the policy gives up, raise
             :class:`RestartLimitExceeded` out of the block (the default, which
             cancels the body), or only move to FAILED.
@@ -682,21 +614,10 @@ def open_supervisor(
     Raises:
         TypeError: the runner is not an importable Runner subclass, or its
             arguments cannot be pickled. Raised at the call, before any await.
+        TypeError: an option has the wrong type, or is not an option.
         ValueError: an option is out of range. Raised at the call.
     """
-    supervisor = Supervisor(
-        runner,
-        args,
-        kwargs,
-        policy=policy,
-        timeouts=timeouts,
-        name=name,
-        start_method=start_method,
-        preload=preload,
-        window=window,
-        max_frame_size=max_frame_size,
-        raise_on_give_up=raise_on_give_up,
-    )
+    supervisor = create_supervisor(runner, args, kwargs, Options.from_keywords("open_supervisor", options))
     return _open(supervisor)
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ._policy import check_number
+from . import _validate as check
+
+#: The child beats this many times per ``heartbeat`` period (so one or two late
+#: beats never look like a frozen runner), and at least every
+#: ``MAX_BEAT_INTERVAL`` seconds, as the ``Timeouts`` docs promise.
+BEATS_PER_PERIOD = 4
+MAX_BEAT_INTERVAL = 1.0
 
 
 @dataclass(frozen=True)
@@ -39,14 +45,13 @@ class Timeouts:
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name == "stall" and value is None:
-                continue
-            check_number("Timeouts", item.name, value, minimum=0, inclusive=False)
+            if item.name != "stall" or value is not None:  # None: no stall limit
+                check.seconds(f"Timeouts.{item.name}", value, above_zero=True)
 
     @property
     def heartbeat_interval(self) -> float:
         """How often the child beats."""
-        return min(1.0, self.heartbeat / 4)
+        return min(MAX_BEAT_INTERVAL, self.heartbeat / BEATS_PER_PERIOD)
 
     @property
     def shutdown_bound(self) -> float:

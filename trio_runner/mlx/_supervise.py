@@ -8,10 +8,11 @@ import tempfile
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Unpack
 
 import trio
 
+from .._options import ForwardedOptions
 from .._supervisor import Supervisor, open_supervisor
 from ._model import demo_model, demo_model_location, verify_demo_model
 from ._runner import MlxLmRunner, check_model_argument, start_options, warm_up_once
@@ -99,7 +100,7 @@ async def open_mlx_supervisor(
     start_method: str = "auto",
     warmup: bool = True,
     name: str = "mlx",
-    **supervisor_options: Any,
+    **supervisor_options: Unpack[ForwardedOptions],
 ) -> AsyncGenerator[Supervisor[Generate, Token, Completion]]:
     """Supervise an :class:`MlxLmRunner`: ``async with open_mlx_supervisor() as sup``.
 
@@ -113,8 +114,10 @@ async def open_mlx_supervisor(
             kernel cache is cold, compile the kernels first in a throwaway
             process (:func:`warm_kernel_cache`), never in the forkserver.
         name: the supervisor's name, for logs.
-        supervisor_options: any other :func:`trio_runner.open_supervisor`
-            argument: ``policy``, ``timeouts``, ``window`` ...
+        supervisor_options: the other :func:`trio_runner.open_supervisor`
+            options: ``policy``, ``timeouts``, ``window``, ``max_frame_size``,
+            ``raise_on_give_up`` (``start_method``, ``preload`` and the
+            runner's ``kwargs`` are this function's to decide).
 
     Raises:
         ValueError: ``model`` is a path that does not exist, or a bad option.
