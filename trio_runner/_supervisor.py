@@ -477,6 +477,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
                 with trio.move_on_after(delay):
                     await self._stop_event.wait()
         finally:
+            if self._spec.guardian is not None:
+                self._spec.guardian.close()  # every incarnation is closed: the guardian may go
             if self._lifecycle.state is not RunnerState.FAILED:
                 self._lifecycle.set_state(RunnerState.STOPPED)
             self._lifecycle.emit(Stopped(self._lifecycle.state, self._last_exit))
