@@ -201,6 +201,19 @@ async def test_a_grandchild_that_left_the_group_and_was_reparented_away_is_kille
     assert await _until_gone([escapee], within=10) == []
 
 
+async def test_a_grandchild_that_left_the_group_is_killed_when_its_runner_is_sigkilled() -> None:
+    # The runner cannot kill it on its way out (SIGKILL), the supervisor's kill
+    # of the group misses it, and no parent link leads to it: only the guardian's
+    # record does, swept when the supervisor says the runner is reaped.
+    async with open_supervisor(FamilyRunner, policy=FAST, timeouts=QUICK) as sup:
+        escapee = await sup.run(("escapee", 3.5))
+        runner = sup.statistics().pid
+        assert runner is not None and _running(escapee)
+        os.kill(runner, signal.SIGKILL)
+        assert await _until_gone([escapee], within=10) == []
+        assert sup.state is not RunnerState.STOPPED  # while the supervisor lives
+
+
 async def test_a_runner_busy_in_c_with_a_live_parent_is_never_killed() -> None:
     # Seconds in C without a heartbeat; the heartbeat timeout is out of the way,
     # so only a spurious kill by the guardian could fail the task.
