@@ -372,7 +372,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
             self._tasks.queue(task)
         return task
 
-    async def _pickle_in_thread(self, request: Any) -> bytearray:
+    async def _pickle_in_thread(self, request: Any) -> bytes:
         try:
             return await _payloads.dumps_in_thread(request, self._payload_limiter)
         except Exception as exc:  # the request's own classes run there: anything goes
