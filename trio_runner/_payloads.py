@@ -219,7 +219,9 @@ def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
     except Exception as exc:  # whatever the bytes make the unpickler do
         raise proto.FrameError(f"corrupt frame: {type(exc).__name__}: {exc}") from exc
     finally:
-        frame.parts = []  # the frame's buffers go as soon as it is decoded
+        # Emptied, not replaced: the reader that made the frame may still hold the
+        # list, and tens of MiB of buffers must be freed here, not on the loop.
+        frame.parts.clear()
     if not isinstance(messages, list):
         raise proto.FrameError(f"corrupt frame: expected a list of messages, got {type(messages).__name__}")
     return messages  # pyright: ignore[reportUnknownVariableType]
