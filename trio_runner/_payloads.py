@@ -220,8 +220,13 @@ def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
         raise proto.FrameError(f"corrupt frame: {type(exc).__name__}: {exc}") from exc
     finally:
         # Emptied, not replaced: the reader that made the frame may still hold the
-        # list, and tens of MiB of buffers must be freed here, not on the loop.
-        frame.parts.clear()
+        # list, and tens of MiB of buffers must be freed here, not on the loop;
+        # one at a time, letting the loop in (each is a munmap).
+        parts = frame.parts
+        pacer = _Pacer()
+        while parts:
+            parts.pop()
+            pacer.tick()
     if not isinstance(messages, list):
         raise proto.FrameError(f"corrupt frame: expected a list of messages, got {type(messages).__name__}")
     return messages  # pyright: ignore[reportUnknownVariableType]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import mmap
 import multiprocessing
 import os
 import signal
@@ -35,6 +36,9 @@ _READS_PER_YIELD = 8
 #: read into a fresh buffer costs 0.1-0.4 ms (page faults), so eight in a row
 #: held the loop 2-9 ms while a big payload streamed in.
 _BYTES_PER_YIELD = _RECEIVE_SIZE
+#: Reads of this many bytes or more are handed over in their own mapping;
+#: smaller ones are copied out of the one the next read reuses.
+_HANDOVER = 64 * 1024
 _SOCKET_BUFFER = 1024 * 1024
 
 
@@ -240,6 +244,7 @@ class ProcessWorker:
         self._pidfd: int | None = None
         self._reads_in_a_row = 0
         self._read_since_yield = 0
+        self._read_buffer: mmap.mmap | None = None
         self._out_fds: list[int] = []
         self._closed = False
 
@@ -362,15 +367,26 @@ class ProcessWorker:
             self._reads_in_a_row = self._read_since_yield = 0
             await trio.lowlevel.checkpoint()
         while True:
+            buffer = self._read_buffer
+            if buffer is None:
+                buffer = self._read_buffer = mmap.mmap(-1, _RECEIVE_SIZE)
             try:
-                data = sock.recv(_RECEIVE_SIZE)
+                count = sock.recv_into(buffer)
             except BlockingIOError:
                 pass
             except OSError:  # closed by aclose(), or reset
                 return b""
             else:
-                self._read_since_yield += len(data)
-                return data
+                self._read_since_yield += count
+                if count < _HANDOVER:
+                    return buffer[:count]
+                # A big read is handed over, not copied: a big frame keeps its
+                # reads as they are. Its own mapping, not the heap: glibc would
+                # put thousands of such reads on the heap top and give the
+                # pages back (milliseconds for tens of MiB) at a later free of
+                # ours, on the loop, wherever the trim happened to fall.
+                self._read_buffer = None
+                return cast(bytes, memoryview(buffer)[:count])
             self._reads_in_a_row = self._read_since_yield = 0
             try:
                 await trio.lowlevel.wait_readable(sock)
