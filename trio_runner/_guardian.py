@@ -109,7 +109,8 @@ def launch(lifeline: int, notes: int) -> int | None:
         ]
         argv = [sys.executable, "-I", "-S", "-c", code]
         try:
-            return os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions)
+            # A group of its own at once: a terminal's Ctrl-C is not for it.
+            return os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions, setpgroup=0)
         except OSError:  # out of processes or memory, or no interpreter to run
             return None
     finally:
