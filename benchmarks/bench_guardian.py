@@ -9,12 +9,17 @@ guardian, measured in the same rounds. The guardian is one per supervisor,
 started with its first runner; what a restart pays for it is the new runner's
 note (a write and a poll), the supervisor's ``-PID`` note, and the guardian's
 reading of both, which competes for the CPU with the new runner's start.
+Since that difference is within the noise of a loaded machine, the guardian's
+own CPU time over the rounds (psutil, clock-tick resolution) is reported per
+restart as well; it includes its scan of the process table once a second.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -22,6 +27,8 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import _children
+import psutil
+import trio
 from _common import MS, RESTART, Config, fmt_ms, restart_once, row, summary
 
 from trio_runner import Supervisor
@@ -35,8 +42,26 @@ def _without_guardian(spec: SpawnSpec, incarnation: int) -> Worker:
     return ProcessWorker(dataclasses.replace(spec, guardian=None), incarnation)
 
 
-async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
+def _guardians() -> dict[int, Any]:
+    """The guardian processes on the machine (a bare interpreter running ``_guardian.main()``), by pid."""
+    found: dict[int, Any] = {}
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(psutil.Error):
+            if "_guardian.main()" in " ".join(proc.info["cmdline"] or ()) and os.getsid(proc.pid) == proc.pid:
+                found[proc.pid] = proc
+    return found
+
+
+def _cpu(proc: Any) -> float:
+    times = proc.cpu_times()
+    return times.user + times.system
+
+
+async def restart_to_ready(cfg: Config, method: str) -> tuple[dict[str, list[float]], float | None]:
+    """Restart times with and without the guardian; and the guardian's own CPU per restart, in seconds."""
     samples: dict[str, list[float]] = {"with guardian": [], "without guardian": []}
+    before = set(_guardians())
+    cpu_per_restart: float | None = None
     async with AsyncExitStack() as stack:
         sups: dict[str, Any] = {}
         for label in samples:
@@ -52,14 +77,29 @@ async def restart_to_ready(cfg: Config, method: str) -> dict[str, list[float]]:
             sups[label] = (sup, sup.watch())
         for sup, _ in sups.values():
             await sup.wait_ready()
+        # The one guardian of the supervisor that has one (it may come a moment after READY).
+        guardian = None
+        for _ in range(200):
+            new = [proc for pid, proc in _guardians().items() if pid not in before]
+            if len(new) == 1:
+                guardian = new[0]
+                break
+            await trio.sleep(0.01)
         labels = list(samples)
+        cpu_start = 0.0
         for i in range(cfg.n(60, 2) + 1):
+            if i == 1 and guardian is not None:
+                cpu_start = _cpu(guardian)
             for label in labels if i % 2 else reversed(labels):
                 sup, changes = sups[label]
                 elapsed = await restart_once(sup, changes)
                 if i:  # the first round warms up both: thread cache, lazy imports
                     samples[label].append(elapsed)
-    return samples
+        if guardian is not None:
+            await trio.sleep(0.05)  # its reading of the last notes
+            with contextlib.suppress(psutil.Error):
+                cpu_per_restart = (_cpu(guardian) - cpu_start) / len(samples["with guardian"])
+    return samples, cpu_per_restart
 
 
 # Runs as a process group leader, as a runner does; nothing reads the notes pipe
@@ -95,8 +135,10 @@ async def run(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     raw: dict[str, Any] = {}
     for method in ("spawn", "forkserver"):
-        samples = await restart_to_ready(cfg, method)
+        samples, cpu_per_restart = await restart_to_ready(cfg, method)
         raw[f"guardian_{method}"] = samples
+        cpu_ms = None if cpu_per_restart is None else cpu_per_restart * MS
+        raw[f"guardian_{method}_cpu_per_restart_ms"] = cpu_ms
         stats = {name: summary(values, MS) for name, values in samples.items()}
         extra = stats["with guardian"]["median"] - stats["without guardian"]["median"]
         paired = statistics.median(
@@ -113,6 +155,19 @@ async def run(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 extra <= GOAL_MS,
                 stats=stats,
                 paired_difference_ms=paired,
+            )
+        )
+        cpu_text = "not found" if cpu_ms is None else f"{cpu_ms:.3f} ms"
+        rows.append(
+            row(
+                f"guardian_{method}_cpu",
+                f"the guardian's own CPU per restart, {method} (the whole run / restarts)",
+                cpu_text,
+                "—",
+                "—",
+                "—",
+                None,
+                cpu_per_restart_ms=cpu_ms,
             )
         )
     start_cost = summary(runner_side_register_cost(cfg), MS)
