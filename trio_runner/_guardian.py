@@ -37,8 +37,8 @@ hold whatever it held. It forks once and exits, so the guardian is reparented
 away at once, leads a session of its own (a terminal's Ctrl-C is not for it),
 and runs at the lowest CPU priority.
 
-Child side: the standard library only, and at import only ``os``, ``sys``
-and ``select`` (every import here costs the guardian's start).
+Child side: the standard library only, and at import only ``os``, ``sys``,
+``select`` and ``time`` (every import here costs the guardian's start).
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from __future__ import annotations
 import os
 import select
 import sys
+import time
 
 #: How often the guardian records the runners' descendants that left their groups.
 #: A /proc scan of a hundred processes costs about a millisecond.
@@ -198,7 +199,7 @@ def main() -> None:
         os._exit(0)
 
 
-class Runner:
+class Known:
     """What the guardian knows of one runner."""
 
     __slots__ = ("dead", "escaped", "start")
@@ -218,21 +219,27 @@ class Guardian:
     def __init__(self, lifeline: int, notes: int) -> None:
         self.lifeline = lifeline
         self.notes = notes
-        self.runners: dict[int, Runner] = {}
+        self.runners: dict[int, Known] = {}
         self.pending = b""
         self.notes_open = True
         self.me = os.getpid()
 
     def run(self) -> None:
         os.set_blocking(self.notes, False)
+        next_scan = time.monotonic() + _SCAN_INTERVAL
         while True:
             fds = (self.lifeline, self.notes) if self.notes_open else (self.lifeline,)
-            if not _readable(fds, _SCAN_INTERVAL if self.runners else None):
+            # Scans keep their pace however often notes come (a crash loop).
+            timeout = max(0.0, next_scan - time.monotonic()) if self.runners else None
+            if _readable(fds, timeout):
+                self.read_notes()
+                if _readable((self.lifeline,), 0):
+                    break  # the supervisor is gone
+            if self.runners and time.monotonic() >= next_scan:
                 self.scan()
-                continue
-            self.read_notes()
-            if _readable((self.lifeline,), 0):
-                break  # the supervisor is gone
+                next_scan = time.monotonic() + _SCAN_INTERVAL
+            elif not self.runners:
+                next_scan = time.monotonic() + _SCAN_INTERVAL
         # Every note written while the supervisor lived is in the pipe by now.
         self.read_notes()
         for pid, runner in self.runners.items():
@@ -258,7 +265,7 @@ class Guardian:
         except ValueError:
             return
         if line.startswith(b"+"):
-            self.runners[pid] = Runner(_proc_start(pid))
+            self.runners[pid] = Known(_proc_start(pid))
             return
         runner = self.runners.pop(pid, None)
         if runner is not None and runner.escaped:
@@ -283,7 +290,7 @@ class Guardian:
                 exclude=self.me,
             )
 
-    def sweep_runner(self, pid: int, runner: Runner) -> None:
+    def sweep_runner(self, pid: int, runner: Known) -> None:
         proc = None
         if runner.start is not None:
             table = process_table()
