@@ -43,11 +43,13 @@ def _without_guardian(spec: SpawnSpec, incarnation: int) -> Worker:
 
 
 def _guardians() -> dict[int, Any]:
-    """The guardian processes on the machine (a bare interpreter running ``_guardian.main()``), by pid."""
+    """This process's guardians (a bare interpreter running ``_guardian.main()``, our pid last), by pid."""
     found: dict[int, Any] = {}
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(psutil.Error):
-            if "_guardian.main()" in " ".join(proc.info["cmdline"] or ()) and os.getsid(proc.pid) == proc.pid:
+            argv = proc.info["cmdline"] or []
+            ours = argv[-1:] == [str(os.getpid())] and "_guardian.main()" in " ".join(argv)
+            if ours and os.getsid(proc.pid) == proc.pid:
                 found[proc.pid] = proc
     return found
 

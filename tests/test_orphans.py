@@ -224,18 +224,20 @@ async def test_a_runner_busy_in_c_with_a_live_parent_is_never_killed() -> None:
 
 
 def _guardians() -> set[int]:
-    """Every guardian process on the machine: a bare interpreter running ``_guardian.main()``.
+    """The guardians of this process's supervisors: a bare interpreter running ``_guardian.main()``.
 
-    Reparented away at once, so the autouse fixture cannot see them: every
+    Its last argument is the supervisor's pid (other test runs on the machine
+    have guardians of their own). Reparented away at once, so the autouse fixture cannot see them: every
     test here checks them explicitly. The launcher looks the same until it has
     forked the guardian and exited, so only session leaders count (the
-    guardian calls ``setsid``; the launcher does not).
+    guardian calls ``setsid``; the launcher only leads a group).
     """
     found = set()
     for proc in psutil.process_iter(["cmdline"]):
         with contextlib.suppress(OSError, psutil.Error):  # gone meanwhile
-            command = " ".join(proc.info["cmdline"] or ())
-            if "_guardian.main()" in command and os.getsid(proc.pid) == proc.pid and _running(proc.pid):
+            argv = proc.info["cmdline"] or []
+            ours = argv[-1:] == [str(os.getpid())] and "_guardian.main()" in " ".join(argv)
+            if ours and os.getsid(proc.pid) == proc.pid and _running(proc.pid):
                 found.add(proc.pid)
     return found
 

@@ -108,7 +108,8 @@ def launch(lifeline: int, notes: int) -> int | None:
             (os.POSIX_SPAWN_DUP2, high[0], _LIFELINE_FD),
             (os.POSIX_SPAWN_DUP2, high[1], _NOTES_FD),
         ]
-        argv = [sys.executable, "-I", "-S", "-c", code]
+        # The supervisor's pid, unused: for ps, and for tests, to tell whose guardian it is.
+        argv = [sys.executable, "-I", "-S", "-c", code, str(os.getpid())]
         try:
             # A group of its own at once: a terminal's Ctrl-C is not for it.
             return os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions, setpgroup=0)
