@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 import threading
 import zlib
 from typing import Any
@@ -293,3 +294,15 @@ async def test_a_big_request_that_cannot_be_pickled_raises_type_error() -> None:
         with pytest.raises(TypeError, match="the request cannot be pickled"):
             await sup.run(("echo", [*range(100_000), threading.Lock()]))
         assert await sup.run(("echo", "serving")) == "serving"
+
+
+async def test_a_big_result_is_handed_over_and_the_supervisor_keeps_no_reference_to_it() -> None:
+    # Whatever the supervisor still holds when the application drops a big
+    # value is freed later, on the loop (five million ints: 30-120 ms).
+    async with open_supervisor(PayloadRunner) as sup:
+        await sup.wait_ready()
+        with trio.fail_after(60):
+            result = await sup.run(("ints", 400_000))  # over _payloads.LARGE pickled: the thread path
+            await trio.sleep(0.1)  # the forwarder is back waiting for the next read
+        assert len(result) == 400_000
+        assert sys.getrefcount(result) == 2  # ``result`` and getrefcount's argument
