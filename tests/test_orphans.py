@@ -358,6 +358,42 @@ def test_a_runner_whose_supervisor_died_before_it_registered_exits_at_once() -> 
     assert written.startswith(b"+")
 
 
+_LAUNCH_FROM_LOW_FDS = """
+import os, subprocess, sys, time
+from trio_runner import _guardian
+
+def moved(fd):
+    new = os.dup2(fd, fd + 20, inheritable=False)
+    os.close(fd)
+    return new
+
+lifeline_r, lifeline_w = (moved(fd) for fd in os.pipe())
+notes_r, notes_w = (moved(fd) for fd in os.pipe())
+# Now the numbers the guardian expects its pipes at (3 and 4) are free here.
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], process_group=0)
+os.waitpid(_guardian.launch(lifeline_r, notes_r), 0)
+os.write(notes_w, b"+%d\\n" % sleeper.pid)
+time.sleep(1.5)  # a guardian without its lifeline would have swept by now
+print(sleeper.poll() is None, sleeper.pid, flush=True)
+os._exit(0)  # the lifeline's only write end goes with this process
+"""
+
+
+async def test_a_guardian_gets_its_pipes_whatever_fds_are_free_and_sweeps_only_when_the_lifeline_ends() -> (
+    None
+):
+    done = await trio.run_process(
+        [sys.executable, "-c", _LAUNCH_FROM_LOW_FDS], capture_stdout=True, cwd=Path(__file__).parents[1]
+    )
+    alive, sleeper = done.stdout.split()
+    try:
+        assert alive == b"True"  # not swept while the lifeline lived
+        assert await _until_gone([int(sleeper)], within=10) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(sleeper), signal.SIGKILL)
+
+
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="compares ps with /proc")
 def test_the_guardians_ps_scan_agrees_with_proc() -> None:
     # macOS has no /proc: the guardian reads the tree from ps there. Checked

@@ -100,8 +100,11 @@ def launch(lifeline: int, notes: int) -> int | None:
     actions: list[tuple[object, ...]] = [
         (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)
     ]
-    # dup2 onto themselves would keep close-on-exec: go through free numbers first.
-    high = [os.dup(lifeline), os.dup(notes)]
+    # Through copies above the target numbers: a dup2 of an fd onto itself would
+    # keep it close-on-exec, and one onto the other's number would clobber it.
+    import fcntl  # the supervisor's side only: the guardian never needs it
+
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _NOTES_FD + 1) for fd in (lifeline, notes)]
     try:
         actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in high]
         actions += [
