@@ -306,3 +306,20 @@ async def test_a_big_result_is_handed_over_and_the_supervisor_keeps_no_reference
             await trio.sleep(0.1)  # the forwarder is back waiting for the next read
         assert len(result) == 400_000
         assert sys.getrefcount(result) == 2  # ``result`` and getrefcount's argument
+
+
+async def test_big_payloads_still_arrive_when_no_memory_mapping_can_be_had(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Reads go into anonymous mappings, which a process has a limited number of
+    # (vm.max_map_count): without one, into heap memory.
+    from trio_runner import _process
+
+    def no_mapping(*args: object) -> object:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(_process.mmap, "mmap", no_mapping)
+    async with open_supervisor(PayloadRunner) as sup:
+        with trio.fail_after(60):
+            assert await sup.run(("bytes", 3 << 20)) == blob(3 << 20)
+            assert await sup.run(("echo", "small")) == "small"

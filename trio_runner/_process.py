@@ -244,7 +244,7 @@ class ProcessWorker:
         self._pidfd: int | None = None
         self._reads_in_a_row = 0
         self._read_since_yield = 0
-        self._read_buffer: mmap.mmap | None = None
+        self._read_buffer: mmap.mmap | bytearray | None = None
         self._out_fds: list[int] = []
         self._closed = False
 
@@ -369,7 +369,7 @@ class ProcessWorker:
         while True:
             buffer = self._read_buffer
             if buffer is None:
-                buffer = self._read_buffer = mmap.mmap(-1, _RECEIVE_SIZE)
+                buffer = self._read_buffer = _new_read_buffer()
             try:
                 count = sock.recv_into(buffer)
             except BlockingIOError:
@@ -379,7 +379,7 @@ class ProcessWorker:
             else:
                 self._read_since_yield += count
                 if count < _HANDOVER:
-                    return buffer[:count]
+                    return bytes(buffer[:count])
                 # A big read is handed over, not copied: a big frame keeps its
                 # reads as they are. Its own mapping, not the heap: glibc would
                 # put thousands of such reads on the heap top and give the
@@ -489,6 +489,18 @@ async def _pump_lines(
                 pending = pending[MAX_LINE:]
         if pending:
             on_lines(name, pending + b"\n")
+
+
+def _new_read_buffer() -> mmap.mmap | bytearray:
+    """A buffer for one read: an anonymous mapping, or heap memory if no mapping can be had.
+
+    (Mappings per process are limited, ``vm.max_map_count`` on Linux; a big frame
+    in flight holds one per 256 KiB read.)
+    """
+    try:
+        return mmap.mmap(-1, _RECEIVE_SIZE)
+    except OSError:
+        return bytearray(_RECEIVE_SIZE)
 
 
 def private_limiter() -> trio.CapacityLimiter:
