@@ -7,9 +7,12 @@ design decision matters: a plain ``to_thread(pickle.loads, data)`` holds the
 GIL for the whole C-level copy, so the trio thread waits for it anyway
 (measured: no better than doing it on the loop). Instead, the (un)pickler
 works on a file object whose methods are Python code: the C (un)pickler calls
-them at least once per 64 KiB pickle frame, and they copy at most
-:data:`_CHUNK` bytes at a time and release the GIL (``time.sleep(0)``) every
-half millisecond of work, so the trio thread gets in that often.
+them at least once per 64 KiB pickle frame, and they hand over views of the
+received buffers (or copy at most :data:`_CHUNK` bytes at a time) and release
+the GIL (``time.sleep(0)``) every half millisecond of work, so the trio thread
+gets in that often. What the thread unpickled from is freed in the thread too
+(see :func:`decode_in_thread`), and a big pickle is joined by ``bytes.join``,
+which copies without the GIL.
 """
 
 from __future__ import annotations
