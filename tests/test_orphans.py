@@ -419,3 +419,16 @@ def test_the_guardians_ps_scan_agrees_with_proc() -> None:
         finally:
             in_group.kill()
             away.kill()
+
+
+async def test_a_guardian_that_cannot_be_started_is_logged_and_the_runner_still_serves(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trio_runner import _guardian
+
+    monkeypatch.setattr(_guardian, "launch", lambda lifeline, notes: None)
+    before = _guardians()
+    async with open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK) as sup:
+        assert await sup.run(("pid",)) == sup.statistics().pid
+    assert "the guardian process could not be started" in caplog.text
+    assert _guardians() == before

@@ -104,6 +104,7 @@ class GuardianLink:
         if launcher is None:
             for fd in (lifeline_r, lifeline_w, notes_w):
                 os.close(fd)
+            _guardian_missing("could not be started (no interpreter, or out of processes or memory)")
             return
         # A full pipe (a guardian that does not read) must never block a runner
         # or the trio thread: a note that does not fit is dropped, and said so.
@@ -139,11 +140,15 @@ def _reap_launcher(pid: int) -> None:
     except ChildProcessError:  # application code reaped it already (os.wait(), or SIGCHLD ignored)
         status = 0
     if status != 0:
-        logging.getLogger("trio_runner").warning(
-            "the guardian process could not be started (launcher status %#x); a runner that holds "
-            "the GIL or is stopped will not follow a supervisor that dies",
-            status,
-        )
+        _guardian_missing(f"could not be started (launcher status {status:#x})")
+
+
+def _guardian_missing(why: str) -> None:
+    logging.getLogger("trio_runner").warning(
+        "the guardian process %s; a runner that holds the GIL or is stopped will not follow "
+        "a supervisor that dies",
+        why,
+    )
 
 
 class Worker(Protocol):
