@@ -201,6 +201,19 @@ async def test_a_grandchild_that_left_the_group_and_was_reparented_away_is_kille
     assert await _until_gone([escapee], within=10) == []
 
 
+async def test_a_grandchild_that_left_the_group_is_killed_when_its_runner_is_sigkilled() -> None:
+    # The runner cannot kill it on its way out (SIGKILL), the supervisor's kill
+    # of the group misses it, and no parent link leads to it: only the guardian's
+    # record does, swept when the supervisor says the runner is reaped.
+    async with open_supervisor(FamilyRunner, policy=FAST, timeouts=QUICK) as sup:
+        escapee = await sup.run(("escapee", 3.5))
+        runner = sup.statistics().pid
+        assert runner is not None and _running(escapee)
+        os.kill(runner, signal.SIGKILL)
+        assert await _until_gone([escapee], within=10) == []
+        assert sup.state is not RunnerState.STOPPED  # while the supervisor lives
+
+
 async def test_a_runner_busy_in_c_with_a_live_parent_is_never_killed() -> None:
     # Seconds in C without a heartbeat; the heartbeat timeout is out of the way,
     # so only a spurious kill by the guardian could fail the task.
@@ -210,81 +223,175 @@ async def test_a_runner_busy_in_c_with_a_live_parent_is_never_killed() -> None:
         assert sup.statistics().restarts == 0
 
 
-async def _guardian_of(runner: int) -> int | None:
-    """The runner's guardian: the process in the runner's session that leads a group of its own.
+def _guardians() -> set[int]:
+    """The guardians of this process's supervisors: a bare interpreter running ``_guardian.main()``.
 
-    It starts beside the runner (a fresh interpreter), so it may come a moment
-    after READY: polled, for at most 10 s. The launcher the runner spawns looks
-    the same until it has forked the guardian and exited, so a candidate counts
-    only once the runner is no longer among its parents (reparented away).
+    Its last argument is the supervisor's pid (other test runs on the machine
+    have guardians of their own). Reparented away at once, so the autouse fixture cannot see them: every
+    test here checks them explicitly. The launcher looks the same until it has
+    forked the guardian and exited, so only session leaders count (the
+    guardian calls ``setsid``; the launcher only leads a group).
     """
+    found = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        with contextlib.suppress(OSError, psutil.Error):  # gone meanwhile
+            argv = proc.info["cmdline"] or []
+            ours = argv[-1:] == [str(os.getpid())] and "_guardian.main()" in " ".join(argv)
+            if ours and os.getsid(proc.pid) == proc.pid and _running(proc.pid):
+                found.add(proc.pid)
+    return found
+
+
+async def _new_guardians(before: set[int], count: int) -> set[int]:
+    """The guardians not in ``before``, once there are ``count`` of them (polled, at most 10 s)."""
+    new: set[int] = set()
     for _ in range(500):
-        for pid in psutil.pids():
-            with contextlib.suppress(OSError, psutil.Error):  # gone meanwhile
-                if (
-                    pid != runner
-                    and os.getsid(pid) == runner
-                    and os.getpgid(pid) == pid
-                    and _running(pid)
-                    and runner not in {proc.pid for proc in psutil.Process(pid).parents()}
-                ):
-                    return pid
+        new = _guardians() - before
+        if len(new) >= count:
+            break
         await trio.sleep(0.02)
-    return None
-
-
-async def _runner_and_guardian(sup: Supervisor[object, object, object]) -> tuple[int, int]:
-    await sup.wait_ready()
-    runner = sup.statistics().pid
-    assert runner is not None
-    guardian = await _guardian_of(runner)
-    assert guardian is not None, "the runner has no guardian"
-    # Reparented away at once: the autouse fixture cannot see it, so every test
-    # here checks it explicitly.
-    assert runner not in {proc.pid for proc in psutil.Process(guardian).parents()}
-    return runner, guardian
+    return new
 
 
 @pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
-async def test_no_guardian_outlives_its_runner_through_sigkill_crash_and_graceful_stop(
-    start_method: str,
-) -> None:
-    guardians: list[int] = []
+async def test_one_guardian_serves_every_restart_of_a_supervisor_and_exits_with_it(start_method: str) -> None:
+    before = _guardians()
     async with open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK, start_method=start_method) as sup:
-        runner, guardian = await _runner_and_guardian(sup)
-        guardians.append(guardian)
+        await sup.wait_ready()
+        guardians = await _new_guardians(before, 1)
+        assert len(guardians) == 1
+        runner = sup.statistics().pid
+        assert runner is not None
         os.kill(runner, signal.SIGKILL)
         # Never started on the killed runner, so served by the next one.
         assert await sup.run(("pid",)) != runner
-        assert await _until_gone([guardian], within=10) == []
-
-        _, guardian = await _runner_and_guardian(sup)
-        guardians.append(guardian)
         with pytest.raises(RunnerCrashed):
             await sup.run(("exit", 3))
-        assert await _until_gone([guardian], within=10) == []
+        await sup.wait_ready()
+        assert sup.statistics().restarts == 2
+        # No guardian per restart: the same one, still there.
+        assert _guardians() - before == guardians
+    assert await _until_gone(list(guardians), within=10) == []
 
-        _, guardian = await _runner_and_guardian(sup)
-        guardians.append(guardian)
-    assert await _until_gone(guardians, within=10) == []
+
+async def test_each_supervisor_has_its_own_guardian() -> None:
+    before = _guardians()
+    async with (
+        open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK) as first,
+        open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK) as second,
+    ):
+        await first.wait_ready()
+        await second.wait_ready()
+        guardians = await _new_guardians(before, 2)
+        assert len(guardians) == 2
+        async with open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK) as third:
+            await third.wait_ready()
+            third_guardian = await _new_guardians(before | guardians, 1)
+            assert len(third_guardian) == 1
+        # Closing one supervisor ends its guardian only, and kills no other runner.
+        assert await _until_gone(list(third_guardian), within=10) == []
+        assert all(_running(pid) for pid in guardians)
+        assert await first.run(("pid",)) == first.statistics().pid
+        assert first.statistics().restarts == second.statistics().restarts == 0
+    assert await _until_gone(list(guardians), within=10) == []
 
 
-async def test_no_guardian_outlives_a_runner_whose_setup_fails() -> None:
-    found: list[int] = []
+async def test_no_guardian_outlives_a_supervisor_whose_runner_fails_setup() -> None:
+    before = _guardians()
     policy = RestartPolicy(mode="temporary")
+    found: set[int] = set()
     async with open_supervisor(EchoRunner, 1.0, True, policy=policy, timeouts=QUICK) as sup:
         async for change in sup.watch():
             if isinstance(change, Spawned):
-                assert change.pid is not None
                 # setup() sleeps for a second before it raises
-                await trio.sleep(0.2)
-                guardian = await _guardian_of(change.pid)
-                assert guardian is not None
-                found.append(guardian)
+                found = await _new_guardians(before, 1)
             if isinstance(change, Stopped):
                 break
-    assert found
-    assert await _until_gone(found, within=10) == []
+    assert len(found) == 1
+    assert await _until_gone(list(found), within=10) == []
+
+
+def _register_in_a_child(lifeline_open: bool) -> tuple[int, bytes]:
+    """Run ``_guardian.register`` in a fresh process group leader: (its exit code, the notes it wrote)."""
+    notes_r, notes_w = os.pipe()
+    lifeline_r, lifeline_w = os.pipe()
+    if not lifeline_open:
+        os.close(lifeline_w)
+    code = (
+        "import os, sys; from trio_runner import _guardian; "
+        "told = _guardian.register(int(sys.argv[1]), int(sys.argv[2])); "
+        "sys.exit(0 if told else 2)"
+    )
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(notes_w), str(lifeline_r)],
+            pass_fds=(notes_w, lifeline_r),
+            process_group=0,
+            timeout=60,
+            check=False,
+        )
+        os.close(notes_w)
+        notes_w = -1
+        with os.fdopen(notes_r, "rb") as reader:
+            notes_r = -1
+            written = reader.read()
+        return done.returncode, written
+    finally:
+        for fd in (notes_r, notes_w, lifeline_r, *([lifeline_w] if lifeline_open else [])):
+            if fd != -1:
+                os.close(fd)
+
+
+def test_a_runner_registers_with_the_guardian_before_anything_else_runs() -> None:
+    code, written = _register_in_a_child(lifeline_open=True)
+    assert code == 0
+    assert written.startswith(b"+") and written.endswith(b"\n")
+    assert int(written[1:]) > 0
+
+
+def test_a_runner_whose_supervisor_died_before_it_registered_exits_at_once() -> None:
+    # The window between spawn and the note: the note is written, then the
+    # lifeline is read. At end-of-file the supervisor is gone, and the guardian
+    # may have swept already without this runner: it exits by itself.
+    code, written = _register_in_a_child(lifeline_open=False)
+    assert code == 1
+    assert written.startswith(b"+")
+
+
+_LAUNCH_FROM_LOW_FDS = """
+import os, subprocess, sys, time
+from trio_runner import _guardian
+
+def moved(fd):
+    new = os.dup2(fd, fd + 20, inheritable=False)
+    os.close(fd)
+    return new
+
+lifeline_r, lifeline_w = (moved(fd) for fd in os.pipe())
+notes_r, notes_w = (moved(fd) for fd in os.pipe())
+# Now the numbers the guardian expects its pipes at (3 and 4) are free here.
+sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], process_group=0)
+os.waitpid(_guardian.launch(lifeline_r, notes_r), 0)
+os.write(notes_w, b"+%d\\n" % sleeper.pid)
+time.sleep(1.5)  # a guardian without its lifeline would have swept by now
+print(sleeper.poll() is None, sleeper.pid, flush=True)
+os._exit(0)  # the lifeline's only write end goes with this process
+"""
+
+
+async def test_a_guardian_gets_its_pipes_whatever_fds_are_free_and_sweeps_only_when_the_lifeline_ends() -> (
+    None
+):
+    done = await trio.run_process(
+        [sys.executable, "-c", _LAUNCH_FROM_LOW_FDS], capture_stdout=True, cwd=Path(__file__).parents[1]
+    )
+    alive, sleeper = done.stdout.split()
+    try:
+        assert alive == b"True"  # not swept while the lifeline lived
+        assert await _until_gone([int(sleeper)], within=10) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(int(sleeper), signal.SIGKILL)
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/stat"), reason="compares ps with /proc")
@@ -312,3 +419,16 @@ def test_the_guardians_ps_scan_agrees_with_proc() -> None:
         finally:
             in_group.kill()
             away.kill()
+
+
+async def test_a_guardian_that_cannot_be_started_is_logged_and_the_runner_still_serves(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from trio_runner import _guardian
+
+    monkeypatch.setattr(_guardian, "launch", lambda lifeline, notes: None)
+    before = _guardians()
+    async with open_supervisor(EchoRunner, policy=FAST, timeouts=QUICK) as sup:
+        assert await sup.run(("pid",)) == sup.statistics().pid
+    assert "the guardian process could not be started" in caplog.text
+    assert _guardians() == before

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import pickle
+import sys
 import threading
 import zlib
 from typing import Any
@@ -293,3 +294,32 @@ async def test_a_big_request_that_cannot_be_pickled_raises_type_error() -> None:
         with pytest.raises(TypeError, match="the request cannot be pickled"):
             await sup.run(("echo", [*range(100_000), threading.Lock()]))
         assert await sup.run(("echo", "serving")) == "serving"
+
+
+async def test_a_big_result_is_handed_over_and_the_supervisor_keeps_no_reference_to_it() -> None:
+    # Whatever the supervisor still holds when the application drops a big
+    # value is freed later, on the loop (five million ints: 30-120 ms).
+    async with open_supervisor(PayloadRunner) as sup:
+        await sup.wait_ready()
+        with trio.fail_after(60):
+            result = await sup.run(("ints", 400_000))  # over _payloads.LARGE pickled: the thread path
+            await trio.sleep(0.1)  # the forwarder is back waiting for the next read
+        assert len(result) == 400_000
+        assert sys.getrefcount(result) == 2  # ``result`` and getrefcount's argument
+
+
+async def test_big_payloads_still_arrive_when_no_memory_mapping_can_be_had(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Reads go into anonymous mappings, which a process has a limited number of
+    # (vm.max_map_count): without one, into heap memory.
+    from trio_runner import _process
+
+    def no_mapping(*args: object) -> object:
+        raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(_process.mmap, "mmap", no_mapping)
+    async with open_supervisor(PayloadRunner) as sup:
+        with trio.fail_after(60):
+            assert await sup.run(("bytes", 3 << 20)) == blob(3 << 20)
+            assert await sup.run(("echo", "small")) == "small"

@@ -615,13 +615,12 @@ def main(
     with contextlib.suppress(OSError):
         os.setsid()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # The guardian, which acts when a runner that holds the GIL or is stopped
-    # cannot, starts first thing. A supervisor that dies before the guardian
-    # runs is still seen: the lifeline is at end-of-file by then.
-    lifeline: int | None = config.get("lifeline")
-    guarded = lifeline is not None and _guardian.start(lifeline)
+    # Told to the supervisor's guardian (which acts when a runner that holds
+    # the GIL or is stopped cannot) before any runner code runs.
+    guardian: tuple[int, int] | None = config.get("guardian")
+    guarded = guardian is not None and _guardian.register(*guardian)
     _redirect_stdio(stdout_fd, stderr_fd)
-    if lifeline is not None and not guarded:
+    if guardian is not None and not guarded:
         print("trio-runner: no guardian process: the runner may outlive a dead supervisor", file=sys.stderr)
     # The default 5 ms switch interval cannot meet "cancelled within a
     # millisecond" while handle() runs pure Python.

@@ -2,46 +2,43 @@
 
 The runner's own orphan check is a thread, so it cannot run while the
 runner's main thread holds the GIL in native code, nor while the runner is
-SIGSTOPped. The guardian is a tiny process the runner starts first thing,
-with one job: when the supervisor is gone, the runner and everything it
-started go too.
+SIGSTOPped. The guardian is a tiny process, one per supervisor, with one job:
+when the supervisor is gone, its runners and everything they started go too.
 
-It blocks on two pipes that nobody ever writes to:
+The supervisor starts it once, with its first runner (off the trio thread),
+and it lives as long as the supervisor. It blocks on two pipes:
 
-- the **lifeline**, whose only write end the supervisor holds until it has
-  reaped this incarnation: end-of-file means the supervisor is gone (or done
-  with the runner, which is then dead or being killed);
-- the **runner pipe**, whose only write end the runner holds: end-of-file
-  means the runner has died.
+- the **lifeline**, whose only write end the supervisor holds and never
+  writes to: end-of-file means the supervisor is gone (SIGKILLed, or done);
+- the **notes** pipe, one line per note: ``+PID`` from each runner first
+  thing after ``setsid`` (this runner exists; its process group is PID), and
+  ``-PID`` from the supervisor once it has reaped that runner.
 
-Either way it sweeps (see :func:`sweep`): it stops the runner's process group
-and every descendant that left it (``start_new_session=True``), reads the
-process tree again while it cannot change, SIGKILLs them all, and exits.
+End-of-file on the lifeline makes it read the notes still in the pipe, sweep
+(see :func:`sweep`) every runner it knows of: stop the runner's process group
+and every descendant that left it (``start_new_session=True``), read the
+process tree again while it cannot change, SIGKILL them all; and exit.
 Between wake-ups it scans the process table every ``_SCAN_INTERVAL`` and
-records the runner's descendants outside its group with their start times:
+records each runner's descendants outside its group with their start times:
 one that is reparented away later (its parent died) is still known, and a pid
 reused by a stranger is never signalled. The scan reads ``/proc`` on Linux and
-runs ``ps`` elsewhere (macOS).
+runs ``ps`` elsewhere (macOS). A ``-PID`` note sweeps the descendants it
+recorded for that runner (the supervisor kills the group itself) and forgets it.
 
-The one design decision: the guardian is a fresh interpreter
-(``python -I -S``, running this file), started with ``posix_spawn``, not a
-fork of the runner. A forked guardian shares the runner's pages, so every
-page the runner writes afterwards is copied: measured, that added 5-10 ms of
-the runner's CPU to each restart, against the couple of milliseconds allowed.
-``posix_spawn`` costs the runner a fraction of a millisecond; the guardian's
-own start (10-15 ms of CPU, with nothing imported but ``os``, ``sys`` and
-``select``) runs beside it, at the lowest CPU priority. The spawned process
-forks once and exits, so the guardian is reparented away at once and the
-runner never has a child of ours to trip over in ``os.wait()``. The guardian stays in the runner's session but
-leads a process group of its own: the supervisor's signals to the runner's
-group (SIGTERM on escalation, SIGKILL at reap) are not meant for it, and it
-outlives the runner by one sweep. While it lives in the runner's session, the
-runner's pid (the session id) cannot be given to another process, so
-signalling the runner's group by that number is safe even after the runner
-has been reaped.
+The window between a runner's start and its note is closed by the runner, not
+by a wait: it writes ``+PID`` before any code but ours runs, then looks at the
+lifeline. End-of-file there: the supervisor is gone, and the runner exits at
+once. Not at end-of-file: the supervisor lived after the note was in the pipe,
+so the guardian, which reads every note left before it sweeps, will know it.
 
-Child side: the standard library only, and at import only ``os``, ``sys``
-and ``select`` (every import here costs the guardian's start).
+The guardian is a fresh interpreter (``python -I -S``, running this file),
+not a fork of the supervisor: a fork would share a large process's pages and
+hold whatever it held. It forks once and exits, so the guardian is reparented
+away at once, leads a session of its own (a terminal's Ctrl-C is not for it),
+and runs at the lowest CPU priority.
+
+Child side: the standard library only, and at import only ``os``, ``sys``,
+``select`` and ``time`` (every import here costs the guardian's start).
 """
 
 from __future__ import annotations
@@ -49,8 +46,9 @@ from __future__ import annotations
 import os
 import select
 import sys
+import time
 
-#: How often the guardian records the runner's descendants that left its group.
+#: How often the guardian records the runners' descendants that left their groups.
 #: A /proc scan of a hundred processes costs about a millisecond.
 _SCAN_INTERVAL = 1.0
 #: Rounds of "stop what is new, read the tree again" in a sweep; a tree that
@@ -61,11 +59,9 @@ _PS_TIMEOUT = 10.0
 #: 6 ms (it imports ``enum``), so it is imported only in :func:`sweep`.
 _SIGKILL = 9
 _NICEST = 19
-
-#: The pid of the short-lived process between the runner and its guardian,
-#: until the runner has reaped it (None in any other process, or once reaped).
-#: While it lives, the guardian is its child, so a descendant of the runner's.
-_launcher: int | None = None
+#: The fds the guardian finds its pipes at (0-2 are /dev/null).
+_LIFELINE_FD = 3
+_NOTES_FD = 4
 
 
 class Proc:
@@ -82,76 +78,49 @@ class Proc:
         self.dead = dead
 
 
-# -- the runner's side ------------------------------------------------------
+# -- the supervisor's side ----------------------------------------------------
 
 
-def start(lifeline: int) -> bool:
-    """Start the guardian of this process, which must lead its own process group.
+def launch(lifeline: int, notes: int) -> int | None:
+    """Start a guardian that reads ``lifeline`` and ``notes`` (read ends); the launcher's pid.
 
-    Takes over ``lifeline`` (the read end of the supervisor's pipe): this
-    process closes its copy. Returns False (with no guardian) if this process
-    does not lead its group, whose id the guardian kills by, or if the
-    guardian cannot be started. The process in between is reaped by a thread,
-    so the runner's start never waits for it.
+    The launcher forks the guardian and exits at once; the caller reaps it.
+    None if no process could be started. Blocks for a fork and an exec:
+    call it off the trio thread.
     """
-    global _launcher
-    runner = os.getpid()
-    # The write end stays open, unused, as long as this process lives; it is
-    # close-on-exec, so a program the runner runs does not hold it.
-    runner_r, runner_w = os.pipe()
-    pid: int | None = None
+    if not sys.executable:
+        return None
+    code = (
+        f"import sys; sys.path.append({os.path.dirname(os.path.abspath(__file__))!r}); "
+        "import _guardian; _guardian.main()"
+    )
+    # Exactly these two fds, at known numbers, and /dev/null as stdio: whatever
+    # the guardian held would stay open as long as it lives (the application's
+    # pipes and sockets, the resource tracker's pipe).
+    actions: list[tuple[object, ...]] = [
+        (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)
+    ]
+    # Through copies above the target numbers: a dup2 of an fd onto itself would
+    # keep it close-on-exec, and one onto the other's number would clobber it.
+    import fcntl  # the supervisor's side only: the guardian never needs it
+
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _NOTES_FD + 1) for fd in (lifeline, notes)]
     try:
-        if os.getpgid(0) == runner and sys.executable:
-            # Exactly these fds, at their own numbers, and /dev/null as stdio:
-            # whatever the guardian held would stay open as long as it lives (the
-            # supervisor's stdio pipes and control socket, the resource tracker's pipe).
-            actions: list[tuple[object, ...]] = [
-                (os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)
-            ]
-            actions += [
-                (os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in (lifeline, runner_r)
-            ]
-            os.set_inheritable(lifeline, True)
-            os.set_inheritable(runner_r, True)
-            code = (
-                f"import sys; sys.path.append({os.path.dirname(os.path.abspath(__file__))!r}); "
-                "import _guardian; _guardian.main(sys.argv[1:])"
-            )
-            argv = [sys.executable, "-I", "-S", "-c", code, str(lifeline), str(runner_r), str(runner)]
-            try:
-                pid = os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions)
-            except OSError:  # out of processes or memory, or no interpreter to run
-                pid = None
-            else:
-                _lower_priority(pid)
+        actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in _inheritable_fds() if fd not in high]
+        actions += [
+            (os.POSIX_SPAWN_DUP2, high[0], _LIFELINE_FD),
+            (os.POSIX_SPAWN_DUP2, high[1], _NOTES_FD),
+        ]
+        # The supervisor's pid, unused: for ps, and for tests, to tell whose guardian it is.
+        argv = [sys.executable, "-I", "-S", "-c", code, str(os.getpid())]
+        try:
+            # A group of its own at once: a terminal's Ctrl-C is not for it.
+            return os.posix_spawn(sys.executable, argv, os.environ, file_actions=actions, setpgroup=0)
+        except OSError:  # out of processes or memory, or no interpreter to run
+            return None
     finally:
-        os.close(runner_r)
-        os.close(lifeline)
-        if pid is None:
-            os.close(runner_w)
-    if pid is None:
-        return False
-    _launcher = pid
-    import threading  # loaded in the runner already; here it would cost the guardian
-
-    threading.Thread(
-        target=_reap_launcher, args=(pid,), name="trio-runner-guardian-reaper", daemon=True
-    ).start()
-    return True
-
-
-def _lower_priority(pid: int) -> None:
-    """Give the guardian the lowest CPU priority, for good.
-
-    Its start (an interpreter's, about 10 ms of CPU) would otherwise compete
-    with the start of the runner and the supervisor's work on it, which is all
-    a restart waits for. What it does later is small enough (a millisecond a
-    second, and the sweep) to get done at any priority.
-    """
-    try:  # noqa: SIM105 (contextlib: one import less for the guardian)
-        os.setpriority(os.PRIO_PROCESS, pid, _NICEST)
-    except OSError:  # gone already (it failed), or a platform that forbids it
-        pass
+        for fd in high:
+            os.close(fd)
 
 
 def _inheritable_fds() -> list[int]:
@@ -172,21 +141,38 @@ def _inheritable_fds() -> list[int]:
     return fds
 
 
-def _reap_launcher(pid: int) -> None:
-    """Reap the launcher (gone within a moment of :func:`start`); say so if it failed."""
-    global _launcher
+def reaped_note(pid: int) -> bytes:
+    """The supervisor's note that runner ``pid`` is reaped."""
+    return b"-%d\n" % pid
+
+
+# -- the runner's side --------------------------------------------------------
+
+
+def register(notes: int, lifeline: int) -> bool:
+    """Tell the guardian about this runner, which must lead its own process group.
+
+    Closes both fds (inherited from the supervisor). Exits at once if the
+    supervisor is already gone. False (no guardian) if this process does not
+    lead its group, whose id the guardian kills by, or if the guardian is gone
+    or cannot take the note.
+    """
+    pid = os.getpid()
     try:
-        _, status = os.waitpid(pid, 0)
-    except ChildProcessError:  # runner code reaped it already (os.wait(), or SIGCHLD ignored)
-        status = 0
-    _launcher = None
-    if status != 0:
-        print(
-            "trio-runner: the guardian process could not be started; if the supervisor dies "
-            "while this runner holds the GIL, the runner will not follow it",
-            file=sys.stderr,
-            flush=True,
-        )
+        told = False
+        if os.getpgid(0) == pid:
+            try:
+                told = os.write(notes, b"+%d\n" % pid) > 0
+            except OSError:  # no guardian reads the pipe (EPIPE), or it is full (EAGAIN)
+                told = False
+        # After the note: if the supervisor still lives now, the guardian reads
+        # the note before it sweeps, whenever the supervisor dies.
+        if _readable((lifeline,), 0):
+            os._exit(1)  # the supervisor is gone: nothing of the runner's has run yet
+    finally:
+        os.close(notes)
+        os.close(lifeline)
+    return told
 
 
 def kill_escaped_descendants() -> None:
@@ -196,76 +182,161 @@ def kill_escaped_descendants() -> None:
     it are found only through their parent links, which break when this
     process exits, so the runner calls this on its way out.
     """
-    launcher = _launcher  # the guardian is its child until it exits: not to be swept
-    sweep(os.getpid(), os.getpgid(0), {}, kill_group=False, spare=launcher)
+    sweep(os.getpid(), os.getpgid(0), {}, kill_group=False, spare=None)
 
 
-# -- the guardian -----------------------------------------------------------
+# -- the guardian -------------------------------------------------------------
 
 
-def main(argv: list[str]) -> None:
+def main() -> None:
     """The launcher's entry point (``python -I -S -c ...``): fork the guardian, and exit."""
-    lifeline, runner_pipe, runner = (int(arg) for arg in argv)
     if os.fork() != 0:
-        os._exit(0)  # reaped by the runner; the guardian is reparented away
+        os._exit(0)  # reaped by the supervisor; the guardian is reparented away
     try:
-        os.setpgid(0, 0)
-        _guard(lifeline, runner_pipe, runner)
+        os.setsid()
+        try:  # noqa: SIM105 (contextlib: one import less for the guardian)
+            os.setpriority(os.PRIO_PROCESS, 0, _NICEST)
+        except OSError:
+            pass
+        Guardian(_LIFELINE_FD, _NOTES_FD).run()
     finally:
         os._exit(0)
 
 
-def _guard(lifeline: int, runner_pipe: int, runner: int) -> None:
-    """The guardian's whole life: wait for either end-of-file, recording escapees meanwhile; then sweep."""
-    recorded: dict[int, str] = {}
-    me = os.getpid()
-    runner_died = False
-    while not runner_died:
-        if _readable((lifeline, runner_pipe), _SCAN_INTERVAL):
-            runner_died = _readable((runner_pipe,), 0)
-            if not runner_died:
-                break  # the supervisor is gone
-            continue
+class Known:
+    """What the guardian knows of one runner."""
+
+    __slots__ = ("dead", "escaped", "start")
+
+    def __init__(self, start: str | None) -> None:
+        #: Its start time (its identity with the pid), once read.
+        self.start = start
+        #: Its descendants outside its group, with their start times.
+        self.escaped: dict[int, str] = {}
+        #: Seen dead or replaced in a scan: its pid leads nowhere.
+        self.dead = False
+
+
+class Guardian:
+    """The guardian's whole life: follow the notes, record escapees, sweep at the lifeline's end."""
+
+    def __init__(self, lifeline: int, notes: int) -> None:
+        self.lifeline = lifeline
+        self.notes = notes
+        self.runners: dict[int, Known] = {}
+        self.pending = b""
+        self.notes_open = True
+        self.me = os.getpid()
+
+    def run(self) -> None:
+        os.set_blocking(self.notes, False)
+        next_scan = time.monotonic() + _SCAN_INTERVAL
+        while True:
+            fds = (self.lifeline, self.notes) if self.notes_open else (self.lifeline,)
+            # Scans keep their pace however often notes come (a crash loop).
+            timeout = max(0.0, next_scan - time.monotonic()) if self.runners else None
+            if _readable(fds, timeout):
+                self.read_notes()
+                if _readable((self.lifeline,), 0):
+                    break  # the supervisor is gone
+            if self.runners and time.monotonic() >= next_scan:
+                self.scan()
+                next_scan = time.monotonic() + _SCAN_INTERVAL
+            elif not self.runners:
+                next_scan = time.monotonic() + _SCAN_INTERVAL
+        # Every note written while the supervisor lived is in the pipe by now.
+        self.read_notes()
+        for pid, runner in self.runners.items():
+            self.sweep_runner(pid, runner)
+
+    def read_notes(self) -> None:
+        while True:
+            try:
+                data = os.read(self.notes, 65536)
+            except BlockingIOError:
+                return
+            if not data:  # no writer left: nothing more will come
+                self.notes_open = False
+                return
+            lines = (self.pending + data).split(b"\n")
+            self.pending = lines.pop()
+            for line in lines:
+                self.note(line)
+
+    def note(self, line: bytes) -> None:
+        try:
+            pid = int(line[1:])
+        except ValueError:
+            return
+        if line.startswith(b"+"):
+            self.runners[pid] = Known(_proc_start(pid))
+            return
+        runner = self.runners.pop(pid, None)
+        if runner is not None and runner.escaped:
+            # Reaped and its group killed by the supervisor; what left the group is ours.
+            sweep(pid, pid, runner.escaped, kill_group=False, spare=self.me, from_root=False)
+
+    def scan(self) -> None:
         table = process_table()
         if table is None:
-            continue
-        # Dead with its pipe still open: a process it forked holds a copy.
-        runner_died = not _alive(table, runner)
-        if not runner_died:
-            recorded = escaped(table, {runner, *recorded}, runner, recorded, exclude=me)
-    if runner_died and not recorded:
-        # Nothing is known outside the group, and the dead runner's parent links
-        # lead nowhere: no tree to read. Its group goes (the supervisor kills it
-        # too, if it lives), without a scan that would compete with the start
-        # of the runner's successor.
-        _signal_group(runner, _SIGKILL)
-        return
-    sweep(runner, runner, recorded, kill_group=True, spare=me)
+            return
+        for pid, runner in self.runners.items():
+            proc = table.get(pid)
+            if runner.start is None and proc is not None:
+                runner.start = proc.start
+            if proc is None or proc.dead or proc.start != runner.start:
+                runner.dead = True  # told by the supervisor soon, or swept at the end
+            runner.escaped = escaped(
+                table,
+                set() if runner.dead else {pid},
+                pid,
+                runner.escaped,
+                exclude=self.me,
+            )
+
+    def sweep_runner(self, pid: int, runner: Known) -> None:
+        proc = None
+        if runner.start is not None:
+            table = process_table()
+            proc = None if table is None else table.get(pid)
+        if proc is not None and proc.start != runner.start:
+            # Its pid belongs to a stranger, so its group is empty (a group id in
+            # use is never given to a new process): only what left it is left.
+            sweep(pid, pid, runner.escaped, kill_group=False, spare=self.me, from_root=False)
+            return
+        sweep(pid, pid, runner.escaped, kill_group=True, spare=self.me, from_root=not runner.dead)
 
 
-def _readable(fds: tuple[int, ...], timeout: float) -> bool:
-    """Wait up to ``timeout`` for any of ``fds``; nobody writes to them, so readable means end-of-file."""
+def _readable(fds: tuple[int, ...], timeout: float | None) -> bool:
+    """Wait up to ``timeout`` seconds (None: for ever) for any of ``fds`` to be readable."""
     if hasattr(select, "poll"):
         poller = select.poll()
         for fd in fds:
             poller.register(fd, select.POLLIN)
-        return bool(poller.poll(timeout * 1000))
+        return bool(poller.poll(None if timeout is None else timeout * 1000))
     readable, _, _ = select.select(fds, [], [], timeout)
     return bool(readable)
 
 
-def _alive(table: dict[int, Proc], pid: int) -> bool:
-    proc = table.get(pid)
-    if proc is not None:
-        return not proc.dead
-    # Missing from a table read a moment ago: ask the kernel rather than trust the read.
+def _proc_start(pid: int) -> str | None:
+    """The start time of ``pid`` from /proc (None without /proc, or if it is gone)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        data = os.read(fd, 4096)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    return _parse_stat(data).start
+
+
+def _parse_stat(data: bytes) -> Proc:
+    # "pid (comm) state ppid pgrp session ... starttime(22nd)"; comm may hold spaces and parentheses.
+    fields = data[data.rindex(b")") + 2 :].split()
+    return Proc(int(fields[1]), int(fields[2]), fields[19].decode(), fields[0] in (b"Z", b"X"))
 
 
 # -- the process table and the sweep ----------------------------------------
@@ -295,10 +366,7 @@ def _proc_table() -> dict[int, Proc] | None:
                 os.close(fd)
         except OSError:  # gone meanwhile
             continue
-        # "pid (comm) state ppid pgrp session ... starttime(22nd)"; comm may hold spaces and parentheses.
-        fields = data[data.rindex(b")") + 2 :].split()
-        dead = fields[0] in (b"Z", b"X")
-        table[int(name)] = Proc(int(fields[1]), int(fields[2]), fields[19].decode(), dead)
+        table[int(name)] = _parse_stat(data)
     return table
 
 
@@ -364,8 +432,20 @@ def escaped(
     return found
 
 
-def sweep(root: int, group: int, known: dict[int, str], *, kill_group: bool, spare: int | None) -> None:
+def sweep(
+    root: int,
+    group: int,
+    known: dict[int, str],
+    *,
+    kill_group: bool,
+    spare: int | None,
+    from_root: bool = True,
+) -> None:
     """SIGKILL the descendants of ``root`` outside ``group`` (and the group, if ``kill_group``).
+
+    ``known`` are such descendants recorded earlier, with their start times.
+    Without ``from_root`` (``root`` is gone, or its pid is someone else's now)
+    only ``known`` and their descendants are searched.
 
     Everything is stopped first and the tree read again until nothing new
     turns up: a stopped process neither forks nor exits, so no parent link
@@ -382,7 +462,8 @@ def sweep(root: int, group: int, known: dict[int, str], *, kill_group: bool, spa
         table = process_table()
         if table is None:
             break
-        found = escaped(table, {root, *known, *stopped}, group, {**known, **stopped}, exclude=spare)
+        roots = {*known, *stopped, *([root] if from_root else [])}
+        found = escaped(table, roots, group, {**known, **stopped}, exclude=spare)
         new = [pid for pid in found if pid not in stopped]
         for pid in new:
             _signal(pid, SIGSTOP)

@@ -313,14 +313,11 @@ class Incarnation:
                         for message in batch:
                             self._route(proto.check_from_child(message), now)
                         continue
-                    # Only a big frame can hold a big payload.
-                    messages = await _payloads.decode_in_thread(batch, limiter)
+                    # Only a big frame can hold a big payload: checked, and its big
+                    # payloads unpickled, in the same thread (which frees their bytes).
+                    messages = await _payloads.decode_in_thread(batch, limiter, self._tasks.wants)
                     now = self.last_frame = trio.current_time()
                     for message in messages:
-                        message = proto.check_from_child(message)
-                        if _is_big_payload(message):
-                            message = await self._load_payload(message)
-                            now = self.last_frame = trio.current_time()
                         self._route(message, now)
         except proto.FrameError as exc:
             self._kill(ExitReason.PROTOCOL_ERROR, str(exc))
@@ -360,13 +357,6 @@ class Incarnation:
         elif tag == proto.FATAL:
             _, stage, remote_type, text, tb = message
             self.fatal = (stage, remote_type, text, tb)
-
-    async def _load_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        """An EVENTS or RESULT message whose big payload is unpickled in a thread for ``TaskTable.unpack``."""
-        tag, task_id, payload = message
-        if not self._tasks.wants(task_id):
-            return message  # nobody wants it: _route drops it unread
-        return (tag, task_id, await _payloads.load_in_thread(payload, self._payload_limiter))
 
     def _task_outcome(self, task_id: int, now: float, error: TaskError) -> None:
         self.last_progress = now
@@ -514,12 +504,3 @@ class Incarnation:
             await self.worker.send_all(data)
         finally:
             lock.release()
-
-
-def _is_big_payload(message: tuple[Any, ...]) -> bool:
-    """A checked EVENTS or RESULT message whose payload is worth a thread to unpickle."""
-    return (
-        (message[0] == proto.EVENTS or message[0] == proto.RESULT)
-        and type(message[2]) is bytes
-        and len(message[2]) >= _payloads.LARGE
-    )

@@ -7,16 +7,20 @@ design decision matters: a plain ``to_thread(pickle.loads, data)`` holds the
 GIL for the whole C-level copy, so the trio thread waits for it anyway
 (measured: no better than doing it on the loop). Instead, the (un)pickler
 works on a file object whose methods are Python code: the C (un)pickler calls
-them at least once per 64 KiB pickle frame, and they copy at most
-:data:`_CHUNK` bytes at a time and release the GIL (``time.sleep(0)``) every
-half millisecond of work, so the trio thread gets in that often.
+them at least once per 64 KiB pickle frame, and they hand over views of the
+received buffers (or copy at most :data:`_CHUNK` bytes at a time) and release
+the GIL (``time.sleep(0)``) every half millisecond of work, so the trio thread
+gets in that often. What the thread unpickled from is freed in the thread too
+(see :func:`decode_in_thread`), and a big pickle is joined by ``bytes.join``,
+which copies without the GIL.
 """
 
 from __future__ import annotations
 
 import pickle
 import time
-from typing import Any, Final
+from collections.abc import Callable
+from typing import Any, Final, cast
 
 import trio
 
@@ -85,9 +89,14 @@ class _ChunkedReader:
     def read(self, size: int = -1) -> bytes:
         if size < 0:
             size = sum(len(part) for part in self._parts)
-        # A pickle frame (64 KiB) at a time; only a big str is read whole.
+        # A pickle frame (64 KiB) at a time; only a big str is read whole. A
+        # frame within one part is a view of it, not a copy: the unpickler
+        # takes any buffer, and a fresh 64 KiB block per frame would sit in the
+        # heap after the list being built, so that each time the list grows
+        # its realloc could not extend it in place and would copy it whole.
         pieces = self._take(size)
-        chunk = bytes(pieces[0]) if len(pieces) == 1 else b"".join(pieces)
+        # (typeshed says bytes; the C unpickler takes any contiguous buffer.)
+        chunk = cast(bytes, pieces[0]) if len(pieces) == 1 else b"".join(pieces)
         self._pacer.tick()
         return chunk
 
@@ -134,14 +143,12 @@ class _ChunkedWriter:
         self._pacer.tick()
         return size
 
-    def join(self) -> bytearray:
-        out = bytearray()
-        for part in self.parts:
-            with memoryview(part) as raw, raw.cast("B") as view:
-                for offset in range(0, len(view), _CHUNK):
-                    out += view[offset : offset + _CHUNK]  # a big bytearray grows in place (mremap)
-                    self._pacer.tick()
-        return out
+    def join(self) -> bytes:
+        # One allocation of the final size, and a copy that bytes.join makes
+        # without the GIL (it releases it for joins of 1 MiB or more). Growing
+        # a bytearray instead reallocates it as it grows: a realloc that cannot
+        # grow in place copies everything so far in one C call, GIL held.
+        return b"".join(self.parts)
 
 
 class _TooBig(Exception):
@@ -199,7 +206,7 @@ class LoopPickler:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _dumps_chunked(obj: Any) -> bytearray:
+def _dumps_chunked(obj: Any) -> bytes:
     writer = _ChunkedWriter()
     pickle.Pickler(writer, protocol=proto.PICKLE_PROTOCOL).dump(obj)
     return writer.join()
@@ -215,7 +222,14 @@ def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
     except Exception as exc:  # whatever the bytes make the unpickler do
         raise proto.FrameError(f"corrupt frame: {type(exc).__name__}: {exc}") from exc
     finally:
-        frame.parts = []  # the frame's buffers go as soon as it is decoded
+        # Emptied, not replaced: the reader that made the frame may still hold the
+        # list, and tens of MiB of buffers must be freed here, not on the loop;
+        # one at a time, letting the loop in (each is a munmap).
+        parts = frame.parts
+        pacer = _Pacer()
+        while parts:
+            parts.pop()
+            pacer.tick()
     if not isinstance(messages, list):
         raise proto.FrameError(f"corrupt frame: expected a list of messages, got {type(messages).__name__}")
     return messages  # pyright: ignore[reportUnknownVariableType]
@@ -231,9 +245,16 @@ class Loaded:
         self.error = error
 
     def get(self) -> Any:
-        if self.error is not None:
-            raise self.error
-        return self.value
+        """The value (or raise the error), once: it is handed over, not kept.
+
+        Whatever the library still holds when the application drops a big
+        value would be freed later, on the trio thread (5M ints: 30-120 ms).
+        """
+        error, value = self.error, self.value
+        self.error = self.value = None
+        if error is not None:
+            raise error
+        return value
 
 
 def _load_or_error(data: bytes | bytearray | memoryview) -> Loaded:
@@ -243,7 +264,7 @@ def _load_or_error(data: bytes | bytearray | memoryview) -> Loaded:
         return Loaded(error=exc)
 
 
-async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytearray:
+async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytes:
     """Pickle ``obj`` in a worker thread. Raises what pickling raises.
 
     **Cancellation:** abandons the thread, which finishes pickling into the void.
@@ -251,15 +272,36 @@ async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytearray:
     return await trio.to_thread.run_sync(_dumps_chunked, obj, abandon_on_cancel=True, limiter=limiter)
 
 
-async def load_in_thread(data: bytes | bytearray | memoryview, limiter: trio.CapacityLimiter) -> Loaded:
-    """Unpickle one payload in a worker thread; its error, if any, is returned, not raised."""
-    return await trio.to_thread.run_sync(_load_or_error, data, abandon_on_cancel=True, limiter=limiter)
+async def decode_in_thread(
+    frame: proto.BigFrame, limiter: trio.CapacityLimiter, wants: Callable[[int], bool]
+) -> list[Any]:
+    """A big frame's messages, checked, with their big payloads unpickled, all in a worker thread.
 
-
-async def decode_in_thread(frame: proto.BigFrame, limiter: trio.CapacityLimiter) -> list[Any]:
-    """A big frame's messages, unpickled in a worker thread (it copies its payloads).
+    An EVENTS or RESULT payload of :data:`LARGE` bytes or more for a task that
+    ``wants(task_id)`` comes back as a :class:`Loaded`; any other as it came.
+    The frame's buffers and those payloads' bytes are freed in the thread:
+    freeing tens of MiB costs milliseconds (pages go back to the system).
+    ``wants`` is read from the thread: a task that stops wanting meanwhile
+    costs only the unpickling.
 
     Raises:
-        FrameError: the frame does not unpickle to a list.
+        FrameError: the frame does not unpickle to a list, or holds a malformed message.
     """
-    return await trio.to_thread.run_sync(_decode_chunked, frame, abandon_on_cancel=True, limiter=limiter)
+    return await trio.to_thread.run_sync(
+        _decode_and_load, frame, wants, abandon_on_cancel=True, limiter=limiter
+    )
+
+
+def _decode_and_load(frame: proto.BigFrame, wants: Callable[[int], bool]) -> list[Any]:
+    messages = _decode_chunked(frame)
+    for index, message in enumerate(messages):
+        message = messages[index] = proto.check_from_child(message)
+        if (
+            (message[0] == proto.EVENTS or message[0] == proto.RESULT)
+            and len(message[2]) >= LARGE
+            and wants(message[1])
+        ):
+            # The tuple holding the bytes goes here, and the bytes with it.
+            messages[index] = (message[0], message[1], _load_or_error(message[2]))
+        del message
+    return messages

@@ -13,23 +13,32 @@ Every blocking ``multiprocessing`` call (``start``, ``join``, ``close``) runs in
 from __future__ import annotations
 
 import contextlib
+import logging
+import mmap
 import multiprocessing
 import os
 import signal
 import socket
 import threading
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
 import trio
 
-from . import _child
+from . import _child, _guardian
 from ._childlog import MAX_LINE
 from ._exits import ExitStatus as ExitStatus
 
 _RECEIVE_SIZE = 256 * 1024
 _READS_PER_YIELD = 8
+#: Bytes read between two checkpoints, whatever the count of reads: a 256 KiB
+#: read into a fresh buffer costs 0.1-0.4 ms (page faults), so eight in a row
+#: held the loop 2-9 ms while a big payload streamed in.
+_BYTES_PER_YIELD = _RECEIVE_SIZE
+#: Reads of this many bytes or more are handed over in their own mapping;
+#: smaller ones are copied out of the one the next read reuses.
+_HANDOVER = 64 * 1024
 _SOCKET_BUFFER = 1024 * 1024
 
 
@@ -45,9 +54,101 @@ class SpawnSpec:
     preload: tuple[str, ...]
     max_frame: int
     heartbeat_interval: float
-    #: Start a guardian process from the child (see ``_guardian``). False only
-    #: in benchmarks that measure what the guardian costs.
-    guardian: bool = True
+    #: The supervisor's guardian process (see ``_guardian``), shared by all its
+    #: runners. None only in benchmarks that measure what the guardian costs.
+    guardian: GuardianLink | None = field(default_factory=lambda: GuardianLink())
+
+
+class GuardianLink:
+    """One supervisor's guardian process: started with its first runner, told of each one, closed with it.
+
+    The supervisor holds the lifeline's only write end (never written) and
+    a write end of the notes pipe (for ``-PID`` once a runner is reaped); each
+    runner gets a read end of the lifeline and a write end of the notes pipe,
+    to register itself (``_guardian.register``). Thread-safe: a start runs in
+    a worker thread, and may be abandoned while the supervisor closes.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._started = False
+        self._closed = False
+        self._lifeline_r: int | None = None
+        self._lifeline_w: int | None = None
+        self._notes_w: int | None = None
+
+    def for_child(self) -> tuple[int, int] | None:
+        """Copies of (notes write end, lifeline read end) for a runner about to start; the caller closes them.
+
+        Starts the guardian the first time (a fork and an exec: off the trio
+        thread). None if there is no guardian (it could not be started, or
+        the supervisor is closing).
+        """
+        with self._lock:
+            if not self._started and not self._closed:
+                self._started = True
+                self._launch()
+            if self._closed or self._notes_w is None or self._lifeline_r is None:
+                return None
+            return os.dup(self._notes_w), os.dup(self._lifeline_r)
+
+    def _launch(self) -> None:
+        # os.pipe fds are not inherited: the write ends stay in this process,
+        # and reach a runner only as the copies for_child() passes explicitly.
+        lifeline_r, lifeline_w = os.pipe()
+        notes_r, notes_w = os.pipe()
+        try:
+            launcher = _guardian.launch(lifeline_r, notes_r)
+        finally:
+            os.close(notes_r)
+        if launcher is None:
+            for fd in (lifeline_r, lifeline_w, notes_w):
+                os.close(fd)
+            _guardian_missing("could not be started (no interpreter, or out of processes or memory)")
+            return
+        # A full pipe (a guardian that does not read) must never block a runner
+        # or the trio thread: a note that does not fit is dropped, and said so.
+        os.set_blocking(notes_w, False)
+        self._lifeline_r, self._lifeline_w, self._notes_w = lifeline_r, lifeline_w, notes_w
+        threading.Thread(
+            target=_reap_launcher, args=(launcher,), name="trio-runner-guardian-reaper", daemon=True
+        ).start()
+
+    def reaped(self, pid: int) -> None:
+        """Tell the guardian that runner ``pid`` is reaped: it sweeps what left the runner's group."""
+        with self._lock:
+            if self._notes_w is None:
+                return
+            with contextlib.suppress(OSError):  # full, or the guardian is gone: it sweeps at the end
+                os.write(self._notes_w, _guardian.reaped_note(pid))
+
+    def close(self) -> None:
+        """The supervisor is done with its runners: the guardian sweeps what is left and exits."""
+        with self._lock:
+            self._closed = True
+            # The lifeline first: the guardian must not see the notes end first.
+            for fd in (self._lifeline_w, self._notes_w, self._lifeline_r):
+                if fd is not None:
+                    os.close(fd)
+            self._lifeline_r = self._lifeline_w = self._notes_w = None
+
+
+def _reap_launcher(pid: int) -> None:
+    """Reap the guardian's launcher (gone within a moment of its start); say so if it failed."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # application code reaped it already (os.wait(), or SIGCHLD ignored)
+        status = 0
+    if status != 0:
+        _guardian_missing(f"could not be started (launcher status {status:#x})")
+
+
+def _guardian_missing(why: str) -> None:
+    logging.getLogger("trio_runner").warning(
+        "the guardian process %s; a runner that holds the GIL or is stopped will not follow "
+        "a supervisor that dies",
+        why,
+    )
 
 
 class Worker(Protocol):
@@ -147,8 +248,9 @@ class ProcessWorker:
         self._sock: socket.socket | None = None
         self._pidfd: int | None = None
         self._reads_in_a_row = 0
+        self._read_since_yield = 0
+        self._read_buffer: mmap.mmap | bytearray | None = None
         self._out_fds: list[int] = []
-        self._lifeline: int | None = None
         self._closed = False
 
     @property
@@ -172,15 +274,6 @@ class ProcessWorker:
             "heartbeat_interval": spec.heartbeat_interval,
             "incarnation": self._incarnation,
         }
-        lifeline_r: int | None = None
-        if spec.guardian:
-            # The child's guardian kills the runner at end-of-file on this pipe.
-            # This process is the only writer (it never writes): os.pipe fds are
-            # not inherited, and only the read end is passed to the child (also
-            # through the forkserver), so the write end closes when this process
-            # dies or when aclose() is done with the incarnation, never before.
-            lifeline_r, self._lifeline = os.pipe()
-            config["lifeline"] = _child.InheritedFd(lifeline_r)
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_child.main,
             args=(
@@ -202,6 +295,11 @@ class ProcessWorker:
 
         def start_in_thread() -> None:
             pidfd = None
+            # The runner registers with the supervisor's guardian first thing;
+            # the fds go with the process (also through the forkserver).
+            guardian_fds = None if spec.guardian is None else spec.guardian.for_child()
+            if guardian_fds is not None:
+                config["guardian"] = tuple(_child.InheritedFd(fd) for fd in guardian_fds)
             try:
                 process.start()  # pyright: ignore[reportUnknownMemberType]
                 pid = cast(int, process.pid)  # pyright: ignore[reportUnknownMemberType]
@@ -212,8 +310,8 @@ class ProcessWorker:
                 child_sock.close()
                 os.close(out_w)
                 os.close(err_w)
-                if lifeline_r is not None:
-                    os.close(lifeline_r)
+                for fd in guardian_fds or ():
+                    os.close(fd)
             with self._lock:
                 self._started = True
                 abandoned = self._abandoned
@@ -265,22 +363,36 @@ class ProcessWorker:
         # Straight on the non-blocking socket: SocketStream.receive_some adds a
         # schedule point after a read that succeeded at once, a whole loop pass
         # before each frame is routed. Reads that find data at once still
-        # yield every _READS_PER_YIELD calls, so a chatty child cannot starve
-        # the loop, and cancellation is seen.
+        # yield every _READS_PER_YIELD calls or _BYTES_PER_YIELD bytes, so a
+        # chatty child cannot starve the loop, and cancellation is seen.
         sock = self._sock
         assert sock is not None
         self._reads_in_a_row += 1
-        if self._reads_in_a_row >= _READS_PER_YIELD:
-            self._reads_in_a_row = 0
+        if self._reads_in_a_row >= _READS_PER_YIELD or self._read_since_yield >= _BYTES_PER_YIELD:
+            self._reads_in_a_row = self._read_since_yield = 0
             await trio.lowlevel.checkpoint()
         while True:
+            buffer = self._read_buffer
+            if buffer is None:
+                buffer = self._read_buffer = _new_read_buffer()
             try:
-                return sock.recv(_RECEIVE_SIZE)
+                count = sock.recv_into(buffer)
             except BlockingIOError:
                 pass
             except OSError:  # closed by aclose(), or reset
                 return b""
-            self._reads_in_a_row = 0
+            else:
+                self._read_since_yield += count
+                if count < _HANDOVER:
+                    return bytes(buffer[:count])
+                # A big read is handed over, not copied: a big frame keeps its
+                # reads as they are. Its own mapping, not the heap: glibc would
+                # put thousands of such reads on the heap top and give the
+                # pages back (milliseconds for tens of MiB) at a later free of
+                # ours, on the loop, wherever the trim happened to fall.
+                self._read_buffer = None
+                return cast(bytes, memoryview(buffer)[:count])
+            self._reads_in_a_row = self._read_since_yield = 0
             try:
                 await trio.lowlevel.wait_readable(sock)
             except trio.ClosedResourceError:
@@ -343,11 +455,10 @@ class ProcessWorker:
             pidfd, self._pidfd = self._pidfd, None
             trio.lowlevel.notify_closing(pidfd)
             os.close(pidfd)
-        if self._lifeline is not None:
-            # The incarnation is reaped (or given up on after SIGKILL): its
-            # guardian may go, sweeping whatever the runner left behind.
-            lifeline, self._lifeline = self._lifeline, None
-            os.close(lifeline)
+        if self._spec.guardian is not None and self._pid is not None:
+            # Reaped (or given up on after SIGKILL): the guardian sweeps what
+            # left the runner's group, and forgets its pid before it is reused.
+            self._spec.guardian.reaped(self._pid)
         process = self._process
         if process is not None and process.exitcode is not None:
             trio.lowlevel.notify_closing(process.sentinel)
@@ -383,6 +494,18 @@ async def _pump_lines(
                 pending = pending[MAX_LINE:]
         if pending:
             on_lines(name, pending + b"\n")
+
+
+def _new_read_buffer() -> mmap.mmap | bytearray:
+    """A buffer for one read: an anonymous mapping, or heap memory if no mapping can be had.
+
+    (Mappings per process are limited, ``vm.max_map_count`` on Linux; a big frame
+    in flight holds one per 256 KiB read.)
+    """
+    try:
+        return mmap.mmap(-1, _RECEIVE_SIZE)
+    except OSError:
+        return bytearray(_RECEIVE_SIZE)
 
 
 def private_limiter() -> trio.CapacityLimiter:

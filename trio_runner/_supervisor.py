@@ -338,7 +338,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
             self._tasks.queue(task)
         return task
 
-    async def _pickle_in_thread(self, request: Any) -> bytearray:
+    async def _pickle_in_thread(self, request: Any) -> bytes:
         try:
             return await _payloads.dumps_in_thread(request, self._payload_limiter)
         except Exception as exc:  # the request's own classes run there: anything goes
@@ -445,6 +445,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
                 with trio.move_on_after(delay):
                     await self._stop_event.wait()
         finally:
+            if self._spec.guardian is not None:
+                self._spec.guardian.close()  # every incarnation is closed: the guardian may go
             if self._lifecycle.state is not RunnerState.FAILED:
                 self._lifecycle.set_state(RunnerState.STOPPED)
             self._lifecycle.emit(Stopped(self._lifecycle.state, self._last_exit))
