@@ -323,9 +323,15 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         choices: list[ChoiceText] = []
         first_at: float | None = None
         last: Any = None
-        cached = 0
+        cached_tokens = 0
+        # stream_generate shows the penalties only the tokens it is given: with a
+        # cached prefix their window would miss its end, so penalised requests
+        # process the whole prompt (the batch gives them the whole prompt anyway).
+        penalised = bool(request.repetition_penalty or request.presence_penalty or request.frequency_penalty)
         for index, sampler in enumerate(samplers):
-            state, cached = self.prompt_cache.fetch(ids)
+            state, cached = (None, 0) if penalised else self.prompt_cache.fetch(ids)
+            if index == 0:
+                cached_tokens = cached  # later choices find choice 0's own state: not the request's reuse
             if state is None:
                 state = make_prompt_cache(self.model)
             choice = ChoiceText(index, request.stop, request.logprobs, self.piece)
@@ -363,7 +369,7 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
             prompt_tps=0.0 if last is None else float(last.prompt_tps),
             generation_tps=0.0 if last is None else float(last.generation_tps),
             time_to_first_token=(time.perf_counter() if first_at is None else first_at) - began,
-            cached_tokens=cached,
+            cached_tokens=cached_tokens,
             choices=tuple(done),
         )
 
