@@ -152,6 +152,40 @@ async def test_cancelling_one_request_mid_batch_leaves_the_others_outputs_unchan
     assert [c.text for c in results] == [c.text for c in want]
 
 
+async def test_a_consumer_that_stops_reading_stalls_only_its_own_request(demo_dir: Path) -> None:
+    others = [Generate(prompt=p, max_tokens=40) for p in PROMPTS[:3]]
+    stalled = Generate(prompt=PROMPTS[3], max_tokens=120)
+    with trio.fail_after(BOUND):
+        async with trio_runner.open_supervisor(
+            MlxLmRunner, str(demo_dir), window=4, policy=FAST, **start_options()
+        ) as sup:
+            await sup.wait_ready()
+            want = await sup.run(stalled)
+            others_done = trio.Event()
+            finished: list[Completion] = []
+            got: list[Token] = []
+
+            async def slow_reader() -> None:
+                async with sup.stream(stalled) as task:
+                    async for token in task:
+                        got.append(token)
+                        if len(got) == 1:
+                            await others_done.wait()  # its window fills; the runner must not wait for it
+                assert task.result.text == want.text
+
+            async def fast(request: Generate) -> None:
+                finished.append(await sup.run(request))
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(slow_reader)
+                async with trio.open_nursery() as fast_ones:
+                    for request in others:
+                        fast_ones.start_soon(fast, request)
+                others_done.set()
+    assert len(finished) == len(others)
+    assert "".join(t.text for t in got) == want.text
+
+
 async def test_sigkill_mid_batch_fails_every_request_once_and_the_next_batch_is_served(
     demo_dir: Path,
 ) -> None:
