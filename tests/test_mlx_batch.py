@@ -24,6 +24,8 @@ import trio_runner
 from trio_runner import RestartPolicy, RunnerCrashed, Supervisor, TaskCancelled, TaskFailed
 from trio_runner.mlx import Completion, Generate, MlxLmRunner, Token, start_options
 
+from .test_mlx import _collect  # pyright: ignore[reportPrivateUsage]
+
 pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
 
 BOUND = 60
@@ -54,12 +56,10 @@ async def _open(demo_dir: Path, runner: type[MlxLmRunner] = MlxLmRunner, **kwarg
         yield sup
 
 
-async def _collect(sup: Sup, request: Generate) -> tuple[list[Token], Completion]:
-    tokens: list[Token] = []
-    async with sup.stream(request) as task:
-        async for token in task:
-            tokens.append(token)
-    return tokens, task.result
+@pytest.fixture(params=[1, 32], ids=["single-stream", "batched"])
+def concurrency(request: pytest.FixtureRequest) -> int:
+    """The runner's concurrency, for tests that hold both paths to one behaviour."""
+    return request.param
 
 
 async def _together(sup: Sup, requests: list[Generate]) -> list[tuple[list[Token], Completion]]:
@@ -237,7 +237,6 @@ async def test_a_logit_bias_id_outside_the_vocabulary_fails_its_task_and_the_run
             assert sup.statistics().pid == pid
 
 
-@pytest.mark.parametrize("concurrency", [1, 32], ids=["single-stream", "batched"])
 async def test_logprobs_give_each_token_its_logprob_and_the_top_alternatives(
     demo_dir: Path, concurrency: int
 ) -> None:
@@ -259,7 +258,6 @@ async def test_logprobs_give_each_token_its_logprob_and_the_top_alternatives(
     assert all(t.logprob is None and t.top_logprobs == () for t in plain)
 
 
-@pytest.mark.parametrize("concurrency", [1, 32], ids=["single-stream", "batched"])
 async def test_a_repeated_prefix_is_served_from_the_prompt_cache_with_the_same_output(
     demo_dir: Path, concurrency: int
 ) -> None:
@@ -278,7 +276,6 @@ async def test_a_repeated_prefix_is_served_from_the_prompt_cache_with_the_same_o
     assert two.text == fresh.text  # reused KV state gives what processing the prompt would
 
 
-@pytest.mark.parametrize("concurrency", [1, 32], ids=["single-stream", "batched"])
 async def test_n_choices_stream_with_their_index_and_complete_as_choices(
     demo_dir: Path, concurrency: int
 ) -> None:
