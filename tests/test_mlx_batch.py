@@ -25,6 +25,7 @@ from trio_runner import RestartPolicy, RunnerCrashed, Supervisor, TaskCancelled,
 from trio_runner.mlx import Completion, Generate, MlxLmRunner, Token, start_options
 
 from .test_mlx import _collect  # pyright: ignore[reportPrivateUsage]
+from .test_serve_runners import SlowMlxLmRunner
 
 pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
 
@@ -33,18 +34,6 @@ FAST = RestartPolicy(initial_delay=0.05)
 PROMPTS = ["Once upon a time", "The quick brown fox", "In the beginning", "It was a dark and stormy night"]
 
 Sup = Supervisor[Generate, Token, Completion]
-
-
-class SlowBatchRunner(MlxLmRunner):
-    """The demo model's batch at about 100 steps a second, so a test can act mid-batch."""
-
-    linger = 0.0
-
-    def batch_step(self, generator: Any) -> Any:
-        import time
-
-        time.sleep(0.01)
-        return super().batch_step(generator)
 
 
 @asynccontextmanager
@@ -74,8 +63,11 @@ async def _together(sup: Sup, requests: list[Generate]) -> list[tuple[list[Token
     return results
 
 
-async def test_batched_greedy_outputs_equal_the_single_stream_outputs_token_for_token(demo_dir: Path) -> None:
+async def test_batched_greedy_and_seeded_outputs_equal_the_single_stream_outputs_token_for_token(
+    demo_dir: Path,
+) -> None:
     requests = [Generate(prompt=p, max_tokens=24 + 8 * i) for i, p in enumerate(PROMPTS)]
+    requests.append(Generate(prompt=PROMPTS[0], max_tokens=30, temperature=0.9, top_p=0.95, seed=3))
     with trio.fail_after(BOUND):
         async with _open(demo_dir, concurrency=1) as single:
             alone = [await _collect(single, r) for r in requests]
@@ -121,7 +113,7 @@ async def test_concurrent_requests_with_different_sampling_settings_each_get_the
 async def test_cancelling_one_request_mid_batch_leaves_the_others_outputs_unchanged(demo_dir: Path) -> None:
     others = [Generate(prompt=p, max_tokens=40) for p in PROMPTS[:3]]
     with trio.fail_after(BOUND):
-        async with _open(demo_dir, SlowBatchRunner) as sup:
+        async with _open(demo_dir, SlowMlxLmRunner) as sup:
             want = [c for _, c in await _together(sup, others)]
             pid = sup.statistics().pid
             results: list[Any] = [None] * len(others)
@@ -190,7 +182,7 @@ async def test_sigkill_mid_batch_fails_every_request_once_and_the_next_batch_is_
     demo_dir: Path,
 ) -> None:
     with trio.fail_after(BOUND):
-        async with _open(demo_dir, SlowBatchRunner) as sup:
+        async with _open(demo_dir, SlowMlxLmRunner) as sup:
             pid = sup.statistics().pid
             assert pid is not None
             outcomes: list[BaseException | Completion] = []

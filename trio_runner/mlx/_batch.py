@@ -52,9 +52,9 @@ def make_samplers(request: Generate, vocab_size: int) -> list[Any]:
     """One sampler per choice, for ``request``'s sampling settings.
 
     Greedy choices share mlx-lm's one greedy sampler, so a batch of them
-    samples in one call. A seeded request gets a random key per choice, split
-    from its seed, so its text does not depend on what else is in the batch;
-    an unseeded one uses MLX's random state (seeded per runner).
+    samples in one call. A seeded request gets a random key per choice, from
+    its seed, so its text does not depend on what else is in the batch; an
+    unseeded one uses MLX's random state (seeded per runner and thread).
     """
     if request.temperature == 0:
         return [greedy_sampler] * request.n
@@ -65,8 +65,14 @@ def make_samplers(request: Generate, vocab_size: int) -> list[Any]:
             make_sampler(temp=request.temperature, top_p=top_p, min_p=request.min_p, top_k=top_k)
             for _ in range(request.n)
         ]
-    keys = mx.random.split(mx.random.key(request.seed), request.n)
-    return [_seeded_sampler(request, top_p, top_k, keys[i]) for i in range(request.n)]
+    # Choice 0 draws from key(seed) exactly as MLX's global state does after
+    # mx.random.seed(seed), so a seeded request gives the text it gave before
+    # sampling moved to per-request keys. The other choices start from keys
+    # split off by a path choice 0's chain never takes (counters 4.. of a 3-way split).
+    root = mx.random.key(request.seed)
+    others = mx.random.split(mx.random.split(root, 3)[2], max(request.n - 1, 1))
+    keys = [root] + [others[i] for i in range(request.n - 1)]
+    return [_seeded_sampler(request, top_p, top_k, key) for key in keys]
 
 
 def _seeded_sampler(request: Generate, top_p: float, top_k: int, key: Any) -> Callable[[Any], Any]:
