@@ -43,8 +43,9 @@ from ._prompt_cache import PromptCache
 from ._types import Completion, Generate, Token
 
 # A task's thread sends its waiting tokens at most this often (the first at
-# once): the child batches events for 50 ms anyway, and each wake-up of a
-# handler thread costs the decoding thread the GIL.
+# once), or as often as the runner's ``linger`` if that is shorter: the child
+# batches events for ``linger`` anyway, and each wake-up of a handler thread
+# costs the decoding thread the GIL.
 HANDOFF_INTERVAL = 0.02
 
 
@@ -146,6 +147,7 @@ class BatchEngine:
         prompt_cache: where finished sequences leave their KV state, and new
             requests look for a shared prefix.
         step: calls ``generator.next()``; a seam for tests that need a slower model.
+        handoff: the shortest time between two sends of one task's tokens.
     """
 
     def __init__(
@@ -157,6 +159,7 @@ class BatchEngine:
         prefill_step_size: int,
         prompt_cache: PromptCache,
         step: Callable[[Any], Any],
+        handoff: float = HANDOFF_INTERVAL,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -164,6 +167,7 @@ class BatchEngine:
         self.prefill_step_size = prefill_step_size
         self.prompt_cache = prompt_cache
         self.step = step
+        self.handoff = handoff
         self._submitted: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}  # uid -> its job, for every sequence in the generator
         self._generator: Any = None
@@ -193,7 +197,8 @@ class BatchEngine:
                     ctx.emit_many(tokens)  # blocks this task only, while its consumer is behind
                 if done:
                     break
-                time.sleep(HANDOFF_INTERVAL)
+                if self.handoff:
+                    time.sleep(self.handoff)
         except BaseException:
             job.abandoned = True
             raise

@@ -195,7 +195,7 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
             self._warm_up()
         mx.random.seed(int.from_bytes(os.urandom(8), "little"))
         if self.concurrency > 1:
-            from ._batch import BatchEngine
+            from ._batch import HANDOFF_INTERVAL, BatchEngine
 
             self._engine = BatchEngine(
                 self.model,
@@ -204,6 +204,7 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
                 prefill_step_size=self.prefill_step_size,
                 prompt_cache=self.prompt_cache,
                 step=self.batch_step,
+                handoff=min(HANDOFF_INTERVAL, self.linger),
             )
             self._engine.start()
             if self.warmup:
