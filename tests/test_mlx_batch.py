@@ -36,6 +36,13 @@ PROMPTS = ["Once upon a time", "The quick brown fox", "In the beginning", "It wa
 Sup = Supervisor[Generate, Token, Completion]
 
 
+class BrokenPiecesRunner(MlxLmRunner):
+    """Fails to decode the top alternatives of ``logprobs``, as a bug in the batch's token handling would."""
+
+    def piece(self, token_id: int) -> str:
+        raise RuntimeError("no piece for you")
+
+
 @asynccontextmanager
 async def _open(demo_dir: Path, runner: type[MlxLmRunner] = MlxLmRunner, **kwargs: Any) -> AsyncIterator[Sup]:
     async with trio_runner.open_supervisor(
@@ -227,6 +234,32 @@ async def test_a_logit_bias_id_outside_the_vocabulary_fails_its_task_and_the_run
                 await sup.run(Generate(prompt="x", logit_bias={10**9: 1.0}))
             assert (await sup.run(Generate(prompt="x", max_tokens=3))).generation_tokens >= 1
             assert sup.statistics().pid == pid
+
+
+async def test_a_request_whose_tokens_fail_to_convert_fails_alone_and_the_batch_serves_on(
+    demo_dir: Path,
+) -> None:
+    plain = Generate(prompt=PROMPTS[0], max_tokens=40)
+    with trio.fail_after(BOUND):
+        async with _open(demo_dir, BrokenPiecesRunner) as sup:
+            pid = sup.statistics().pid
+            want = await sup.run(plain)
+            outcomes: dict[str, object] = {}
+
+            async def broken() -> None:
+                with pytest.raises(TaskFailed, match="no piece for you") as failed:
+                    await sup.run(Generate(prompt=PROMPTS[1], max_tokens=40, logprobs=2))
+                outcomes["broken"] = failed.value
+
+            async def fine() -> None:
+                outcomes["fine"] = await sup.run(plain)
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(broken)
+                nursery.start_soon(fine)
+            assert sup.statistics().pid == pid
+    done = outcomes["fine"]
+    assert isinstance(done, Completion) and done.text == want.text
 
 
 async def test_logprobs_give_each_token_its_logprob_and_the_top_alternatives(

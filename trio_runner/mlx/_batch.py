@@ -253,10 +253,19 @@ class BatchEngine:
                     self._fail_all(exc)
                     continue
                 ready: dict[Job, list[Token]] = {}
+                failed: dict[Job, Exception] = {}
                 for response in responses:
                     job = self._jobs.get(response.uid)
-                    if job is not None:
+                    if job is None or job in failed:
+                        continue
+                    try:
                         ready.setdefault(job, []).extend(self._on_token(job, response))
+                    except Exception as exc:  # turning one token into events fails that task alone
+                        failed[job] = exc
+                for job, exc in failed.items():
+                    ready.pop(job, None)
+                    self._remove(job, list(job.uids))
+                    self._finish(job, error=exc)
                 for job, tokens in ready.items():
                     self._hand_off(job, tokens)
         except BaseException:
