@@ -4,7 +4,9 @@ A request whose prompt begins like an earlier sequence (a repeated system
 prompt, the previous turns of a chat) starts from a copy of that sequence's
 KV state, cut back to the common prefix, and processes only the rest. The
 entries are bounded by a byte budget and evicted least recently used first.
-Only the thread that decodes touches it, so it takes no lock.
+Only the thread that decodes touches it, so it takes no lock. It imports
+nothing from mlx: a KV state is a list of mlx-lm cache objects, used only
+through ``nbytes``, ``is_trimmable()`` and ``trim(n)``.
 """
 
 from __future__ import annotations
@@ -55,32 +57,29 @@ class PromptCache:
         At least the last token is always left to process (the model must see
         it to give the first new token). ``(None, 0)`` when nothing useful is cached.
         """
-        from mlx_lm.models.cache import can_trim_prompt_cache, trim_prompt_cache
-
         best_key: tuple[int, ...] | None = None
         best = 0
         for key in self._entries:
             shared = min(common_prefix(key, tokens), len(tokens) - 1)
-            if shared > best and (shared == len(key) or can_trim_prompt_cache(self._entries[key][0])):
+            if shared > best and (shared == len(key) or _trimmable(self._entries[key][0])):
                 best_key, best = key, shared
         if best_key is None:
             return None, 0
         self._entries.move_to_end(best_key)
         state = copy.deepcopy(self._entries[best_key][0])
         if len(best_key) > best:
-            trim_prompt_cache(state, len(best_key) - best)
+            for layer in state:
+                layer.trim(len(best_key) - best)
         return state, best
 
     def insert(self, tokens: Sequence[int], state: list[Any]) -> None:
         """Keep ``state``, the KV state of exactly ``tokens``; evict the least recently used to fit."""
-        from mlx_lm.models.cache import can_trim_prompt_cache
-
         size = sum(int(c.nbytes) for c in state)
         key = tuple(tokens)
         if not key or size > self.max_bytes:
             return
         self._drop(key)
-        if can_trim_prompt_cache(state):
+        if _trimmable(state):
             # A trimmable state serves every prefix of its tokens: shorter entries are redundant.
             for other in [k for k in self._entries if len(k) < len(key) and key[: len(k)] == k]:
                 self._drop(other)
@@ -93,3 +92,8 @@ class PromptCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.nbytes -= entry[1]
+
+
+def _trimmable(state: list[Any]) -> bool:
+    """Whether every layer's cache can drop its newest tokens (mlx-lm's ``can_trim_prompt_cache``)."""
+    return all(layer.is_trimmable() for layer in state)
