@@ -15,7 +15,7 @@ from trio_runner.mlx import MlxLmRunner
 
 
 class SlowMlxLmRunner(MlxLmRunner):
-    """The demo model at about 50 tokens/s, so a test can act between two tokens.
+    """The demo model at about 50 tokens/s, batched or not, so a test can act between two tokens.
 
     Every token is sent the moment it exists (no linger), so what a test sees
     after acting is the runner's doing, not a batch already on its way.
@@ -27,3 +27,7 @@ class SlowMlxLmRunner(MlxLmRunner):
         for response in super().responses(prompt, max_tokens, sampler):
             time.sleep(0.02)
             yield response
+
+    def batch_step(self, generator: Any) -> Any:
+        time.sleep(0.02)
+        return super().batch_step(generator)

@@ -15,10 +15,12 @@ from ._model import demo_model as demo_model
 from ._model import demo_model_location as demo_model_location
 from ._runner import MlxLmRunner as MlxLmRunner
 from ._runner import start_options as start_options
+from ._types import Choice as Choice
 from ._types import Completion as Completion
 from ._types import FinishReason as FinishReason
 from ._types import Generate as Generate
 from ._types import Token as Token
+from ._types import TopLogprob as TopLogprob
 
 if TYPE_CHECKING:
     from ._supervise import open_mlx_supervisor as open_mlx_supervisor
