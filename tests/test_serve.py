@@ -293,6 +293,30 @@ async def test_sigkill_mid_stream_ends_the_stream_with_an_error_event_and_the_ne
     assert health["last_exit"]["reason"] == "signaled" and health["last_exit"]["signal"] == "SIGKILL"
 
 
+async def test_sigkill_during_a_non_streamed_request_gets_503_runner_crashed_json_and_is_counted() -> None:
+    body = {**CHAT, "max_tokens": 1000}
+    async with serving(SlowMlxLmRunner) as (server, sup, client):
+        pid = sup.statistics().pid
+        assert pid is not None
+        async with trio.open_nursery() as nursery:
+            responses: list[httpx.Response] = []
+
+            async def post() -> None:
+                responses.append(await client.post("/v1/chat/completions", json=body))
+
+            nursery.start_soon(post)
+            await _wait_until(lambda: server.metrics.tokens_generated > 0, "the first token")
+            os.kill(pid, signal.SIGKILL)
+        (response,) = responses
+        crashed = server.metrics.requests["chat", "crashed"]
+    assert response.status_code == 503, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    assert int(response.headers["retry-after"]) >= 1
+    error = response.json()["error"]
+    assert error["type"] == "runner_crashed" and error["code"] == "signaled"
+    assert crashed == 1
+
+
 async def test_requests_during_backoff_wait_a_bounded_time_then_get_503_with_retry_after() -> None:
     policy = RestartPolicy(initial_delay=5.0)
     async with serving(policy=policy, ready_wait=0.3) as (server, sup, client):

@@ -139,17 +139,21 @@ async def _serve(args: argparse.Namespace) -> None:
     policy = RestartPolicy(
         initial_delay=args.backoff, max_delay=args.max_backoff, max_restarts=args.max_restarts
     )
-    await serve_mlx(
-        args.model,
-        host=args.host,
-        port=args.port,
-        start_method=args.start_method,
-        policy=policy,
-        ready_wait=args.ready_wait,
-        grace=args.grace,
-        stop=stop,
-        say=_say,
-    )
+    try:
+        await serve_mlx(
+            args.model,
+            host=args.host,
+            port=args.port,
+            start_method=args.start_method,
+            policy=policy,
+            ready_wait=args.ready_wait,
+            grace=args.grace,
+            stop=stop,
+            say=_say,
+        )
+    except OSError as exc:
+        # A bare OSError comes from before anything runs: the address cannot be bound, say.
+        raise CommandError(exc.strerror or str(exc)) from None
 
 
 def _port(text: str) -> int:

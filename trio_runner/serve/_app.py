@@ -287,6 +287,7 @@ class Api:
 
     async def _complete(self, request: Request, endpoint: str, parsed: ParsedRequest) -> Response:
         completion: Completion | None = None
+        failure: TrioRunnerError | None = None
         scope = self._generation_scope()
         self.active.add(scope)
         try:
@@ -294,17 +295,21 @@ class Api:
                 async with trio.open_nursery() as nursery:
                     # Starlette never notices a client that leaves a plain response under trio; this does.
                     nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)
-                    async with self.sup.stream(parsed.generate) as task:
-                        async for _ in task:
-                            self.metrics.tokens_generated += 1
-                        completion = task.result
+                    # Caught in here: a nursery would wrap it in an ExceptionGroup on the way out.
+                    try:
+                        async with self.sup.stream(parsed.generate) as task:
+                            async for _ in task:
+                                self.metrics.tokens_generated += 1
+                            completion = task.result
+                    except TrioRunnerError as exc:
+                        failure = exc
                     nursery.cancel_scope.cancel()
-        except TrioRunnerError as exc:
-            error, outcome = task_error(exc, self.metrics)
-            self.metrics.requests[endpoint, outcome] += 1
-            return _error_response(error)
         finally:
             self.active.discard(scope)
+        if failure is not None:
+            error, outcome = task_error(failure, self.metrics)
+            self.metrics.requests[endpoint, outcome] += 1
+            return _error_response(error)
         if scope.cancelled_caught:
             self.metrics.requests[endpoint, "shutdown"] += 1
             return _error_response(SHUTTING_DOWN)

@@ -22,6 +22,19 @@ _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant"
 # OpenAI's own ranges, so a client that works against OpenAI gets the same answers here.
 _MAX_TEMPERATURE = 2.0
 _MAX_STOPS = 4
+# Every field a request may carry. Any other, including mlx-lm's extras (top_k, min_p, ...),
+# gets 400 unsupported: a field this server accepted and then ignored would change nothing silently.
+_COMMON_FIELDS = frozenset(
+    {
+        "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed", "n",
+        "presence_penalty", "frequency_penalty", "logit_bias", "user",
+    }
+)  # fmt: skip
+_CHAT_FIELDS = _COMMON_FIELDS | {
+    "messages", "max_completion_tokens", "logprobs", "top_logprobs", "tools", "tool_choice",
+    "functions", "audio", "prediction", "response_format",
+}  # fmt: skip
+_COMPLETION_FIELDS = _COMMON_FIELDS | {"prompt", "echo", "suffix", "logprobs", "best_of"}
 
 
 class ApiError(Exception):
@@ -166,7 +179,18 @@ def _unsupported(param: str, why: str) -> ApiError:
     return _invalid(f"'{param}' {why} is not supported by this server; leave it out", param, "unsupported")
 
 
-def _check_common(body: Mapping[str, Any], limits: Limits) -> None:
+def _check_fields(body: Mapping[str, Any], known: frozenset[str]) -> None:
+    for name in body:
+        if name not in known:
+            raise _invalid(
+                f"'{name}' is not supported by this server; leave it out (docs/serve.md lists every field)",
+                name,
+                "unsupported",
+            )
+
+
+def _check_common(body: Mapping[str, Any], limits: Limits, known: frozenset[str]) -> None:
+    _check_fields(body, known)
     model = _optional(body, "model")
     if model is not None:
         if not isinstance(model, str):
@@ -304,9 +328,15 @@ def _build(kind: Kind, body: Mapping[str, Any], fields: dict[str, Any]) -> Parse
 
 def parse_chat(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     """Check a ``POST /v1/chat/completions`` body."""
-    _check_common(body, limits)
+    _check_common(body, limits, _CHAT_FIELDS)
     if _bool(body, "logprobs"):
         raise _unsupported("logprobs", "= true")
+    top_logprobs = _int(body, "top_logprobs", 0, 20)
+    if top_logprobs:
+        raise _unsupported("top_logprobs", f"= {top_logprobs}")
+    tool_choice = _optional(body, "tool_choice")
+    if tool_choice not in (None, "none", "auto"):
+        raise _unsupported("tool_choice", f"= {tool_choice!r}")
     for name in ("tools", "functions", "audio", "prediction"):
         if _optional(body, name):
             raise _unsupported(name, "")
@@ -319,7 +349,7 @@ def parse_chat(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
 
 def parse_completion(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     """Check a ``POST /v1/completions`` body."""
-    _check_common(body, limits)
+    _check_common(body, limits, _COMPLETION_FIELDS)
     prompt = _optional(body, "prompt")
     if prompt is None:
         raise _invalid("'prompt' is required: a string", "prompt", "missing_required_parameter")

@@ -18,8 +18,9 @@ from pathlib import Path
 from typing import Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve  # pyright: ignore[reportUnknownVariableType]
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app  # pyright: ignore[reportUnknownVariableType]
 
 from .._errors import ExitReason
 from .._policy import RestartPolicy
@@ -124,18 +125,61 @@ async def run_server(
     **Cancellation:** cancelling this task stops the server at once, without
     the grace period; :meth:`OpenAIServer.shutdown` is the graceful way.
     """
-    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < float("inf"):  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise ValueError(f"grace={grace!r} must be a finite number of seconds >= 0")
     limits = Limits(model_id, default_max_tokens=default_max_tokens)
     options = ServeOptions(limits, ready_wait=ready_wait, max_body_size=max_body_size)
-    metrics = ServeMetrics(supervisor)
-    app, api = build_app(supervisor, metrics, options)
-    server = OpenAIServer(host, metrics, api, grace)
+    config = _config(host, port, grace)
+    sockets = listen(config)
+    try:
+        await _serve(supervisor, options, config, sockets, host, grace, task_status=task_status)
+    finally:
+        _close(sockets)
+
+
+def _config(host: str, port: int, grace: float) -> Config:
+    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < float("inf"):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise ValueError(f"grace={grace!r} must be a finite number of seconds >= 0")
     config = Config()
     config.bind = [_bind(host, port)]
     config.graceful_timeout = grace + _CLOSE_MARGIN
     config.accesslog = None
     config.errorlog = logger
+    return config
+
+
+def listen(config: Config) -> Sockets:
+    """The listening sockets, bound at the call, so an address in use fails before anything starts.
+
+    Raises:
+        OSError: the address cannot be bound; the message names it.
+    """
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {config.bind[0]}: {exc.strerror or exc}") from None
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+    return sockets
+
+
+def _close(sockets: Sockets) -> None:
+    # Idempotent: hypercorn's listeners close the same socket objects when they were served.
+    for sock in sockets.insecure_sockets:
+        sock.close()
+
+
+async def _serve(
+    supervisor: Supervisor[Generate, Token, Completion],
+    options: ServeOptions,
+    config: Config,
+    sockets: Sockets,
+    host: str,
+    grace: float,
+    *,
+    task_status: trio.TaskStatus[OpenAIServer],
+) -> None:
+    metrics = ServeMetrics(supervisor)
+    app, api = build_app(supervisor, metrics, options)
+    server = OpenAIServer(host, metrics, api, grace)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(metrics.follow_lifecycle)
         nursery.start_soon(metrics.measure_lateness)
@@ -144,9 +188,10 @@ async def run_server(
 
         async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
             with hypercorn:
-                await hypercorn_serve(
-                    app,  # pyright: ignore[reportArgumentType]
+                await worker_serve(
+                    wrap_app(app, config.wsgi_max_body_size, None),  # pyright: ignore[reportArgumentType]
                     config,
+                    sockets=sockets,
                     shutdown_trigger=server._shutdown.wait,  # pyright: ignore[reportPrivateUsage]
                     task_status=task_status,
                 )
@@ -154,7 +199,7 @@ async def run_server(
 
         binds: list[str] = await nursery.start(serve)
         server.port = int(binds[0].rsplit(":", 1)[1])
-        logger.info("serving %s at %s", model_id, server.url)
+        logger.info("serving %s at %s", options.limits.model_id, server.url)
         task_status.started(server)
 
 
@@ -186,33 +231,33 @@ async def serve_mlx(
     from ..mlx._supervise import open_mlx_supervisor
 
     model_id = model_id_for(model)
-    options: dict[str, Any] = {"raise_on_give_up": False}
+    options = ServeOptions(Limits(model_id), ready_wait=ready_wait)
+    config = _config(host, port, grace)
+    sockets = listen(config)  # before the runner starts: an address in use fails at once
+    supervisor_options: dict[str, Any] = {"raise_on_give_up": False}
     if policy is not None:
-        options["policy"] = policy
-    async with open_mlx_supervisor(model, start_method=start_method, name="serve", **options) as sup:
-        async with trio.open_nursery() as nursery:
-            server: OpenAIServer = await nursery.start(
-                functools.partial(
-                    run_server,
-                    sup,
-                    model_id=model_id,
-                    host=host,
-                    port=port,
-                    ready_wait=ready_wait,
-                    grace=grace,
+        supervisor_options["policy"] = policy
+    try:
+        async with open_mlx_supervisor(
+            model, start_method=start_method, name="serve", **supervisor_options
+        ) as sup:
+            async with trio.open_nursery() as nursery:
+                server: OpenAIServer = await nursery.start(
+                    functools.partial(_serve, sup, options, config, sockets, host, grace)
                 )
-            )
-            say(
-                f"serving {model_id!r} at {server.url}/v1 (OpenAI-compatible); "
-                f"also {server.url}/health and /metrics"
-            )
-            reporter = trio.CancelScope()
-            nursery.start_soon(_report_runner, sup, say, reporter)
-            await stop.wait()
-            say(f"shutting down: requests in flight get {grace:g} s")
-            reporter.cancel()
-            server.shutdown()
-        # The server is closed; leaving open_mlx_supervisor shuts the runner down.
+                say(
+                    f"serving {model_id!r} at {server.url}/v1 (OpenAI-compatible); "
+                    f"also {server.url}/health and /metrics"
+                )
+                reporter = trio.CancelScope()
+                nursery.start_soon(_report_runner, sup, say, reporter)
+                await stop.wait()
+                say(f"shutting down: requests in flight get {grace:g} s")
+                reporter.cancel()
+                server.shutdown()
+            # The server is closed; leaving open_mlx_supervisor shuts the runner down.
+    finally:
+        _close(sockets)
 
 
 async def _report_runner(

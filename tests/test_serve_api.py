@@ -1,0 +1,102 @@
+"""``trio-runner serve``'s OpenAI surface, against one real server process shared by the module.
+
+Contract tests: the command runs as a subprocess on an ephemeral 127.0.0.1
+port over the offline demo model, and the tests talk to it with raw httpx and
+the official ``openai`` client. Nothing here crashes the runner or stops the
+server (tests/test_serve.py does, each with a server of its own), so one
+server serves every test and the module stays fast.
+"""
+
+from __future__ import annotations
+
+import socket
+import subprocess
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from .serve_process import BOUND, COMMAND, ServeProcess, serve_process
+
+pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
+pytest.importorskip("hypercorn", reason="the serve extra is not installed")
+
+MODEL = "trio-runner-demo"
+CHAT: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
+
+
+@pytest.fixture(scope="module")
+def server(demo_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
+    with serve_process([], tmp_path_factory.mktemp("serve")) as running:
+        yield running
+
+
+@pytest.fixture
+def client(server: ServeProcess) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=server.url, timeout=BOUND) as http:
+        yield http
+
+
+def _error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error: dict[str, Any] = response.json()["error"]
+    assert error["message"]
+    return error
+
+
+def _requests_total(client: httpx.Client, endpoint: str, outcome: str) -> float:
+    text = client.get("/metrics").text
+    label = f'trio_runner_requests_total{{endpoint="{endpoint}",outcome="{outcome}"}} '
+    lines = [line for line in text.splitlines() if line.startswith(label)]
+    return float(lines[0].split()[-1]) if lines else 0.0
+
+
+# -- what the server cannot honour, it refuses -------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("path", "field", "value"),
+    [
+        ("/v1/completions", "top_k", 40),
+        ("/v1/completions", "min_p", 0.05),
+        ("/v1/chat/completions", "repetition_penalty", 1.1),
+        ("/v1/chat/completions", "some_future_field", True),
+    ],
+)
+def test_a_field_the_server_cannot_honour_gets_400_unsupported_naming_it(
+    client: httpx.Client, path: str, field: str, value: object
+) -> None:
+    body = {**CHAT} if "chat" in path else {"model": MODEL, "prompt": "Hi", "max_tokens": 4}
+    error = _error(client.post(path, json={**body, field: value}), 400)
+    assert error["code"] == "unsupported" and error["param"] == field
+    assert field in error["message"]
+
+
+def test_a_prompt_longer_than_the_context_gets_400_invalid_prompt_and_is_counted(
+    client: httpx.Client,
+) -> None:
+    before = _requests_total(client, "completions", "bad_request")
+    body = {"model": MODEL, "prompt": "one two three four " * 2000, "max_tokens": 4}
+    error = _error(client.post("/v1/completions", json=body), 400)
+    assert error["code"] == "invalid_prompt" and "context" in error["message"]
+    assert _requests_total(client, "completions", "bad_request") == before + 1
+
+
+# -- the command ---------------------------------------------------------------------------
+
+
+def test_serve_on_a_port_in_use_prints_one_line_and_exits_1_before_starting_a_runner() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*COMMAND, "--port", str(port)], capture_output=True, text=True, check=False, timeout=BOUND
+        )
+    assert result.returncode == 1, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in lines[0]
+    assert "runner" not in result.stdout  # it failed before starting one
