@@ -130,7 +130,7 @@ async def test_models_lists_the_served_model() -> None:
     async with serving() as (_, _sup, client):
         response = await client.get("/v1/models")
     assert response.status_code == 200
-    assert [m["id"] for m in response.json()["data"]] == [MODEL]
+    assert [m["id"] for m in response.json()["data"]] == [MODEL, "default_model"]
     assert response.json()["object"] == "list"
 
 
@@ -204,7 +204,7 @@ async def test_the_official_openai_client_chats_streams_and_lists_models() -> No
             )
             async with stream:
                 pieces = [chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices]
-    assert [m.id for m in models.data] == [MODEL]
+    assert [m.id for m in models.data] == [MODEL, "default_model"]
     assert chat.usage is not None and chat.usage.completion_tokens > 0
     assert "".join(pieces) == chat.choices[0].message.content
 

@@ -23,12 +23,14 @@ pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
 pytest.importorskip("hypercorn", reason="the serve extra is not installed")
 
 MODEL = "trio-runner-demo"
+ALIASES = ("chat_model", "gpt-4o-mini")
 CHAT: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
 def server(demo_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
-    with serve_process([], tmp_path_factory.mktemp("serve")) as running:
+    args = [arg for alias in ALIASES for arg in ("--served-model-name", alias)]
+    with serve_process(args, tmp_path_factory.mktemp("serve")) as running:
         yield running
 
 
@@ -82,6 +84,50 @@ def test_a_prompt_longer_than_the_context_gets_400_invalid_prompt_and_is_counted
     error = _error(client.post("/v1/completions", json=body), 400)
     assert error["code"] == "invalid_prompt" and "context" in error["message"]
     assert _requests_total(client, "completions", "bad_request") == before + 1
+
+
+# -- model names -------------------------------------------------------------------------
+
+
+def test_models_lists_the_model_default_model_and_every_served_model_name(client: httpx.Client) -> None:
+    response = client.get("/v1/models")
+    assert response.status_code == 200
+    assert [model["id"] for model in response.json()["data"]] == [MODEL, "default_model", *ALIASES]
+
+
+@pytest.mark.parametrize("name", [MODEL, "default_model", *ALIASES])
+def test_a_request_under_any_served_name_is_served_and_answers_with_that_name(
+    client: httpx.Client, name: str
+) -> None:
+    response = client.post("/v1/chat/completions", json={**CHAT, "model": name, "max_tokens": 1})
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == name
+
+
+def test_a_request_without_a_model_is_answered_with_the_model_s_own_name(client: httpx.Client) -> None:
+    body = {"prompt": "Hi", "max_tokens": 1}
+    response = client.post("/v1/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert response.json()["model"] == MODEL
+
+
+def test_an_unknown_model_name_gets_404_model_not_found_listing_the_served_names(
+    client: httpx.Client,
+) -> None:
+    error = _error(client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-5"}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    assert all(repr(name) in error["message"] for name in (MODEL, "default_model", *ALIASES))
+
+
+def test_the_openai_client_lists_the_served_names_and_chats_under_an_alias(server: ServeProcess) -> None:
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+        names = [model.id for model in client.models.list()]
+        chat = client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
+        )
+    assert names == [MODEL, "default_model", *ALIASES]
+    assert chat.model == "gpt-4o-mini" and chat.choices[0].finish_reason in ("stop", "length")
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -142,6 +142,7 @@ async def _serve(args: argparse.Namespace) -> None:
     try:
         await serve_mlx(
             args.model,
+            served_model_names=args.served_model_name,
             host=args.host,
             port=args.port,
             start_method=args.start_method,
@@ -288,6 +289,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="M",
         help="a model directory or a Hugging Face repo id (default: the offline demo model)",
+    )
+    serve.add_argument(
+        "--served-model-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name the model answers to (repeatable); it also answers to its own name and to "
+        "default_model",
     )
     serve.add_argument(
         "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; there is no auth)"

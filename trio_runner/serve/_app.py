@@ -219,13 +219,11 @@ class Api:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: Request) -> Response:
-        model = {
-            "id": self.limits.model_id,
-            "object": "model",
-            "created": self.started,
-            "owned_by": "trio-runner",
-        }
-        return _json({"object": "list", "data": [model]})
+        models = [
+            {"id": name, "object": "model", "created": self.started, "owned_by": "trio-runner"}
+            for name in self.limits.names
+        ]
+        return _json({"object": "list", "data": models})
 
     # -- generation --------------------------------------------------------------------
 
@@ -317,7 +315,7 @@ class Api:
             self.metrics.requests[endpoint, "disconnected"] += 1
             return Response(status_code=499)  # nobody is listening any more
         self.metrics.requests[endpoint, "ok"] += 1
-        return _json(response_body(parsed.kind, self.limits.model_id, completion))
+        return _json(response_body(parsed.kind, parsed.model, completion))
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
@@ -366,7 +364,7 @@ class _StreamResponse(Response):
         self, task: TaskHandle[Token, Completion], send: Send, generation: trio.CancelScope
     ) -> None:
         api = self.api
-        writer = ChunkWriter(self.parsed.kind, api.limits.model_id)
+        writer = ChunkWriter(self.parsed.kind, self.parsed.model)
 
         async def chunk(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})

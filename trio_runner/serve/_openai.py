@@ -96,15 +96,29 @@ class ParsedRequest:
     generate: Generate
     stream: bool
     include_usage: bool
+    model: str  # the name the request used, echoed in the response
+
+
+# mlx-lm's server answers to this name whatever it serves, and its clients and tests send it.
+DEFAULT_MODEL_ALIAS = "default_model"
 
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """What the server accepts: the model's name and the token bounds."""
+    """What the server accepts: the model's names and the token bounds.
+
+    ``model_id`` is the model's own name; it also answers to ``default_model``
+    and to each of ``aliases``. ``names`` lists them all, ``model_id`` first.
+    """
 
     model_id: str
     default_max_tokens: int = 512
     max_tokens: int = 32768
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.model_id, DEFAULT_MODEL_ALIAS, *self.aliases)))
 
 
 def parse_json(raw: bytes) -> dict[str, Any]:
@@ -189,20 +203,22 @@ def _check_fields(body: Mapping[str, Any], known: frozenset[str]) -> None:
             )
 
 
-def _check_common(body: Mapping[str, Any], limits: Limits, known: frozenset[str]) -> None:
+def _check_common(body: Mapping[str, Any], limits: Limits, known: frozenset[str]) -> str:
+    """Check what both endpoints share; return the model name to answer with."""
     _check_fields(body, known)
     model = _optional(body, "model")
-    if model is not None:
-        if not isinstance(model, str):
-            raise _invalid(f"'model' must be a string, not {_json_type(model)}", "model", "invalid_type")
-        if model != limits.model_id:
-            raise ApiError(
-                404,
-                f"the model {model!r} does not exist here; this server serves {limits.model_id!r} "
-                "(see GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+    if model is None:
+        model = limits.model_id
+    if not isinstance(model, str):
+        raise _invalid(f"'model' must be a string, not {_json_type(model)}", "model", "invalid_type")
+    if model not in limits.names:
+        served = ", ".join(repr(name) for name in limits.names)
+        raise ApiError(
+            404,
+            f"the model {model!r} does not exist here; this server answers to {served} (see GET /v1/models)",
+            param="model",
+            code="model_not_found",
+        )
     n = _int(body, "n", 1, 128)
     if n is not None and n != 1:
         raise _unsupported("n", f"= {n}")
@@ -213,6 +229,7 @@ def _check_common(body: Mapping[str, Any], limits: Limits, known: frozenset[str]
     logit_bias = _optional(body, "logit_bias")
     if logit_bias:
         raise _unsupported("logit_bias", "(non-empty)")
+    return model
 
 
 def _stop(body: Mapping[str, Any]) -> tuple[str, ...]:
@@ -316,19 +333,19 @@ def _messages(body: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
     return tuple(checked)
 
 
-def _build(kind: Kind, body: Mapping[str, Any], fields: dict[str, Any]) -> ParsedRequest:
+def _build(kind: Kind, body: Mapping[str, Any], model: str, fields: dict[str, Any]) -> ParsedRequest:
     stream = _bool(body, "stream")
     include_usage = _stream_options(body, stream)
     try:
         generate = Generate(**fields)
     except ValueError as exc:  # Generate's own checks: the last word on what the runner accepts
         raise _invalid(str(exc), None) from None
-    return ParsedRequest(kind, generate, stream, include_usage)
+    return ParsedRequest(kind, generate, stream, include_usage, model)
 
 
 def parse_chat(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     """Check a ``POST /v1/chat/completions`` body."""
-    _check_common(body, limits, _CHAT_FIELDS)
+    model = _check_common(body, limits, _CHAT_FIELDS)
     if _bool(body, "logprobs"):
         raise _unsupported("logprobs", "= true")
     top_logprobs = _int(body, "top_logprobs", 0, 20)
@@ -344,12 +361,12 @@ def parse_chat(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     if response_format is not None and response_format != {"type": "text"}:
         raise _unsupported("response_format", 'other than {"type": "text"}')
     fields = _sampling(body, limits, ("max_tokens", "max_completion_tokens"))
-    return _build("chat", body, {"messages": _messages(body), **fields})
+    return _build("chat", body, model, {"messages": _messages(body), **fields})
 
 
 def parse_completion(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     """Check a ``POST /v1/completions`` body."""
-    _check_common(body, limits, _COMPLETION_FIELDS)
+    model = _check_common(body, limits, _COMPLETION_FIELDS)
     prompt = _optional(body, "prompt")
     if prompt is None:
         raise _invalid("'prompt' is required: a string", "prompt", "missing_required_parameter")
@@ -369,7 +386,7 @@ def parse_completion(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     if best_of is not None and best_of != 1:
         raise _unsupported("best_of", f"= {best_of}")
     fields = _sampling(body, limits, ("max_tokens",))
-    return _build("completion", body, {"prompt": prompt, **fields})
+    return _build("completion", body, model, {"prompt": prompt, **fields})
 
 
 # -- responses ------------------------------------------------------------------------
@@ -392,7 +409,7 @@ def usage(completion: Completion) -> dict[str, int]:
     }
 
 
-def response_body(kind: Kind, model_id: str, completion: Completion) -> dict[str, Any]:
+def response_body(kind: Kind, model: str, completion: Completion) -> dict[str, Any]:
     """A whole non-streamed response, with ``usage``."""
     if kind == "chat":
         choice: dict[str, Any] = {
@@ -414,7 +431,7 @@ def response_body(kind: Kind, model_id: str, completion: Completion) -> dict[str
         "id": new_id(kind),
         "object": obj,
         "created": int(time.time()),
-        "model": model_id,
+        "model": model,
         "choices": [choice],
         "usage": usage(completion),
     }
@@ -423,13 +440,13 @@ def response_body(kind: Kind, model_id: str, completion: Completion) -> dict[str
 class ChunkWriter:
     """The SSE events of one streamed response, each ``data: <json>\\n\\n`` bytes."""
 
-    def __init__(self, kind: Kind, model_id: str) -> None:
+    def __init__(self, kind: Kind, model: str) -> None:
         self.kind = kind
         self.head = {
             "id": new_id(kind),
             "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
             "created": int(time.time()),
-            "model": model_id,
+            "model": model,
         }
 
     def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +89,7 @@ async def run_server(
     supervisor: Supervisor[Generate, Token, Completion],
     *,
     model_id: str,
+    served_model_names: Sequence[str] = (),
     host: str = "127.0.0.1",
     port: int = 8000,
     ready_wait: float = 5.0,
@@ -107,8 +108,11 @@ async def run_server(
             any runner serving :class:`~trio_runner.mlx.Generate`). Open it with
             ``raise_on_give_up=False`` so the server keeps answering 503 after
             the policy gives up.
-        model_id: the model's name in ``/v1/models``; a request naming another
-            model gets 404.
+        model_id: the model's name in ``/v1/models``. The server also answers
+            to ``default_model`` (mlx-lm's convention) and to each of
+            ``served_model_names``; a request naming any other model gets 404.
+        served_model_names: more names for the model, for clients that
+            hard-code one.
         host: the address to listen on; keep to loopback unless a proxy in
             front handles authentication (there is none here).
         port: the port; 0 picks a free one.
@@ -125,7 +129,7 @@ async def run_server(
     **Cancellation:** cancelling this task stops the server at once, without
     the grace period; :meth:`OpenAIServer.shutdown` is the graceful way.
     """
-    limits = Limits(model_id, default_max_tokens=default_max_tokens)
+    limits = Limits(model_id, default_max_tokens=default_max_tokens, aliases=_names(served_model_names))
     options = ServeOptions(limits, ready_wait=ready_wait, max_body_size=max_body_size)
     config = _config(host, port, grace)
     sockets = listen(config)
@@ -133,6 +137,12 @@ async def run_server(
         await _serve(supervisor, options, config, sockets, host, grace, task_status=task_status)
     finally:
         _close(sockets)
+
+
+def _names(names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise ValueError(f"served_model_names={names!r} must be a sequence of non-empty strings")
+    return tuple(names)
 
 
 def _config(host: str, port: int, grace: float) -> Config:
@@ -216,6 +226,7 @@ async def serve_mlx(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
+    served_model_names: Sequence[str] = (),
     start_method: str = "auto",
     policy: RestartPolicy | None = None,
     ready_wait: float = 5.0,
@@ -231,7 +242,7 @@ async def serve_mlx(
     from ..mlx._supervise import open_mlx_supervisor
 
     model_id = model_id_for(model)
-    options = ServeOptions(Limits(model_id), ready_wait=ready_wait)
+    options = ServeOptions(Limits(model_id, aliases=_names(served_model_names)), ready_wait=ready_wait)
     config = _config(host, port, grace)
     sockets = listen(config)  # before the runner starts: an address in use fails at once
     supervisor_options: dict[str, Any] = {"raise_on_give_up": False}
@@ -245,8 +256,9 @@ async def serve_mlx(
                 server: OpenAIServer = await nursery.start(
                     functools.partial(_serve, sup, options, config, sockets, host, grace)
                 )
+                also = ", ".join(repr(name) for name in options.limits.names[1:])
                 say(
-                    f"serving {model_id!r} at {server.url}/v1 (OpenAI-compatible); "
+                    f"serving {model_id!r} (also as {also}) at {server.url}/v1 (OpenAI-compatible); "
                     f"also {server.url}/health and /metrics"
                 )
                 reporter = trio.CancelScope()
