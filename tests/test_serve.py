@@ -134,6 +134,16 @@ async def test_models_lists_the_served_model() -> None:
     assert response.json()["object"] == "list"
 
 
+async def test_by_default_no_api_key_is_needed_and_no_origin_is_allowed() -> None:
+    preflight_headers = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST"}
+    async with serving() as (_, _sup, client):
+        models = await client.get("/v1/models", headers={"Origin": "https://app.example"})
+        preflight = await client.options("/v1/chat/completions", headers=preflight_headers)
+    assert models.status_code == 200
+    assert "access-control-allow-origin" not in models.headers
+    assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
+
+
 async def test_chat_completion_is_openai_shaped_and_includes_usage() -> None:
     async with serving() as (_, _sup, client):
         response = await client.post("/v1/chat/completions", json=CHAT)

@@ -9,6 +9,7 @@ server serves every test and the module stays fast.
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 from collections.abc import Iterator
@@ -24,18 +25,29 @@ pytest.importorskip("hypercorn", reason="the serve extra is not installed")
 
 MODEL = "trio-runner-demo"
 ALIASES = ("chat_model", "gpt-4o-mini")
+KEY = "sk-test-0123456789"
+ORIGIN = "https://app.example"
 CHAT: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 4}
 
 
 @pytest.fixture(scope="module")
 def server(demo_dir: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeProcess]:
     args = [arg for alias in ALIASES for arg in ("--served-model-name", alias)]
-    with serve_process(args, tmp_path_factory.mktemp("serve")) as running:
+    args += ["--allow-origin", ORIGIN]
+    env = {**os.environ, "TRIO_RUNNER_API_KEY": KEY}  # the key from the environment, as documented
+    with serve_process(args, tmp_path_factory.mktemp("serve"), env=env) as running:
         yield running
 
 
 @pytest.fixture
 def client(server: ServeProcess) -> Iterator[httpx.Client]:
+    headers = {"Authorization": f"Bearer {KEY}"}
+    with httpx.Client(base_url=server.url, timeout=BOUND, headers=headers) as http:
+        yield http
+
+
+@pytest.fixture
+def anonymous(server: ServeProcess) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=server.url, timeout=BOUND) as http:
         yield http
 
@@ -121,13 +133,88 @@ def test_an_unknown_model_name_gets_404_model_not_found_listing_the_served_names
 
 def test_the_openai_client_lists_the_served_names_and_chats_under_an_alias(server: ServeProcess) -> None:
     openai = pytest.importorskip("openai")
-    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0) as client:
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0) as client:
         names = [model.id for model in client.models.list()]
         chat = client.chat.completions.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "Hi"}], max_tokens=2
         )
     assert names == [MODEL, "default_model", *ALIASES]
     assert chat.model == "gpt-4o-mini" and chat.choices[0].finish_reason in ("stop", "length")
+
+
+# -- API key -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [
+        ("GET", "/v1/models"),
+        ("POST", "/v1/chat/completions"),
+        ("POST", "/v1/completions"),
+        ("GET", "/metrics"),
+    ],
+)
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong-key", KEY])
+def test_without_the_api_key_every_route_but_health_gets_401_in_openai_s_shape(
+    anonymous: httpx.Client, method: str, path: str, authorization: str | None
+) -> None:
+    headers = {} if authorization is None else {"Authorization": authorization}
+    response = anonymous.request(method, path, json=CHAT, headers=headers)
+    error = _error(response, 401)
+    assert error["code"] == "invalid_api_key" and error["type"] == "invalid_request_error"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert KEY not in response.text
+
+
+def test_health_stays_open_without_the_api_key(anonymous: httpx.Client) -> None:
+    response = anonymous.get("/health")
+    assert response.status_code == 200 and response.json()["state"] == "ready"
+
+
+def test_the_openai_client_with_a_wrong_key_raises_authentication_error(server: ServeProcess) -> None:
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key="sk-wrong", max_retries=0) as client:
+        with pytest.raises(openai.AuthenticationError) as raised:
+            client.models.list()
+    assert raised.value.status_code == 401 and raised.value.code == "invalid_api_key"
+
+
+# -- CORS ------------------------------------------------------------------------------------
+
+
+def test_a_preflight_from_an_allowed_origin_is_answered_without_a_key(anonymous: httpx.Client) -> None:
+    headers = {
+        "Origin": ORIGIN,
+        "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization, content-type",
+    }
+    response = anonymous.options("/v1/chat/completions", headers=headers)
+    assert response.status_code == 200, response.text
+    assert response.headers["access-control-allow-origin"] == ORIGIN
+    assert "POST" in response.headers["access-control-allow-methods"]
+    allowed = response.headers["access-control-allow-headers"].lower()
+    assert "authorization" in allowed and "content-type" in allowed
+
+
+def test_responses_to_an_allowed_origin_carry_the_cors_header_even_a_401(anonymous: httpx.Client) -> None:
+    ok = anonymous.post(
+        "/v1/completions",
+        json={"prompt": "Hi", "max_tokens": 1},
+        headers={"Origin": ORIGIN, "Authorization": f"Bearer {KEY}"},
+    )
+    refused = anonymous.get("/v1/models", headers={"Origin": ORIGIN})
+    assert ok.status_code == 200 and refused.status_code == 401
+    assert ok.headers["access-control-allow-origin"] == ORIGIN
+    assert refused.headers["access-control-allow-origin"] == ORIGIN
+
+
+def test_an_origin_that_is_not_allowed_gets_no_cors_headers(anonymous: httpx.Client) -> None:
+    headers = {"Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}
+    preflight = anonymous.options("/v1/chat/completions", headers=headers)
+    health = anonymous.get("/health", headers={"Origin": "https://evil.example"})
+    assert preflight.status_code == 400
+    assert "access-control-allow-origin" not in preflight.headers
+    assert "access-control-allow-origin" not in health.headers
 
 
 # -- the command ---------------------------------------------------------------------------

@@ -12,6 +12,7 @@ in this task, rather than whenever a generator happens to be finalised.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -23,10 +24,12 @@ from typing import Any, cast
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import RunnerCrashed, RunnerUnavailable, TaskCancelled, TaskFailed, TrioRunnerError
 from .._state import RunnerState
@@ -66,8 +69,16 @@ class ServeOptions:
     limits: Limits
     ready_wait: float = 5.0
     max_body_size: int = MAX_BODY_SIZE
+    api_key: str | None = None
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        key = cast(object, self.api_key)
+        if key is not None and (not isinstance(key, str) or not key or not key.isprintable()):
+            raise ValueError("api_key must be a non-empty string of printable characters, or None")
+        origins = cast(tuple[object], self.allow_origins)
+        if isinstance(origins, str) or not all(isinstance(o, str) and o for o in origins):
+            raise ValueError(f"allow_origins={self.allow_origins!r} must be a sequence of origins, or '*'")
         if not (isinstance(self.ready_wait, int | float) and 0 <= self.ready_wait < float("inf")):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"ready_wait={self.ready_wait!r} must be a finite number of seconds >= 0")
         size = cast(object, self.max_body_size)
@@ -404,7 +415,48 @@ def build_app(
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_route, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}), api
+    middleware: list[Middleware] = []
+    if options.allow_origins:
+        # Outermost, so a preflight is answered without a key and a 401 still carries the CORS headers.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=options.allow_origins,
+                allow_methods=("GET", "POST"),
+                allow_headers=("authorization", "content-type"),
+            )
+        )
+    if options.api_key is not None:
+        middleware.append(Middleware(_RequireKey, key=options.api_key))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})
+    return app, api
+
+
+class _RequireKey:
+    """Answer 401 to any request but ``/health`` without ``Authorization: Bearer <key>``."""
+
+    OPEN = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        given = dict(cast(list[tuple[bytes, bytes]], scope["headers"])).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):  # in constant time: no timing hint about the key
+            await self.app(scope, receive, send)
+            return
+        why = "no API key was given" if not given else "the API key is not valid"
+        error = ApiError(
+            401,
+            f"{why}: send the server's key as 'Authorization: Bearer <key>' (the openai client's api_key)",
+            code="invalid_api_key",
+        )
+        headers = {"WWW-Authenticate": "Bearer"}
+        await _json(error.body(), 401, headers)(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

@@ -96,6 +96,8 @@ async def run_server(
     grace: float = 5.0,
     max_body_size: int = MAX_BODY_SIZE,
     default_max_tokens: int = 512,
+    api_key: str | None = None,
+    allow_origins: Sequence[str] = (),
     task_status: trio.TaskStatus[OpenAIServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an OpenAI-compatible API for ``supervisor`` until :meth:`OpenAIServer.shutdown`.
@@ -113,14 +115,18 @@ async def run_server(
             ``served_model_names``; a request naming any other model gets 404.
         served_model_names: more names for the model, for clients that
             hard-code one.
-        host: the address to listen on; keep to loopback unless a proxy in
-            front handles authentication (there is none here).
+        host: the address to listen on; keep to loopback unless ``api_key``
+            is set or a proxy in front authenticates.
         port: the port; 0 picks a free one.
         ready_wait: how long a request waits for a runner that is starting or
             backing off before it gets 503 with ``Retry-After``.
         grace: how long a shutdown waits for requests in flight.
         max_body_size: larger request bodies get 413.
         default_max_tokens: ``max_tokens`` when a request does not say.
+        api_key: if set, every route but ``/health`` needs
+            ``Authorization: Bearer <api_key>``; others get 401.
+        allow_origins: browser origins allowed by CORS (``"*"`` for any);
+            none by default, so browsers refuse cross-origin calls.
 
     Raises:
         ValueError: an option is out of range (at the call).
@@ -130,7 +136,13 @@ async def run_server(
     the grace period; :meth:`OpenAIServer.shutdown` is the graceful way.
     """
     limits = Limits(model_id, default_max_tokens=default_max_tokens, aliases=_names(served_model_names))
-    options = ServeOptions(limits, ready_wait=ready_wait, max_body_size=max_body_size)
+    options = ServeOptions(
+        limits,
+        ready_wait=ready_wait,
+        max_body_size=max_body_size,
+        api_key=api_key,
+        allow_origins=tuple(allow_origins),
+    )
     config = _config(host, port, grace)
     sockets = listen(config)
     try:
@@ -227,6 +239,8 @@ async def serve_mlx(
     host: str = "127.0.0.1",
     port: int = 8000,
     served_model_names: Sequence[str] = (),
+    api_key: str | None = None,
+    allow_origins: Sequence[str] = (),
     start_method: str = "auto",
     policy: RestartPolicy | None = None,
     ready_wait: float = 5.0,
@@ -242,7 +256,12 @@ async def serve_mlx(
     from ..mlx._supervise import open_mlx_supervisor
 
     model_id = model_id_for(model)
-    options = ServeOptions(Limits(model_id, aliases=_names(served_model_names)), ready_wait=ready_wait)
+    options = ServeOptions(
+        Limits(model_id, aliases=_names(served_model_names)),
+        ready_wait=ready_wait,
+        api_key=api_key,
+        allow_origins=tuple(allow_origins),
+    )
     config = _config(host, port, grace)
     sockets = listen(config)  # before the runner starts: an address in use fails at once
     supervisor_options: dict[str, Any] = {"raise_on_give_up": False}
