@@ -98,6 +98,85 @@ def test_a_prompt_longer_than_the_context_gets_400_invalid_prompt_and_is_counted
     assert _requests_total(client, "completions", "bad_request") == before + 1
 
 
+# -- response_format and tools -------------------------------------------------------------
+
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+
+
+@pytest.mark.parametrize(
+    "response_format",
+    [
+        {"type": "json_object"},
+        {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}},
+    ],
+)
+def test_a_json_response_format_gets_400_unsupported_as_there_is_no_constrained_decoding(
+    client: httpx.Client, response_format: dict[str, Any]
+) -> None:
+    error = _error(
+        client.post("/v1/chat/completions", json={**CHAT, "response_format": response_format}), 400
+    )
+    assert error["code"] == "unsupported" and error["param"] == "response_format"
+
+
+def test_response_format_text_is_served(client: httpx.Client) -> None:
+    response = client.post("/v1/chat/completions", json={**CHAT, "response_format": {"type": "text"}})
+    assert response.status_code == 200, response.text
+
+
+def test_tools_for_a_model_whose_template_has_no_tool_call_format_get_400_unsupported(
+    client: httpx.Client,
+) -> None:
+    # The demo model's template renders role and content only.
+    before = _requests_total(client, "chat", "bad_request")
+    error = _error(client.post("/v1/chat/completions", json={**CHAT, "tools": [WEATHER]}), 400)
+    assert error["code"] == "unsupported" and error["param"] == "tools"
+    assert "tool-call format" in error["message"]
+    assert _requests_total(client, "chat", "bad_request") == before + 1
+
+
+@pytest.mark.parametrize("tool_choice", ["required", {"type": "function", "function": {"name": "weather"}}])
+def test_a_tool_choice_that_forces_a_call_gets_400_unsupported(
+    client: httpx.Client, tool_choice: object
+) -> None:
+    body = {**CHAT, "tools": [WEATHER], "tool_choice": tool_choice}
+    error = _error(client.post("/v1/chat/completions", json=body), 400)
+    assert error["code"] == "unsupported" and error["param"] == "tool_choice"
+
+
+def test_tool_calls_and_tool_results_in_the_history_are_served_through_the_openai_client(
+    server: ServeProcess,
+) -> None:
+    openai = pytest.importorskip("openai")
+    messages: list[Any] = [
+        {"role": "user", "content": "What is 2+3?"},
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {"id": "c1", "type": "function", "function": {"name": "add", "arguments": '{"a": 2, "b": 3}'}}
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+    ]
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0) as client:
+        chat = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3)
+        stream = client.chat.completions.create(model=MODEL, messages=messages, max_tokens=3, stream=True)
+        chunks = list(stream)
+    assert chat.choices[0].finish_reason in ("stop", "length") and chat.choices[0].message.tool_calls is None
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+
+def test_a_malformed_tool_call_in_the_history_gets_400(client: httpx.Client) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{not json"}}
+    messages = [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "user", "content": "x"},
+    ]
+    error = _error(client.post("/v1/chat/completions", json={**CHAT, "messages": messages}), 400)
+    assert error["param"] == "messages[0].tool_calls[0]" and error["code"] == "invalid_value"
+
+
 # -- model names -------------------------------------------------------------------------
 
 

@@ -99,6 +99,7 @@ async def open_mlx_supervisor(
     start_method: str = "auto",
     warmup: bool = True,
     name: str = "mlx",
+    runner: type[MlxLmRunner] = MlxLmRunner,
     **supervisor_options: Any,
 ) -> AsyncGenerator[Supervisor[Generate, Token, Completion]]:
     """Supervise an :class:`MlxLmRunner`: ``async with open_mlx_supervisor() as sup``.
@@ -113,6 +114,8 @@ async def open_mlx_supervisor(
             kernel cache is cold, compile the kernels first in a throwaway
             process (:func:`warm_kernel_cache`), never in the forkserver.
         name: the supervisor's name, for logs.
+        runner: :class:`MlxLmRunner` or a subclass, such as
+            :class:`~trio_runner.mlx.ToolMlxLmRunner` (what ``trio-runner serve`` runs).
         supervisor_options: any other :func:`trio_runner.open_supervisor`
             argument: ``policy``, ``timeouts``, ``window`` ...
 
@@ -127,7 +130,7 @@ async def open_mlx_supervisor(
     options = start_options(start_method)
     preloaded = options["start_method"] == "forkserver"
     async with open_supervisor(
-        MlxLmRunner,
+        runner,
         checked,
         kwargs={"warmup": warmup, "preloaded": preloaded},
         name=name,

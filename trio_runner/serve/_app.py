@@ -34,6 +34,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .._errors import RunnerCrashed, RunnerUnavailable, TaskCancelled, TaskFailed, TrioRunnerError
 from .._state import RunnerState
 from .._supervisor import Supervisor, TaskHandle
+from ..mlx._tools import ToolChat, ToolCompletion, ToolsUnsupported
 from ..mlx._types import Completion, Generate, Token
 from ._metrics import ServeMetrics
 from ._openai import (
@@ -51,6 +52,7 @@ from ._openai import (
 logger = logging.getLogger("trio_runner.serve")
 
 MAX_BODY_SIZE = 1024 * 1024
+_TOOLS_UNSUPPORTED = f"{ToolsUnsupported.__module__}.{ToolsUnsupported.__qualname__}"
 _WAITING = (RunnerState.STARTING, RunnerState.BACKING_OFF)
 SHUTTING_DOWN = ApiError(
     503, "the server is shutting down; this request was cancelled", type="server_error", code="shutting_down"
@@ -114,6 +116,8 @@ def task_error(exc: TrioRunnerError, metrics: ServeMetrics) -> tuple[ApiError, s
             "crashed",
         )
     if isinstance(exc, TaskFailed):
+        if exc.remote_type == _TOOLS_UNSUPPORTED:
+            return ApiError(400, exc.remote_message, param="tools", code="unsupported"), "bad_request"
         # The runner's own checks (a prompt longer than the context, say) are the client's to fix.
         if exc.remote_type == "ValueError":
             return ApiError(400, exc.remote_message, code="invalid_prompt"), "bad_request"
@@ -325,8 +329,24 @@ class Api:
         if completion is None:
             self.metrics.requests[endpoint, "disconnected"] += 1
             return Response(status_code=499)  # nobody is listening any more
+        if (wrong := _wrong_runner(parsed, completion)) is not None:
+            self.metrics.requests[endpoint, "failed"] += 1
+            return _error_response(wrong)
         self.metrics.requests[endpoint, "ok"] += 1
         return _json(response_body(parsed.kind, parsed.model, completion))
+
+
+def _wrong_runner(parsed: ParsedRequest, completion: Completion) -> ApiError | None:
+    """A 500 if a chat with tool parts was served by a runner that does not know them (it ignored them)."""
+    if not isinstance(parsed.generate, ToolChat) or isinstance(completion, ToolCompletion):
+        return None
+    return ApiError(
+        500,
+        "this server's runner does not render tools or tool calls; serve with "
+        "trio_runner.mlx.ToolMlxLmRunner (trio-runner serve does)",
+        type="server_error",
+        code="tools_not_served",
+    )
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
@@ -390,9 +410,13 @@ class _StreamResponse(Response):
             try:
                 async for token in task:
                     api.metrics.tokens_generated += 1
-                    if token.text:
+                    if token.text and not self.parsed.buffered:
                         await chunk(writer.text(token.text))
-                tail = writer.finish(task.result, self.parsed.include_usage)
+                wrong = _wrong_runner(self.parsed, task.result)
+                if wrong is None:
+                    tail = writer.finish(task.result, self.parsed.include_usage)
+                else:
+                    outcome, tail = "failed", writer.error(wrong)
             except TrioRunnerError as exc:
                 error, outcome = task_error(exc, api.metrics)
                 tail = writer.error(error)

@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
 
+from ..mlx._tools import ToolChat, ToolCompletion
 from ..mlx._types import Completion, Generate
 
 Kind = Literal["chat", "completion"]
@@ -97,6 +98,11 @@ class ParsedRequest:
     stream: bool
     include_usage: bool
     model: str  # the name the request used, echoed in the response
+
+    @property
+    def buffered(self) -> bool:
+        """A chat with tools: its text is sent when it ends, split into content and tool calls."""
+        return isinstance(self.generate, ToolChat) and bool(self.generate.tools)
 
 
 # mlx-lm's server answers to this name whatever it serves, and its clients and tests send it.
@@ -303,7 +309,8 @@ def _content(message: Mapping[str, Any], i: int) -> str:
     raise _invalid(f"'{param}' must be a string or an array of text parts", param, "invalid_type")
 
 
-def _messages(body: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
+def _messages(body: Mapping[str, Any]) -> tuple[tuple[dict[str, str], ...], tuple[dict[str, Any], ...]]:
+    """Each message's role and text, and each message whole (tool calls, tool call ids, names)."""
     messages = _optional(body, "messages")
     if messages is None:
         raise _invalid(
@@ -316,6 +323,7 @@ def _messages(body: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
             "'messages' must be a non-empty array of {role, content} objects", "messages", "invalid_type"
         )
     checked: list[dict[str, str]] = []
+    whole: list[dict[str, Any]] = []
     for i, message in enumerate(cast(list[object], messages)):
         if not isinstance(message, dict):
             raise _invalid(
@@ -330,14 +338,95 @@ def _messages(body: Mapping[str, Any]) -> tuple[dict[str, str], ...]:
                 f"'messages[{i}].role' is {role!r}; it must be one of {sorted(_ROLES)}", f"messages[{i}].role"
             )
         checked.append({"role": _ROLES[role], "content": _content(entry, i)})
-    return tuple(checked)
+        whole.append(_whole_message(entry, i, checked[-1]))
+    return tuple(checked), tuple(whole)
 
 
-def _build(kind: Kind, body: Mapping[str, Any], model: str, fields: dict[str, Any]) -> ParsedRequest:
+def _whole_message(entry: Mapping[str, Any], i: int, simple: dict[str, str]) -> dict[str, Any]:
+    """The message as the chat template gets it; a part the server cannot pass on is refused."""
+    whole: dict[str, Any] = dict(simple)
+    for key, value in entry.items():
+        param = f"messages[{i}].{key}"
+        if key in ("role", "content") or value is None:
+            continue  # a null field says nothing (clients echo "refusal": null, say)
+        if key == "name" and isinstance(value, str):
+            whole["name"] = value
+        elif key == "tool_call_id" and simple["role"] == "tool" and isinstance(value, str):
+            whole["tool_call_id"] = value
+        elif key == "tool_calls" and simple["role"] == "assistant":
+            whole["tool_calls"] = _history_tool_calls(value, param)
+        else:
+            raise _unsupported(param, f"on a {simple['role']} message")
+    return whole
+
+
+def _history_tool_calls(value: object, param: str) -> list[dict[str, Any]]:
+    if not isinstance(value, list):
+        raise _invalid(f"'{param}' must be an array of tool calls", param, "invalid_type")
+    calls: list[dict[str, Any]] = []
+    for j, call in enumerate(cast(list[object], value)):
+        entry = cast(dict[str, Any], call) if isinstance(call, dict) else {}
+        found = entry.get("function")
+        function = cast(dict[str, Any], found if isinstance(found, dict) else {})
+        name = function.get("name")
+        if not isinstance(name, str):
+            raise _invalid(
+                f"'{param}[{j}]' must be {{id, type: function, function: {{name, arguments}}}}",
+                f"{param}[{j}]",
+                "invalid_type",
+            )
+        arguments = function.get("arguments") or "{}"
+        try:
+            # Templates index the arguments (tool_call.arguments.city), so they get an object.
+            parsed = json.loads(arguments) if isinstance(arguments, str) else arguments
+        except json.JSONDecodeError:
+            raise _invalid(
+                f"'{param}[{j}].function.arguments' is not valid JSON", f"{param}[{j}]", "invalid_value"
+            ) from None
+        calls.append(
+            {
+                "id": entry.get("id") or f"call_{j}",
+                "type": "function",
+                "function": {"name": name, "arguments": parsed},
+            }
+        )
+    return calls
+
+
+def _tools(body: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The request's function tools, checked; none when ``tool_choice`` is ``"none"``."""
+    tools = _optional(body, "tools")
+    tool_choice = _optional(body, "tool_choice")
+    if tool_choice not in (None, "none", "auto"):
+        # Forcing a call ("required", or a named function) needs constrained decoding.
+        raise _unsupported("tool_choice", f"= {tool_choice!r} (only 'auto' and 'none')")
+    if tools is None:
+        return ()
+    if not isinstance(tools, list):
+        raise _invalid(f"'tools' must be an array, not {_json_type(tools)}", "tools", "invalid_type")
+    checked: list[dict[str, Any]] = []
+    for i, tool in enumerate(cast(list[object], tools)):
+        entry = cast(dict[str, Any], tool) if isinstance(tool, dict) else {}
+        function = entry.get("function")
+        if entry.get("type") != "function" or not isinstance(function, dict):
+            raise _unsupported(f"tools[{i}]", "other than {type: function, function: {...}}")
+        if not isinstance(cast(dict[str, Any], function).get("name"), str):
+            raise _invalid(f"'tools[{i}].function.name' must be a string", f"tools[{i}]", "invalid_type")
+        checked.append(entry)
+    return () if tool_choice == "none" else tuple(checked)
+
+
+def _build(
+    kind: Kind,
+    body: Mapping[str, Any],
+    model: str,
+    fields: dict[str, Any],
+    request: type[Generate] = Generate,
+) -> ParsedRequest:
     stream = _bool(body, "stream")
     include_usage = _stream_options(body, stream)
     try:
-        generate = Generate(**fields)
+        generate = request(**fields)
     except ValueError as exc:  # Generate's own checks: the last word on what the runner accepts
         raise _invalid(str(exc), None) from None
     return ParsedRequest(kind, generate, stream, include_usage, model)
@@ -351,17 +440,23 @@ def parse_chat(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     top_logprobs = _int(body, "top_logprobs", 0, 20)
     if top_logprobs:
         raise _unsupported("top_logprobs", f"= {top_logprobs}")
-    tool_choice = _optional(body, "tool_choice")
-    if tool_choice not in (None, "none", "auto"):
-        raise _unsupported("tool_choice", f"= {tool_choice!r}")
-    for name in ("tools", "functions", "audio", "prediction"):
+    for name in ("functions", "audio", "prediction"):
         if _optional(body, name):
             raise _unsupported(name, "")
     response_format = _optional(body, "response_format")
     if response_format is not None and response_format != {"type": "text"}:
+        # json_object and json_schema need constrained decoding, which this server does not do.
         raise _unsupported("response_format", 'other than {"type": "text"}')
     fields = _sampling(body, limits, ("max_tokens", "max_completion_tokens"))
-    return _build("chat", body, model, {"messages": _messages(body), **fields})
+    simple, whole = _messages(body)
+    tools = _tools(body)
+    if not tools and whole == simple:
+        return _build("chat", body, model, {"messages": simple, **fields})
+    if tools and fields.get("n", 1) != 1:
+        raise _unsupported("n", "with tools")
+    return _build(
+        "chat", body, model, {"messages": simple, "chat": whole, "tools": tools, **fields}, ToolChat
+    )
 
 
 def parse_completion(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
@@ -409,14 +504,36 @@ def usage(completion: Completion) -> dict[str, int]:
     }
 
 
+def chat_message(completion: Completion) -> tuple[dict[str, Any], str]:
+    """The assistant message's ``content`` (and ``tool_calls``), and the finish reason.
+
+    A completion with tool calls finishes with ``"tool_calls"``, and its
+    content is the text outside them (null when there is none), as OpenAI's.
+    """
+    if not isinstance(completion, ToolCompletion):
+        return {"content": completion.text}, completion.finish_reason
+    if not completion.tool_calls:
+        return {"content": completion.content}, completion.finish_reason
+    calls = [
+        {
+            "id": call["id"],
+            "type": "function",
+            "function": {"name": call["name"], "arguments": call["arguments"]},
+        }
+        for call in completion.tool_calls
+    ]
+    return {"content": completion.content or None, "tool_calls": calls}, "tool_calls"
+
+
 def response_body(kind: Kind, model: str, completion: Completion) -> dict[str, Any]:
     """A whole non-streamed response, with ``usage``."""
     if kind == "chat":
+        message, finish = chat_message(completion)
         choice: dict[str, Any] = {
             "index": 0,
-            "message": {"role": "assistant", "content": completion.text},
+            "message": {"role": "assistant", **message},
             "logprobs": None,
-            "finish_reason": completion.finish_reason,
+            "finish_reason": finish,
         }
         obj = "chat.completion"
     else:
@@ -470,8 +587,28 @@ class ChunkWriter:
         return self._event([self._choice(text, None)])
 
     def finish(self, completion: Completion, include_usage: bool) -> bytes:
-        """The closing chunk with the finish reason, the usage chunk if asked, and ``[DONE]``."""
-        out = self._event([self._choice(None if self.kind == "chat" else "", completion.finish_reason)])
+        """The closing chunk with the finish reason, the usage chunk if asked, and ``[DONE]``.
+
+        A chat with tools streams nothing until it ends (a tool call is only
+        known whole), so its content and tool calls come here, before the end.
+        """
+        out = b""
+        finish: str = completion.finish_reason
+        if isinstance(completion, ToolCompletion):
+            message, finish = chat_message(completion)
+            if message["content"]:
+                out += self.text(message["content"])
+            calls = cast(list[dict[str, Any]], message.get("tool_calls", []))
+            if calls:
+                deltas = [{"index": i, **call} for i, call in enumerate(calls)]
+                choice = {
+                    "index": 0,
+                    "delta": {"tool_calls": deltas},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+                out += self._event([choice])
+        out += self._event([self._choice(None if self.kind == "chat" else "", finish)])
         if include_usage:
             out += self._event([], usage=usage(completion))
         return out + b"data: [DONE]\n\n"

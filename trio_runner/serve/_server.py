@@ -106,8 +106,11 @@ async def run_server(
     arguments); that returns the :class:`OpenAIServer` once it listens.
 
     Args:
-        supervisor: a supervisor of :class:`~trio_runner.mlx.MlxLmRunner` (or
-            any runner serving :class:`~trio_runner.mlx.Generate`). Open it with
+        supervisor: a supervisor of :class:`~trio_runner.mlx.ToolMlxLmRunner`
+            (``open_mlx_supervisor(runner=ToolMlxLmRunner)``), or of any runner
+            serving :class:`~trio_runner.mlx.Generate`; a runner that does not
+            know :class:`~trio_runner.mlx.ToolChat` answers chats with tools
+            or tool calls with 500 ``tools_not_served``. Open it with
             ``raise_on_give_up=False`` so the server keeps answering 503 after
             the policy gives up.
         model_id: the model's name in ``/v1/models``. The server also answers
@@ -254,6 +257,7 @@ async def serve_mlx(
     loads). Leaving shuts the server down gracefully, then the runner.
     """
     from ..mlx._supervise import open_mlx_supervisor
+    from ..mlx._tools import ToolMlxLmRunner
 
     model_id = model_id_for(model)
     options = ServeOptions(
@@ -269,7 +273,7 @@ async def serve_mlx(
         supervisor_options["policy"] = policy
     try:
         async with open_mlx_supervisor(
-            model, start_method=start_method, name="serve", **supervisor_options
+            model, start_method=start_method, name="serve", runner=ToolMlxLmRunner, **supervisor_options
         ) as sup:
             async with trio.open_nursery() as nursery:
                 server: OpenAIServer = await nursery.start(
