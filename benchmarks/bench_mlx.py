@@ -4,7 +4,10 @@ Side by side in the same run, on the same model:
 
 - **tokens/s**: greedy generation of ``TOKENS`` tokens through the supervisor
   (submit to result, timed in the parent) against ``mlx_lm.stream_generate``
-  in this process (call to last response). Each round runs one of each, back
+  in this process (call to last response), once with the runner as
+  ``open_mlx_supervisor`` starts it (batched, ``concurrency`` 32: what
+  ``trio-runner serve`` runs) and once with ``concurrency=1`` (the
+  single-stream path). Each round runs one of each, back
   to back; the ratio judged is the median of the rounds' ratios, which
   cancels the machine's slow drift in load (the ratio of the two medians is
   reported beside it). Goal: at least 0.97.
@@ -35,7 +38,7 @@ from typing import Any
 import trio
 
 import trio_runner
-from trio_runner.mlx import Generate, open_mlx_supervisor, prepare_demo_model
+from trio_runner.mlx import Generate, MlxLmRunner, open_mlx_supervisor, prepare_demo_model, start_options
 
 TOKENS = 400
 ROUNDS = 40
@@ -60,7 +63,15 @@ def _in_process_round(model: Any, tokenizer: Any) -> tuple[float, float, int]:
     return time.perf_counter() - began, first, count
 
 
-async def _throughput(path: str) -> dict[str, Any]:
+def _open(path: str, concurrency: int | None) -> Any:
+    if concurrency is None:
+        return open_mlx_supervisor(path)
+    return trio_runner.open_supervisor(
+        MlxLmRunner, path, kwargs={"concurrency": concurrency}, name="mlx", **start_options()
+    )
+
+
+async def _throughput(path: str, concurrency: int | None = None) -> dict[str, Any]:
     import mlx_lm
 
     # Loading MLX here is safe: the forkserver was launched (by exec) before, and spawn is exec too.
@@ -72,7 +83,7 @@ async def _throughput(path: str) -> dict[str, Any]:
     own_tps: list[float] = []
     own_ttft: list[float] = []
     ratios: list[float] = []
-    async with open_mlx_supervisor(path) as sup:
+    async with _open(path, concurrency) as sup:
         await sup.wait_ready()
         await sup.run(request)  # warm up
         for round_ in range(ROUNDS):
@@ -161,6 +172,7 @@ async def _bench() -> dict[str, Any]:
     results["forkserver"] = await _restart_to_ready(path, "forkserver")
     results["spawn"] = await _restart_to_ready(path, "spawn")
     results["throughput"] = await _throughput(path)
+    results["throughput_single"] = await _throughput(path, concurrency=1)
     results["cancel"] = await _after_cancel(path)
     return results
 
@@ -168,20 +180,22 @@ async def _bench() -> dict[str, Any]:
 def main() -> dict[str, Any]:
     """Run the MLX benchmarks, print a small table, and return the figures."""
     results = trio.run(_bench)
-    t = results["throughput"]
-    rows = [
-        (
-            "tokens/s, supervised vs in-process",
-            f"{t['supervised_tps']:.0f} vs {t['in_process_tps']:.0f}",
-            f"ratio {t['tps_ratio']:.3f} (goal >= 0.97; quartiles {t['tps_ratio_quartiles'][0]:.3f}-"
-            f"{t['tps_ratio_quartiles'][1]:.3f}; ratio of medians {t['tps_ratio_of_medians']:.3f})",
-        ),
-        (
-            "time to first token, supervised vs in-process",
-            f"{t['supervised_ttft_ms']:.2f} vs {t['in_process_ttft_ms']:.2f} ms",
-            f"overhead {t['ttft_overhead_ms']:.2f} ms",
-        ),
-    ]
+    rows: list[tuple[str, str, str]] = []
+    for key, label in (("throughput", "batched"), ("throughput_single", "concurrency=1")):
+        t = results[key]
+        rows += [
+            (
+                f"tokens/s, supervised ({label}) vs in-process",
+                f"{t['supervised_tps']:.0f} vs {t['in_process_tps']:.0f}",
+                f"ratio {t['tps_ratio']:.3f} (goal >= 0.97; quartiles {t['tps_ratio_quartiles'][0]:.3f}-"
+                f"{t['tps_ratio_quartiles'][1]:.3f}; ratio of medians {t['tps_ratio_of_medians']:.3f})",
+            ),
+            (
+                f"time to first token, supervised ({label}) vs in-process",
+                f"{t['supervised_ttft_ms']:.2f} vs {t['in_process_ttft_ms']:.2f} ms",
+                f"overhead {t['ttft_overhead_ms']:.2f} ms",
+            ),
+        ]
     for method in ("spawn", "forkserver"):
         r = results[method]
         goal = " (goal <= 0.05x spawn)" if method == "forkserver" else ""

@@ -13,10 +13,19 @@ clients in this process (which never imports MLX):
   answered at all, and what the streaming client saw. BASELINE in the same
   run: trio-runner's /health with the same streaming client and no kills.
   Goal: /health p99 during the kills at most 2x that idle p99.
-- **throughput**: requests/s and tokens/s with 1, 4 and 16 concurrent
-  streaming clients (``MAX_TOKENS`` tokens each, greedy), for
-  ``THROUGHPUT_SECONDS`` per level. Tokens are counted from the ``usage`` in
-  the last chunk (``stream_options.include_usage``), which both servers send.
+- **throughput and time to first token**: requests/s, tokens/s and TTFT
+  p50 with 1, 4 and 16 concurrent streaming clients (``MAX_TOKENS`` tokens
+  each, unseeded, greedy), for ``THROUGHPUT_SECONDS`` per level. Both servers
+  run at once and are measured in ``ROUNDS`` interleaved rounds (which server
+  goes first alternates), and the ratio judged is the median of the rounds'
+  ratios. Tokens are counted from the ``usage`` in the last chunk
+  (``stream_options.include_usage``), which both servers send. Goals (issue
+  13): at 16 clients tokens/s >= 1.2x ``mlx_lm.server`` and TTFT p50 <= its
+  own; at 4 clients >= 1.0x.
+- **prompt cache**: a chat with a fresh system prompt of about
+  ``SYSTEM_TOKENS`` tokens, then another chat with the same system prompt
+  and another question; the TTFT of the second against the first (median
+  over ``CACHE_ROUNDS``). Goal: at most 0.5x.
 
 Run: ``python benchmarks/bench_serve.py`` (``--smoke`` for tiny counts). It
 needs the mlx and serve extras. ``main()`` returns the figures as a dict.
@@ -30,6 +39,7 @@ import math
 import os
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import threading
@@ -43,9 +53,15 @@ import trio
 
 AVAILABILITY_SECONDS = 10.0
 KILL_EVERY = 1.0
-THROUGHPUT_SECONDS = 5.0
+THROUGHPUT_SECONDS = 4.0
 CONCURRENCY = (1, 4, 16)
+ROUNDS = 3
 MAX_TOKENS = 64
+CACHE_ROUNDS = 5
+SYSTEM_WORDS = 180  # about 500 tokens of the demo model's tokenizer
+GOAL_TPS_RATIO = {16: 1.2, 4: 1.0}  # tokens/s against mlx_lm.server, same run
+GOAL_TTFT_RATIO_16 = 1.0
+GOAL_CACHED_TTFT_RATIO = 0.5
 START_BOUND = 120.0
 GOAL_HEALTH_P99_RATIO = 2.0  # crash-loop /health p99 against the idle p99, same run
 CHAT = {"messages": [{"role": "user", "content": "Tell me a story"}], "temperature": 0.0}
@@ -237,12 +253,16 @@ def availability(
 
 
 async def _stream_counting(
-    client: httpx.AsyncClient, body: dict[str, Any]
+    client: httpx.AsyncClient, body: dict[str, Any], ttfts: list[float] | None = None
 ) -> tuple[bool, dict[str, int] | None, int]:
-    """One streamed chat: whether it ended with [DONE], its usage, and its content chunks."""
+    """One streamed chat: whether it ended with [DONE], its usage, and its content chunks.
+
+    The time from sending the request to its first content chunk goes to ``ttfts``.
+    """
     usage = None
     chunks = 0
     done = False
+    began = trio.current_time()
     async with client.stream("POST", "/v1/chat/completions", json=body) as response:
         async for line in response.aiter_lines():
             if not line.startswith("data: "):
@@ -255,6 +275,8 @@ async def _stream_counting(
             if event.get("usage"):
                 usage = event["usage"]
             elif event.get("choices") and event["choices"][0].get("delta", {}).get("content"):
+                if chunks == 0 and ttfts is not None:
+                    ttfts.append(trio.current_time() - began)
                 chunks += 1
     return done, usage, chunks
 
@@ -263,6 +285,7 @@ async def _throughput(url: str, clients: int, seconds: float) -> dict[str, float
     requests = 0
     tokens = 0
     failures = 0
+    ttfts: list[float] = []
     body = {**CHAT, "max_tokens": MAX_TOKENS, "stream": True, "stream_options": {"include_usage": True}}
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
 
@@ -270,7 +293,7 @@ async def _throughput(url: str, clients: int, seconds: float) -> dict[str, float
         nonlocal requests, tokens, failures
         while trio.current_time() < until:
             try:
-                done, usage, chunks = await _stream_counting(client, body)
+                done, usage, chunks = await _stream_counting(client, body, ttfts)
             except httpx.HTTPError:
                 done, usage, chunks = False, None, 0  # e.g. a full listen backlog resets the connection
             if not done:
@@ -290,12 +313,106 @@ async def _throughput(url: str, clients: int, seconds: float) -> dict[str, float
         "clients": clients,
         "requests_per_s": requests / elapsed,
         "tokens_per_s": tokens / elapsed,
+        "ttft_p50_ms": percentile(ttfts, 50) * 1e3,
         "failures": failures,
     }
 
 
-def throughput(server: Server, seconds: float) -> list[dict[str, float]]:
-    return [trio.run(_throughput, server.url, clients, seconds) for clients in CONCURRENCY]
+def _median(values: Sequence[float]) -> float:
+    return statistics.median(values) if values else math.nan
+
+
+def scaling(ours: Server, theirs: Server, seconds: float, rounds: int) -> dict[str, Any]:
+    """Both servers at each client count, in interleaved rounds; per-level medians and per-round ratios."""
+    runs: dict[str, dict[int, list[dict[str, float]]]] = {
+        s.name: {c: [] for c in CONCURRENCY} for s in (ours, theirs)
+    }
+    for round_ in range(rounds):
+        for clients in CONCURRENCY:
+            order = (ours, theirs) if round_ % 2 == 0 else (theirs, ours)
+            for server in order:
+                runs[server.name][clients].append(trio.run(_throughput, server.url, clients, seconds))
+    table: dict[str, list[dict[str, float]]] = {}
+    for name, levels in runs.items():
+        table[name] = [
+            {
+                "clients": clients,
+                "requests_per_s": _median([r["requests_per_s"] for r in rs]),
+                "tokens_per_s": _median([r["tokens_per_s"] for r in rs]),
+                "ttft_p50_ms": _median([r["ttft_p50_ms"] for r in rs]),
+                "failures": sum(r["failures"] for r in rs),
+            }
+            for clients, rs in levels.items()
+        ]
+    ratios = []
+    for clients in CONCURRENCY:
+        mine, base = runs[ours.name][clients], runs[theirs.name][clients]
+        tps = [
+            a["tokens_per_s"] / b["tokens_per_s"]
+            for a, b in zip(mine, base, strict=True)
+            if b["tokens_per_s"]
+        ]
+        ttft = [
+            a["ttft_p50_ms"] / b["ttft_p50_ms"] for a, b in zip(mine, base, strict=True) if b["ttft_p50_ms"]
+        ]
+        goal = GOAL_TPS_RATIO.get(clients)
+        ratios.append(
+            {
+                "clients": clients,
+                "tps_ratio": _median(tps),
+                "tps_ratios": tps,
+                "ttft_ratio": _median(ttft),
+                "ttft_ratios": ttft,
+                "tps_goal": goal,
+                "tps_goal_met": None if goal is None else _median(tps) >= goal,
+                "ttft_goal_met": _median(ttft) <= GOAL_TTFT_RATIO_16 if clients == 16 else None,
+            }
+        )
+    return {"throughput": table, "scaling": ratios, "rounds": rounds}
+
+
+_SYSTEM_TEXT = (
+    "the supervisor keeps every runner alive and restarts it when it crashes "
+    "so that clients see one error and then carry on"
+)
+
+
+def _system_prompt(nonce: str) -> str:
+    words = _SYSTEM_TEXT.split(" ")
+    return f"{nonce}: " + " ".join(words[i % len(words)] for i in range(SYSTEM_WORDS))
+
+
+async def _cached_ttft(url: str, rounds: int) -> dict[str, Any]:
+    firsts: list[float] = []
+    seconds: list[float] = []
+    prompt_tokens = 0
+    async with httpx.AsyncClient(base_url=url, timeout=60) as client:
+        for round_ in range(rounds):
+            system = _system_prompt(f"session {os.getpid()}-{time.monotonic_ns()}-{round_}")
+            for question, into in (("Tell me a story", firsts), ("And another one", seconds)):
+                body = {
+                    "messages": [
+                        {"role": "system", "content": system},
+                        {"role": "user", "content": question},
+                    ],
+                    "temperature": 0.0,
+                    "max_tokens": 4,
+                    "stream": True,
+                    "stream_options": {"include_usage": True},
+                }
+                ttfts: list[float] = []
+                _, usage, _ = await _stream_counting(client, body, ttfts)
+                into.append(ttfts[0] if ttfts else math.nan)
+                if usage:
+                    prompt_tokens = usage.get("prompt_tokens", prompt_tokens)
+    ratios = [b / a for a, b in zip(firsts, seconds, strict=True) if a]
+    return {
+        "prompt_tokens": prompt_tokens,
+        "first_ttft_ms": _median(firsts) * 1e3,
+        "second_ttft_ms": _median(seconds) * 1e3,
+        "ratio": _median(ratios),
+        "ratios": ratios,
+    }
 
 
 # -- the run ---------------------------------------------------------------------------
@@ -358,14 +475,33 @@ def _print_table(results: dict[str, Any]) -> None:
         f"({idle['health_p50_ms']:.2f} / {idle['health_p99_ms']:.2f} ms): "
         f"{results['health_p99_ratio']:.2f}x, {results['goal_met']}"
     )
-    print(f"\nstreaming throughput, {MAX_TOKENS} tokens per request (greedy)")
-    print(f"{'server':<20} {'clients':>7} {'req/s':>8} {'tokens/s':>9} {'failed':>6}")
+    print(
+        f"\nstreaming throughput, {MAX_TOKENS} tokens per request "
+        f"(greedy; medians of {results['rounds']} rounds)"
+    )
+    print(f"{'server':<20} {'clients':>7} {'req/s':>8} {'tokens/s':>9} {'TTFT p50':>9} {'failed':>6}")
     for name, rows in results["throughput"].items():
         for r in rows:
             print(
                 f"{name:<20} {r['clients']:>7} {r['requests_per_s']:>8.1f} {r['tokens_per_s']:>9.0f} "
-                f"{r['failures']:>6}"
+                f"{r['ttft_p50_ms']:>7.1f}ms {r['failures']:>6}"
             )
+    for r in results["scaling"]:
+        goal = f" (goal >= {r['tps_goal']}x: {r['tps_goal_met']})" if r["tps_goal"] else ""
+        ttft_goal = f" (goal <= 1x: {r['ttft_goal_met']})" if r["ttft_goal_met"] is not None else ""
+        print(
+            f"ours/theirs at {r['clients']:>2} clients: tokens/s {r['tps_ratio']:.2f}x{goal}, "
+            f"TTFT p50 {r['ttft_ratio']:.2f}x{ttft_goal}"
+        )
+    print(
+        "\nrepeated system prompt: TTFT of the second chat against the first "
+        f"(goal <= {GOAL_CACHED_TTFT_RATIO}x)"
+    )
+    for name, c in results["prompt_cache"].items():
+        print(
+            f"{name:<20} {c['prompt_tokens']:>4} prompt tokens: {c['first_ttft_ms']:.1f} ms then "
+            f"{c['second_ttft_ms']:.1f} ms, {c['ratio']:.2f}x"
+        )
 
 
 def main(smoke: bool = False) -> dict[str, Any]:
@@ -374,10 +510,17 @@ def main(smoke: bool = False) -> dict[str, Any]:
     tp_seconds = 1.0 if smoke else THROUGHPUT_SECONDS
     model = _demo_model()
     ours, theirs = _servers(model)
-    results: dict[str, Any] = {"model": model, "availability": {}, "throughput": {}}
+    results: dict[str, Any] = {"model": model, "availability": {}, "prompt_cache": {}}
+    with running(ours), running(theirs):
+        results.update(scaling(ours, theirs, tp_seconds, 1 if smoke else ROUNDS))
+        for server in (ours, theirs):
+            results["prompt_cache"][server.name] = trio.run(
+                _cached_ttft, server.url, 2 if smoke else CACHE_ROUNDS
+            )
+    cached = results["prompt_cache"][ours.name]["ratio"]
+    results["prompt_cache_goal_met"] = cached <= GOAL_CACHED_TTFT_RATIO
     for server, whole in ((ours, False), (theirs, True)):
         with running(server):
-            results["throughput"][server.name] = throughput(server, tp_seconds)
             if server is ours:
                 results["idle"] = availability(server, seconds=seconds, kill_whole_server=False, kill=False)
             results["availability"][server.name] = availability(

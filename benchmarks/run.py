@@ -100,6 +100,20 @@ def _mlx_rows(results: dict) -> tuple[list[dict], dict]:
                 **t,
             )
         )
+        single = results.get("throughput_single")
+        if single is not None:
+            rows.append(
+                _common.row(
+                    "mlx_tps_single",
+                    "MLX demo model tokens/s, supervised, concurrency=1 (single-stream path)",
+                    f"{single['supervised_tps']:.0f} tok/s (TTFT {single['supervised_ttft_ms']:.2f} ms)",
+                    f"mlx_lm.stream_generate in process {single['in_process_tps']:.0f} tok/s",
+                    f"{single['tps_ratio']:.3f}x in-process (median of {single['rounds']} paired rounds)",
+                    ">= 0.97x in-process tokens/s",
+                    single["tps_ratio"] >= 0.97,
+                    **single,
+                )
+            )
         for method in ("spawn", "forkserver"):
             r = results[method]
             rows.append(
@@ -141,6 +155,10 @@ def _mlx_rows(results: dict) -> tuple[list[dict], dict]:
     return rows, {"mlx": results}
 
 
+def _level_index(points: list[dict], clients: int) -> int:
+    return next(i for i, p in enumerate(points) if p.get("clients") == clients)
+
+
 def _serve_rows(results: dict) -> tuple[list[dict], dict]:
     """Rows for bench_serve.py's ``main()`` figures: availability under kills, and throughput."""
     import _common
@@ -178,6 +196,41 @@ def _serve_rows(results: dict) -> tuple[list[dict], dict]:
                     "—",
                     None,
                     **point,
+                )
+            )
+        for r in results.get("scaling", []):
+            n = r["clients"]
+            mine, base = t[ours][_level_index(t[ours], n)], t[theirs][_level_index(t[theirs], n)]
+            goals = []
+            if r["tps_goal"] is not None:
+                goals.append(f"tokens/s ≥ {r['tps_goal']}x")
+            if r["ttft_goal_met"] is not None:
+                goals.append("TTFT p50 ≤ 1x")
+            met = [g for g in (r["tps_goal_met"], r["ttft_goal_met"]) if g is not None]
+            rows.append(
+                _common.row(
+                    f"serve_scaling_{n}",
+                    f"serve vs {theirs}, {n} streaming clients: tokens/s and TTFT p50 ratios",
+                    f"{mine['tokens_per_s']:.0f} tok/s, TTFT p50 {mine['ttft_p50_ms']:.1f} ms",
+                    f"{theirs} {base['tokens_per_s']:.0f} tok/s, TTFT p50 {base['ttft_p50_ms']:.1f} ms",
+                    f"{r['tps_ratio']:.2f}x tokens/s, {r['ttft_ratio']:.2f}x TTFT "
+                    f"(median of {len(r['tps_ratios'])} interleaved rounds)",
+                    ", ".join(goals) or "—",
+                    all(met) if met else None,
+                    **r,
+                )
+            )
+        for name, c in results.get("prompt_cache", {}).items():
+            rows.append(
+                _common.row(
+                    f"serve_prompt_cache_{'ours' if name == ours else 'theirs'}",
+                    f"{name}: repeated {c['prompt_tokens']}-token system prompt, TTFT of the 2nd chat",
+                    f"{c['second_ttft_ms']:.1f} ms after {c['first_ttft_ms']:.1f} ms",
+                    "the first chat, same run",
+                    f"{c['ratio']:.2f}x",
+                    "≤ 0.5x" if name == ours else "—",
+                    c["ratio"] <= 0.5 if name == ours else None,
+                    **c,
                 )
             )
     except (KeyError, TypeError, IndexError) as exc:

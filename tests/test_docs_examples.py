@@ -54,6 +54,14 @@ EXPECTED: dict[str, list[str]] = {
         r"rejected at the call: max_tokens=0 must be an int >= 1",
         r"cancelled mid-generation",
     ],
+    "mlx_batching.py": [
+        r"greedy in the batch, same text as alone: True",
+        r"seeded requests batch too, same seed same text: True",
+        r"logprob -?\d+\.\d\d, alternatives \[.*\]",
+        r"n=3: 3 choices, \[0, 1, 2\]",
+        r"cached_tokens=0 of (\d+) prompt tokens",
+        r"cached_tokens=([1-9]\d*) of \d+ prompt tokens",
+    ],
     "serve_openai.py": [
         r"curl /v1/completions: (\d+ tokens|skipped \(curl is not installed\))",
         r"curl /health: (state ready, restarts 0|skipped \(curl is not installed\))",

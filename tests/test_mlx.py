@@ -78,6 +78,52 @@ def test_an_invalid_generate_raises_value_error_that_names_the_field(kwargs: dic
         Generate(**kwargs)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_k", -1),
+        ("top_k", 2.5),
+        ("min_p", -0.1),
+        ("min_p", 1.5),
+        ("repetition_penalty", 0.0),
+        ("repetition_penalty", float("inf")),
+        ("repetition_context_size", 0),
+        ("presence_penalty", 2.5),
+        ("frequency_penalty", -3),
+        ("frequency_penalty", float("nan")),
+        ("logit_bias", {-1: 1.0}),
+        ("logit_bias", {"12": 1.0}),
+        ("logit_bias", {12: float("nan")}),
+        ("logit_bias", [(12, 1.0)]),
+        ("logprobs", 21),
+        ("logprobs", -1),
+        ("n", 0),
+        ("n", 17),
+    ],
+)
+def test_an_invalid_sampling_value_raises_value_error_that_says_the_allowed_range(
+    field: str, value: object
+) -> None:
+    with pytest.raises(ValueError, match=rf"{field}.*must"):
+        Generate(prompt="a", **{field: value})  # pyright: ignore[reportArgumentType]
+
+
+def test_the_sampling_surface_accepts_its_documented_bounds() -> None:
+    request = Generate(
+        prompt="a",
+        top_k=1,
+        min_p=1,
+        repetition_penalty=1.3,
+        repetition_context_size=1,
+        presence_penalty=-2,
+        frequency_penalty=2,
+        logit_bias={0: -100, 7: 5},
+        logprobs=20,
+        n=16,
+    )
+    assert request.logit_bias == {0: -100.0, 7: 5.0}
+
+
 def test_a_single_stop_string_is_accepted_as_a_one_element_tuple() -> None:
     assert Generate(prompt="a", stop="\n").stop == ("\n",)
 

@@ -18,10 +18,12 @@ from ._runner import start_options as start_options
 from ._tools import ToolChat as ToolChat
 from ._tools import ToolCompletion as ToolCompletion
 from ._tools import ToolMlxLmRunner as ToolMlxLmRunner
+from ._types import Choice as Choice
 from ._types import Completion as Completion
 from ._types import FinishReason as FinishReason
 from ._types import Generate as Generate
 from ._types import Token as Token
+from ._types import TopLogprob as TopLogprob
 
 if TYPE_CHECKING:
     from ._supervise import open_mlx_supervisor as open_mlx_supervisor

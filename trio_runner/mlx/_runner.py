@@ -11,18 +11,28 @@ import os
 import re
 import sys
 import time
-from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
+
+if TYPE_CHECKING:
+    from ._batch import BatchEngine
 
 from .._runner import Runner, TaskContext
-from ._types import Completion, FinishReason, Generate, Token
+from ._batch_text import ChoiceText, _StopScanner  # pyright: ignore[reportPrivateUsage]
+from ._prompt_cache import DEFAULT_PROMPT_CACHE_BYTES, PromptCache
+from ._types import Completion, Generate, Token
+
+__all__ = ["MlxLmRunner", "_StopScanner", "check_model_argument", "start_options", "warm_up_once"]
 
 _PRELOAD_MODULE = "trio_runner.mlx._preload"
 # What a Hugging Face repo id looks like; anything else that does not exist is a missing path.
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _WARMUP_PROMPT = "Warm up"
+DEFAULT_BATCH_SIZE = 32
+"""The default :attr:`MlxLmRunner.concurrency`: sequences decoded together (as ``mlx_lm.server``)."""
+DEFAULT_PREFILL_STEP_SIZE = 512
+"""Prompt tokens processed per batch step by default: the longest a new prompt holds up the others."""
 
 
 def start_options(start_method: str = "auto") -> dict[str, Any]:
@@ -93,11 +103,33 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         preloaded: the runner is started by a forkserver that should have
             preloaded mlx-lm; if it did not (preload errors are silent), say so
             on stderr, which the supervisor logs.
+        concurrency: the batch size: how many requests (counting each of a
+            request's ``n`` choices as one sequence, up to this many
+            sequences) decode together. Default 32. 1 serves one request at a
+            time on the single-stream path (``mlx_lm.stream_generate``), the
+            fastest for one client.
+        prompt_cache_bytes: the byte budget of the prompt cache, the KV states
+            of finished sequences that later requests with the same prefix
+            start from (least recently used evicted first; 0 disables it).
+            Default 512 MiB.
+        prefill_step_size: prompt tokens processed per batch step. A new
+            request's prompt is processed in chunks of this size between
+            decoding steps, so it holds up the others at most one chunk at a
+            time. Default 512.
 
     Each request is a :class:`Generate`; each event a :class:`Token`; the
-    result a :class:`Completion`. The cancel flag is checked at every token.
-    Every child seeds MLX's random state from ``os.urandom``: forked children
-    would otherwise share one state. A request's ``seed`` reseeds it.
+    result a :class:`Completion`. The cancel flag is checked at every token
+    (at every step, for every request in the batch). Every child seeds MLX's
+    random state from ``os.urandom``: forked children would otherwise share
+    one state. A request's ``seed`` gives each of its choices its own random
+    key, so the same seeded request gives the same text whatever else is in
+    the batch.
+
+    **Batching:** with ``concurrency > 1``, one decoding thread owns mlx-lm's
+    ``BatchGenerator``; a request joins the batch at its next step and leaves
+    it the step after it ends or is cancelled. A slow consumer stalls only its
+    own request's stream: the batch keeps decoding it, and its tokens wait in
+    the runner until its consumer catches up.
 
     Tokens that come less than 50 ms apart (``linger``) are sent to the parent
     in batches at most 50 ms apart (20 a second, which reads as smooth
@@ -108,17 +140,33 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
     """
 
     linger = 0.05
+    concurrency = DEFAULT_BATCH_SIZE
 
     def __init__(
-        self, model: str | os.PathLike[str] | None = None, *, warmup: bool = True, preloaded: bool = False
+        self,
+        model: str | os.PathLike[str] | None = None,
+        *,
+        warmup: bool = True,
+        preloaded: bool = False,
+        concurrency: int | None = None,
+        prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
+        prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
     ) -> None:
         self.model_arg = None if model is None else os.fspath(model)
         self.warmup = warmup
         self._missing_preload = preloaded and _PRELOAD_MODULE not in sys.modules
+        if concurrency is not None:
+            self.concurrency = check_int("concurrency", concurrency, 1)
+        self.prefill_step_size = check_int("prefill_step_size", prefill_step_size, 1)
+        self.prompt_cache = PromptCache(check_int("prompt_cache_bytes", prompt_cache_bytes, 0))
         self.model: Any = None
         self.tokenizer: Any = None
         self.context_length: int | None = None
+        self.vocab_size: int | None = None
         self.load_seconds = 0.0
+        self._engine: BatchEngine | None = None
+        self._pieces: dict[int, str] = {}
+        self.stream_options: dict[str, Any] = {}
 
     def setup(self) -> None:
         began = time.perf_counter()
@@ -141,10 +189,31 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         self.model, self.tokenizer, config = loaded
         context = config.get("max_position_embeddings")
         self.context_length = context if isinstance(context, int) and context > 0 else None
+        vocab = config.get("vocab_size")
+        self.vocab_size = vocab if isinstance(vocab, int) and vocab > 0 else None
         if self.warmup:
             self._warm_up()
         mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+        if self.concurrency > 1:
+            from ._batch import BatchEngine
+
+            self._engine = BatchEngine(
+                self.model,
+                self.tokenizer,
+                batch_size=self.concurrency,
+                prefill_step_size=self.prefill_step_size,
+                prompt_cache=self.prompt_cache,
+                step=self.batch_step,
+            )
+            self._engine.start()
+            if self.warmup:
+                self._warm_up_batch()
         self.load_seconds = time.perf_counter() - began
+
+    def teardown(self) -> None:
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
 
     def _warm_up(self) -> None:
         from mlx_lm.sample_utils import make_sampler
@@ -154,6 +223,33 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         for temperature in (0.0, 1.0):
             for _ in self.responses(ids, 2, make_sampler(temp=temperature)):
                 pass
+
+    def _warm_up_batch(self) -> None:
+        # Batched shapes and per-row sampling compile kernels of their own.
+        from ._batch import Job
+
+        engine = self._engine
+        assert engine is not None
+        engine.prompt_cache = PromptCache(0)  # the warm-up leaves nothing cached
+        ids = self.encode(Generate(prompt=_WARMUP_PROMPT))
+        for temperature in (0.0, 1.0):
+            request = Generate(prompt=_WARMUP_PROMPT, max_tokens=2, n=2, temperature=temperature)
+            job = Job(
+                request, cast(TaskContext[Token], _WarmUpContext()), ids, 2, time.perf_counter(), self.piece
+            )
+            engine.serve(job)
+        engine.prompt_cache = self.prompt_cache
+
+    def piece(self, token_id: int) -> str:
+        """One token decoded on its own, as the top alternatives of ``logprobs`` show it."""
+        text = self._pieces.get(token_id)
+        if text is None:
+            text = self._pieces[token_id] = self.tokenizer.decode([token_id])
+        return text
+
+    def batch_step(self, generator: Any) -> Any:
+        """``generator.next()``: one step of the batch; a seam for tests that need a slower model."""
+        return generator.next()
 
     def encode(self, request: Generate) -> list[int]:
         """The prompt's token ids; chat messages go through the tokenizer's chat template."""
@@ -168,11 +264,20 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         return list(tokenizer.encode(prompt, add_special_tokens=bos is None or not prompt.startswith(bos)))
 
     def responses(self, prompt: Sequence[int], max_tokens: int, sampler: Any) -> Iterator[Any]:
-        """``mlx_lm.stream_generate``'s responses; a seam for tests that need a slower model."""
+        """``mlx_lm.stream_generate``'s responses; a seam for tests that need a slower model.
+
+        The logits processors and the prompt cache state of the request being
+        served on the single-stream path come from ``self.stream_options``.
+        """
         import mlx_lm
 
         return mlx_lm.stream_generate(  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
-            self.model, self.tokenizer, list(prompt), max_tokens=max_tokens, sampler=sampler
+            self.model,
+            self.tokenizer,
+            list(prompt),
+            max_tokens=max_tokens,
+            sampler=sampler,
+            **self.stream_options,
         )
 
     def handle(self, request: Generate, ctx: TaskContext[Token]) -> Completion:
@@ -180,9 +285,6 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         if not isinstance(request, Generate):  # pyright: ignore[reportUnnecessaryIsInstance]
             kind = type(request).__name__
             raise TypeError(f"MlxLmRunner serves trio_runner.mlx.Generate requests, not {kind}")
-        import mlx.core as mx
-        from mlx_lm.sample_utils import make_sampler
-
         ids = self.encode(request)
         max_tokens = request.max_tokens
         context = self.context_length
@@ -193,111 +295,106 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
                     "shorten the prompt"
                 )
             max_tokens = min(max_tokens, context - len(ids))
-        if request.seed is not None:
-            mx.random.seed(request.seed)
-        sampler = make_sampler(temp=request.temperature, top_p=request.top_p if request.top_p < 1 else 0.0)
-        eos: set[int] = set(self.tokenizer.eos_token_ids)
+        vocab = self.vocab_size
+        if request.logit_bias and vocab is not None:
+            outside = sorted(key for key in request.logit_bias if key >= vocab)
+            if outside:
+                raise ValueError(
+                    f"logit_bias token ids {outside[:5]} are outside the model's vocabulary of "
+                    f"{vocab} tokens (ids 0 to {vocab - 1}): remove them"
+                )
+        if self._engine is not None:
+            from ._batch import Job
 
-        scanner = _StopScanner(request.stop)
-        pieces: list[str] = []
+            return self._engine.serve(Job(request, ctx, ids, max_tokens, began, self.piece))
+        return self._handle_single(request, ctx, ids, max_tokens, began)
+
+    def _handle_single(
+        self, request: Generate, ctx: TaskContext[Token], ids: list[int], max_tokens: int, began: float
+    ) -> Completion:
+        """The single-stream path (``concurrency=1``): each choice in turn, with ``stream_generate``."""
+        from mlx_lm.models.cache import make_prompt_cache
+
+        from ._batch import make_processors, make_samplers
+
+        samplers = make_samplers(request, self.vocab_size or sys.maxsize)
+        processors = make_processors(request)
+        eos: set[int] = set(self.tokenizer.eos_token_ids)
+        choices: list[ChoiceText] = []
         first_at: float | None = None
-        finish: FinishReason = "length"
         last: Any = None
-        cut = False
-        for response in self.responses(ids, max_tokens, sampler):
-            ctx.raise_if_cancelled()
-            if first_at is None:
-                first_at = time.perf_counter()
-            last = response
-            text: str = response.text
-            token_id: int = response.token
-            if response.finish_reason == "stop" and token_id in eos:
-                finish = "stop"
-                if not text:
-                    break  # the end-of-sequence token itself adds no text
-            ready, cut = scanner.push(text, token_id)
-            for token in ready:
-                pieces.append(token.text)
-                ctx.emit(token)
-            if cut:
-                finish = "stop"
-                break
-        if not cut:
-            for token in scanner.flush():
-                pieces.append(token.text)
-                ctx.emit(token)
+        cached_tokens = 0
+        # stream_generate shows the penalties only the tokens it is given: with a
+        # cached prefix their window would miss its end, so penalised requests
+        # process the whole prompt (the batch gives them the whole prompt anyway).
+        penalised = bool(request.repetition_penalty or request.presence_penalty or request.frequency_penalty)
+        for index, sampler in enumerate(samplers):
+            state, cached = (None, 0) if penalised else self.prompt_cache.fetch(ids)
+            if index == 0:
+                cached_tokens = cached  # later choices find choice 0's own state: not the request's reuse
+            if state is None:
+                state = make_prompt_cache(self.model)
+            choice = ChoiceText(index, request.stop, request.logprobs, self.piece)
+            choices.append(choice)
+            generated: list[int] = []
+            self.stream_options = {"logits_processors": processors, "prompt_cache": state}
+            try:
+                for response in self.responses(ids[cached:], max_tokens, sampler):
+                    ctx.raise_if_cancelled()
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    last = response
+                    text: str = response.text
+                    token_id: int = response.token
+                    generated.append(token_id)
+                    if response.finish_reason == "stop" and token_id in eos:
+                        choice.finish = "stop"
+                        if not text:
+                            break  # the end-of-sequence token itself adds no text
+                    ready, cut = choice.push(text, token_id, response.logprobs)
+                    ctx.emit_many(ready)
+                    if cut:
+                        break
+            finally:
+                self.stream_options = {}
+            if not choice.ended:
+                ctx.emit_many(choice.flush())
+            self._keep_state(ids + generated, state)
+        done = [choice.choice() for choice in choices]
         return Completion(
-            text="".join(pieces),
-            finish_reason=finish,
+            text=done[0].text,
+            finish_reason=done[0].finish_reason,
             prompt_tokens=len(ids),
-            generation_tokens=len(pieces),
+            generation_tokens=done[0].generation_tokens,
             prompt_tps=0.0 if last is None else float(last.prompt_tps),
             generation_tps=0.0 if last is None else float(last.generation_tps),
             time_to_first_token=(time.perf_counter() if first_at is None else first_at) - began,
+            cached_tokens=cached_tokens,
+            choices=tuple(done),
         )
 
+    def _keep_state(self, tokens: list[int], state: list[Any]) -> None:
+        """Leave a finished generation's KV state in the prompt cache, under the tokens it holds."""
+        held = getattr(state[0], "offset", None) if state else None
+        if isinstance(held, int) and 0 < held <= len(tokens):
+            self.prompt_cache.insert(tokens[:held], state)
 
-class _StopScanner:
-    """Holds back tokens that might begin a stop string, and cuts the text where one appears.
 
-    Without stop strings every token passes straight through. Linear in the
-    length of the generation: it keeps only the end of the text a match can
-    still use (the held tokens, and the ``longest - 1`` characters before the
-    newest token, where a stop string that ends in it may begin).
-    """
+def check_int(name: str, value: object, minimum: int) -> int:
+    """``value``, or a ValueError naming ``name`` unless it is an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
+    return value
 
-    def __init__(self, stops: Sequence[str]) -> None:
-        self.stops = tuple(stops)
-        self.longest = max((len(s) for s in self.stops), default=0)
-        self.text = ""  # the end of everything generated so far: see ``_trim``
-        self.base = 0  # where ``text`` starts in the whole generation
-        self.released = 0  # characters of the whole generation already released
-        self.held: deque[Token] = deque()
 
-    def push(self, text: str, token_id: int) -> tuple[list[Token], bool]:
-        """The tokens now safe to emit, and whether a stop string ended generation."""
-        if not self.stops:
-            return [Token(text, token_id)], False
-        # A new match must end in the new text, so it starts no earlier than this.
-        start = max(0, self.base + len(self.text) - self.longest + 1)
-        self.text += text
-        self.held.append(Token(text, token_id))
-        hits = [i for i in (self.text.find(stop, start - self.base) for stop in self.stops) if i >= 0]
-        if hits:
-            return self._release(self.base + min(hits), cut=True), True
-        ready = self._release(self.base + len(self.text) - self._partial_match())
-        self._trim()
-        return ready, False
+class _WarmUpContext:
+    """Stands in for a task's context while ``setup`` warms up the batch: no consumer, never cancelled."""
 
-    def flush(self) -> list[Token]:
-        return self._release(self.base + len(self.text))
+    task_id = -1
+    cancelled = False
 
-    def _partial_match(self) -> int:
-        """The length of the longest end of ``text`` that begins some stop string."""
-        tail = self.text[-self.longest :]
-        for size in range(min(len(tail), self.longest - 1), 0, -1):
-            suffix = tail[-size:]
-            if any(stop.startswith(suffix) for stop in self.stops):
-                return size
-        return 0
+    def emit_many(self, events: object) -> None:
+        pass
 
-    def _trim(self) -> None:
-        """Drop the text no later match or release needs, so each push costs what it keeps."""
-        end = self.base + len(self.text)
-        keep_from = min(self.released, end - self.longest + 1)
-        if keep_from > self.base:
-            self.text = self.text[keep_from - self.base :]
-            self.base = keep_from
-
-    def _release(self, end: int, cut: bool = False) -> list[Token]:
-        out: list[Token] = []
-        while self.held and self.released + len(self.held[0].text) <= end:
-            token = self.held.popleft()
-            self.released += len(token.text)
-            out.append(token)
-        if cut and self.held and self.released < end:
-            # The token that runs into the stop string keeps only the text before it.
-            token = self.held.popleft()
-            out.append(Token(token.text[: end - self.released], token.token_id))
-            self.released = end
-        return out
+    def raise_if_cancelled(self) -> None:
+        pass

@@ -11,16 +11,48 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, cast
+from typing import Any, Literal, cast
 
 FinishReason = Literal["stop", "length"]
 _ROLES = frozenset({"system", "user", "assistant", "tool"})
+MAX_LOGPROBS = 20
+"""The most top alternatives a :class:`Generate` may ask for per token (OpenAI's limit)."""
+MAX_N = 16
+"""The most choices one :class:`Generate` may ask for (each is a sequence in the batch)."""
 
 
 def _check_number(name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
         raise ValueError(f"{name}={value!r} must be a finite number")
     return float(value)
+
+
+def _check_int(name: str, value: object, low: int, high: int | None, hint: str) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int)
+        or value < low
+        or (high is not None and value > high)
+    ):
+        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name}={value!r} must be an int {bound}: {hint}")
+    return value
+
+
+def _check_logit_bias(value: object) -> dict[int, float] | None:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ValueError(f"logit_bias={value!r} must be a mapping of token ids to biases, or None")  # noqa: TRY004
+    checked: dict[int, float] = {}
+    for key, bias in cast(Mapping[object, object], value).items():
+        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
+            raise ValueError(
+                f"logit_bias key {key!r} must be a token id, an int >= 0 "
+                "(convert the string keys of an OpenAI request with int())"
+            )
+        checked[key] = _check_number(f"logit_bias[{key}]", bias)
+    return checked
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,6 +71,34 @@ class Generate:
             string itself is not part of the text. A single string is accepted.
         seed: makes sampling reproducible: the same request with the same seed
             gives the same text. ``None`` draws from the runner's random state.
+        top_k: sample only among the ``top_k`` most likely tokens; 0 (the
+            default) disables it, as does a value at least the vocabulary size.
+            Used only when sampling.
+        min_p: drop tokens less likely than ``min_p`` times the most likely
+            one, in [0, 1]; 0 disables it. Used only when sampling.
+        repetition_penalty: divide the logits of the tokens among the last
+            ``repetition_context_size`` (multiply the negative ones), > 0;
+            ``None`` disables it (1.0 has no effect either).
+        repetition_context_size: how many of the latest tokens (prompt and
+            generated) the repetition, presence and frequency penalties look
+            at, >= 1.
+        presence_penalty: subtracted once from the logit of every token seen
+            in that window, in [-2, 2] as in OpenAI's API; 0 disables it.
+        frequency_penalty: subtracted from a token's logit once per time it
+            appears in that window, in [-2, 2]; 0 disables it.
+        logit_bias: added to the logits of the given token ids (ints >= 0)
+            before sampling, also at temperature 0. An id beyond the model's
+            vocabulary fails the task with ``ValueError`` in the runner (the
+            vocabulary is known only there); the runner serves on.
+        logprobs: ``None`` (the default) reports no log-probabilities; an int
+            in [0, 20] gives each :class:`Token` its ``logprob`` and that many
+            most likely alternatives in ``top_logprobs``. They are the model's
+            log-probabilities after the logits processors (penalties, bias),
+            before temperature and truncation.
+        n: how many independent choices to generate, in [1, 16]; each runs as
+            its own sequence in the batch. Tokens say which choice they belong
+            to (:attr:`Token.index`) and :attr:`Completion.choices` holds every
+            choice. With ``temperature=0`` every choice is the same text.
 
     Raises:
         ValueError: an invalid field, with a sentence that says how to fix it.
@@ -51,6 +111,15 @@ class Generate:
     top_p: float = 1.0
     stop: Sequence[str] = field(default=())
     seed: int | None = None
+    top_k: int = 0
+    min_p: float = 0.0
+    repetition_penalty: float | None = None
+    repetition_context_size: int = 20
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: Mapping[int, float] | None = None
+    logprobs: int | None = None
+    n: int = 1
 
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
@@ -77,6 +146,39 @@ class Generate:
         seed = self.seed
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"seed={seed!r} must be a non-negative int, or None")
+        self._check_sampling()
+
+    def _check_sampling(self) -> None:
+        _check_int("top_k", self.top_k, 0, None, "give 0 to disable top-k sampling")
+        min_p = _check_number("min_p", self.min_p)
+        if not 0 <= min_p <= 1:
+            raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]; use 0 to disable min-p sampling")
+        if self.repetition_penalty is not None:
+            penalty = _check_number("repetition_penalty", self.repetition_penalty)
+            if penalty <= 0:
+                raise ValueError(
+                    f"repetition_penalty={self.repetition_penalty!r} must be > 0 (above 1 discourages "
+                    "repeats); use None to disable it"
+                )
+        _check_int("repetition_context_size", self.repetition_context_size, 1, None, "how many latest tokens")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = _check_number(name, getattr(self, name))
+            if not -2 <= value <= 2:
+                raise ValueError(
+                    f"{name}={value!r} must be in [-2, 2], as in OpenAI's API; use 0 to disable it"
+                )
+        object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
+        if self.logprobs is not None:
+            _check_int(
+                "logprobs",
+                self.logprobs,
+                0,
+                MAX_LOGPROBS,
+                f"the number of top alternatives per token, at most {MAX_LOGPROBS}",
+            )
+        _check_int(
+            "n", self.n, 1, MAX_N, f"the number of choices, at most {MAX_N}; send more requests for more"
+        )
 
 
 def _check_messages(messages: object) -> tuple[dict[str, str], ...]:
@@ -99,22 +201,60 @@ def _check_messages(messages: object) -> tuple[dict[str, str], ...]:
     return tuple(checked)
 
 
+TopLogprob = tuple[int, str, float]
+"""One alternative in :attr:`Token.top_logprobs`: ``(token_id, text, logprob)``."""
+
+
 @dataclass(frozen=True, slots=True)
 class Token:
     """One generated token, streamed as an event.
 
     ``text`` is the text this token adds; it is empty while a multi-byte
     character is incomplete, so joining the texts of all tokens gives exactly
-    :attr:`Completion.text`.
+    :attr:`Completion.text` (per choice, when ``n > 1``).
+
+    Attributes:
+        text: the text this token adds.
+        token_id: the token's id in the model's vocabulary.
+        logprob: the token's log-probability, when the request asked for
+            ``logprobs``; otherwise ``None``.
+        top_logprobs: the ``logprobs`` most likely tokens at this step, most
+            likely first, as ``(token_id, text, logprob)``; ``text`` is the
+            token decoded on its own (a part of a multi-byte character decodes
+            to U+FFFD).
+        index: which choice this token belongs to, ``0 .. n - 1``.
     """
 
     text: str
     token_id: int
+    logprob: float | None = None
+    top_logprobs: tuple[TopLogprob, ...] = ()
+    index: int = 0
 
-    def __reduce__(self) -> tuple[type[Token], tuple[str, int]]:
+    def __reduce__(self) -> tuple[type[Token], tuple[Any, ...]]:
         # Several times faster both ways than the dataclass's slots state; a
-        # fast stream pickles thousands of these a second.
-        return (Token, (self.text, self.token_id))
+        # fast stream pickles thousands of these a second, most with only the
+        # first two fields set.
+        if self.logprob is None and not self.top_logprobs and not self.index:
+            return (Token, (self.text, self.token_id))
+        return (Token, (self.text, self.token_id, self.logprob, self.top_logprobs, self.index))
+
+
+@dataclass(frozen=True, slots=True)
+class Choice:
+    """One of the ``n`` choices of a :class:`Generate` in :attr:`Completion.choices`.
+
+    Attributes:
+        index: the choice's number, ``0 .. n - 1``, as in :attr:`Token.index`.
+        text: its generated text, without any stop string.
+        finish_reason: as :attr:`Completion.finish_reason`, for this choice.
+        generation_tokens: its tokens; equal to its number of :class:`Token` events.
+    """
+
+    index: int
+    text: str
+    finish_reason: FinishReason
+    generation_tokens: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +271,14 @@ class Completion:
         generation_tps: generation speed, tokens per second.
         time_to_first_token: seconds from the runner starting the task to its
             first token, measured in the runner (the parent adds its transport).
+        cached_tokens: how many of the ``prompt_tokens`` came from the prompt
+            cache (the KV state of a prefix an earlier request computed)
+            instead of being processed again.
+        choices: every choice in index order, ``n`` of them; the first is the
+            same as ``text``, ``finish_reason`` and ``generation_tokens``
+            (which count choice 0 only). The runner always fills it; empty in a
+            ``Completion`` built by hand means the one choice is the
+            ``Completion`` itself.
     """
 
     text: str
@@ -140,3 +288,5 @@ class Completion:
     prompt_tps: float
     generation_tps: float
     time_to_first_token: float
+    cached_tokens: int = 0
+    choices: tuple[Choice, ...] = ()
