@@ -9,6 +9,7 @@ server serves every test and the module stays fast.
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -73,9 +74,8 @@ def _requests_total(client: httpx.Client, endpoint: str, outcome: str) -> float:
 @pytest.mark.parametrize(
     ("path", "field", "value"),
     [
-        ("/v1/completions", "top_k", 40),
-        ("/v1/completions", "min_p", 0.05),
-        ("/v1/chat/completions", "repetition_penalty", 1.1),
+        ("/v1/completions", "xtc_probability", 0.5),
+        ("/v1/chat/completions", "parallel_tool_calls", False),
         ("/v1/chat/completions", "some_future_field", True),
     ],
 )
@@ -96,6 +96,143 @@ def test_a_prompt_longer_than_the_context_gets_400_invalid_prompt_and_is_counted
     error = _error(client.post("/v1/completions", json=body), 400)
     assert error["code"] == "invalid_prompt" and "context" in error["message"]
     assert _requests_total(client, "completions", "bad_request") == before + 1
+
+
+# -- sampling fields, n, logprobs and the prompt cache, mapped onto the runner's Generate ------
+
+PROMPT = {"model": MODEL, "prompt": "Once upon a time there was", "max_tokens": 16}
+
+
+def _completion(client: httpx.Client, **fields: Any) -> dict[str, Any]:
+    response = client.post("/v1/completions", json={**PROMPT, **fields})
+    assert response.status_code == 200, response.text
+    body: dict[str, Any] = response.json()
+    return body
+
+
+def _text(body: dict[str, Any]) -> str:
+    text: str = body["choices"][0]["text"]
+    return text
+
+
+@pytest.mark.parametrize("narrowing", [{"top_k": 1}, {"min_p": 1.0}])
+def test_top_k_1_or_min_p_1_sample_the_most_likely_token_like_greedy(
+    client: httpx.Client, narrowing: dict[str, Any]
+) -> None:
+    greedy = _text(_completion(client, temperature=0))
+    assert _text(_completion(client, temperature=1.5, seed=11, **narrowing)) == greedy
+    assert _text(_completion(client, temperature=1.5, seed=11)) != greedy  # without it, sampling differs
+
+
+def test_a_repetition_penalty_stops_the_greedy_text_repeating_its_tokens(client: httpx.Client) -> None:
+    greedy = _completion(client, temperature=0, logprobs=0)["choices"][0]["logprobs"]["tokens"]
+    penalised = _completion(
+        client, temperature=0, logprobs=0, repetition_penalty=10, repetition_context_size=64
+    )["choices"][0]["logprobs"]["tokens"]
+    repeated = [token for token in greedy if token]
+    assert len(set(repeated)) < len(repeated)  # the demo model repeats itself when greedy
+    kept = [token for token in penalised if token]
+    assert penalised != greedy and len(set(kept)) == len(kept)
+
+
+def test_logit_bias_with_openai_s_string_keys_makes_the_biased_token_win_every_step(
+    client: httpx.Client,
+) -> None:
+    greedy = _text(_completion(client, temperature=0))
+    biased = _completion(client, temperature=0, logprobs=0, logit_bias={"100": 100})
+    tokens = biased["choices"][0]["logprobs"]["tokens"]
+    assert _text(biased) != greedy
+    assert len(set(tokens[:-1])) == 1 and biased["usage"]["completion_tokens"] == 16
+
+
+def test_n_gives_that_many_choices_and_usage_counts_every_choice_s_tokens(client: httpx.Client) -> None:
+    body = _completion(client, n=3, max_tokens=4, temperature=1.0)
+    assert [choice["index"] for choice in body["choices"]] == [0, 1, 2]
+    assert body["usage"]["completion_tokens"] == 12  # 4 each: the demo model rarely stops early
+    assert len({choice["text"] for choice in body["choices"]}) > 1
+
+
+def test_a_streamed_chat_with_n_2_streams_both_choices_and_finishes_each(client: httpx.Client) -> None:
+    body = {**CHAT, "n": 2, "max_tokens": 4, "temperature": 1.0, "stream": True}
+    with client.stream("POST", "/v1/chat/completions", json=body) as response:
+        assert response.status_code == 200
+        events = [line[len("data: ") :] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event)["choices"][0] for event in events[:-1]]
+    assert {chunk["index"] for chunk in chunks} == {0, 1}
+    finishes = [chunk for chunk in chunks if chunk["finish_reason"]]
+    assert sorted(chunk["index"] for chunk in finishes) == [0, 1]
+
+
+def test_chat_logprobs_give_each_token_its_logprob_and_top_alternatives(client: httpx.Client) -> None:
+    body = {**CHAT, "max_tokens": 6, "logprobs": True, "top_logprobs": 3}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    choice = response.json()["choices"][0]
+    content = choice["logprobs"]["content"]
+    assert len(content) == response.json()["usage"]["completion_tokens"]
+    for entry in content:
+        assert entry["logprob"] <= 0 and len(entry["top_logprobs"]) == 3
+        assert entry["bytes"] == list(entry["token"].encode())
+        best = entry["top_logprobs"][0]["logprob"]
+        assert all(alt["logprob"] <= best for alt in entry["top_logprobs"])
+
+
+def test_completion_logprobs_are_openai_s_legacy_lists_of_equal_length(client: httpx.Client) -> None:
+    logprobs = _completion(client, max_tokens=5, logprobs=2)["choices"][0]["logprobs"]
+    assert len(logprobs["tokens"]) == len(logprobs["token_logprobs"]) == len(logprobs["top_logprobs"]) == 5
+    assert all(len(top) <= 2 for top in logprobs["top_logprobs"])
+    assert logprobs["text_offset"][0] == 0
+
+
+def test_streamed_chat_logprobs_come_with_each_token_chunk(server: ServeProcess) -> None:
+    openai = pytest.importorskip("openai")
+    with openai.OpenAI(base_url=f"{server.url}/v1", api_key=KEY, max_retries=0) as client:
+        stream = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "Hi"}],
+            max_tokens=4,
+            logprobs=True,
+            top_logprobs=2,
+            stream=True,
+        )
+        with_logprobs = [c for c in stream if c.choices and c.choices[0].logprobs]
+    assert with_logprobs
+    for chunk in with_logprobs:
+        (entry,) = chunk.choices[0].logprobs.content or []  # pyright: ignore[reportOptionalMemberAccess]
+        assert entry.logprob <= 0 and len(entry.top_logprobs) == 2
+
+
+def test_a_repeated_long_prompt_reports_cached_tokens_from_the_prompt_cache(client: httpx.Client) -> None:
+    prompt = "A system prompt that every request of this test repeats. " * 30
+    first = _completion(client, prompt=prompt, max_tokens=2)["usage"]
+    second = _completion(client, prompt=prompt + "And one more line.", max_tokens=2)["usage"]
+    assert first["prompt_tokens_details"]["cached_tokens"] < first["prompt_tokens"]
+    assert second["prompt_tokens_details"]["cached_tokens"] >= first["prompt_tokens"] // 2
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "code"),
+    [
+        ("logit_bias", {"a": 1}, "invalid_value"),
+        ("logit_bias", {"5": 500}, "invalid_value"),
+        ("n", 17, "invalid_value"),
+        ("top_k", -1, "invalid_value"),
+        ("min_p", 1.5, "invalid_value"),
+        ("repetition_penalty", 0, "invalid_value"),
+        ("logprobs", 21, "invalid_value"),
+    ],
+)
+def test_sampling_fields_out_of_range_get_400_naming_them(
+    client: httpx.Client, field: str, value: object, code: str
+) -> None:
+    error = _error(client.post("/v1/completions", json={**PROMPT, field: value}), 400)
+    assert error["code"] == code and error["param"] == field
+
+
+def test_top_logprobs_without_logprobs_gets_400(client: httpx.Client) -> None:
+    error = _error(client.post("/v1/chat/completions", json={**CHAT, "top_logprobs": 2}), 400)
+    assert error["param"] == "top_logprobs"
 
 
 # -- response_format and tools -------------------------------------------------------------

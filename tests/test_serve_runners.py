@@ -27,3 +27,8 @@ class SlowMlxLmRunner(MlxLmRunner):
         for response in super().responses(prompt, max_tokens, sampler):
             time.sleep(0.02)
             yield response
+
+    def batch_step(self, generator: Any) -> Any:
+        # The batched path (concurrency > 1, the default) steps here instead of responses().
+        time.sleep(0.02)
+        return super().batch_step(generator)

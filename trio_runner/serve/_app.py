@@ -301,6 +301,8 @@ class Api:
     async def _complete(self, request: Request, endpoint: str, parsed: ParsedRequest) -> Response:
         completion: Completion | None = None
         failure: TrioRunnerError | None = None
+        # Kept only when the response reports logprobs; otherwise each token is just counted.
+        tokens: list[Token] | None = None if parsed.generate.logprobs is None else []
         scope = self._generation_scope()
         self.active.add(scope)
         try:
@@ -311,8 +313,10 @@ class Api:
                     # Caught in here: a nursery would wrap it in an ExceptionGroup on the way out.
                     try:
                         async with self.sup.stream(parsed.generate) as task:
-                            async for _ in task:
+                            async for token in task:
                                 self.metrics.tokens_generated += 1
+                                if tokens is not None:
+                                    tokens.append(token)
                             completion = task.result
                     except TrioRunnerError as exc:
                         failure = exc
@@ -333,7 +337,7 @@ class Api:
             self.metrics.requests[endpoint, "failed"] += 1
             return _error_response(wrong)
         self.metrics.requests[endpoint, "ok"] += 1
-        return _json(response_body(parsed.kind, parsed.model, completion))
+        return _json(response_body(parsed.kind, parsed.model, completion, tokens))
 
 
 def _wrong_runner(parsed: ParsedRequest, completion: Completion) -> ApiError | None:
@@ -395,13 +399,14 @@ class _StreamResponse(Response):
         self, task: TaskHandle[Token, Completion], send: Send, generation: trio.CancelScope
     ) -> None:
         api = self.api
-        writer = ChunkWriter(self.parsed.kind, self.parsed.model)
+        generate = self.parsed.generate
+        writer = ChunkWriter(self.parsed.kind, self.parsed.model, logprobs=generate.logprobs is not None)
 
         async def chunk(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        opening = writer.start()
+        opening = writer.start(generate.n)
         if opening is not None:
             await chunk(opening)
         outcome = "ok"
@@ -410,8 +415,8 @@ class _StreamResponse(Response):
             try:
                 async for token in task:
                     api.metrics.tokens_generated += 1
-                    if token.text and not self.parsed.buffered:
-                        await chunk(writer.text(token.text))
+                    if (token.text or writer.logprobs) and not self.parsed.buffered:
+                        await chunk(writer.token(token))
                 wrong = _wrong_runner(self.parsed, task.result)
                 if wrong is None:
                     tail = writer.finish(task.result, self.parsed.include_usage)

@@ -16,19 +16,22 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from ..mlx._tools import ToolChat, ToolCompletion
-from ..mlx._types import Completion, Generate
+from ..mlx._types import MAX_LOGPROBS, MAX_N, Choice, Completion, Generate, Token
 
 Kind = Literal["chat", "completion"]
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 # OpenAI's own ranges, so a client that works against OpenAI gets the same answers here.
 _MAX_TEMPERATURE = 2.0
 _MAX_STOPS = 4
+_MAX_REPETITION_PENALTY = 10.0
 # Every field a request may carry. Any other, including mlx-lm's extras (top_k, min_p, ...),
 # gets 400 unsupported: a field this server accepted and then ignored would change nothing silently.
 _COMMON_FIELDS = frozenset(
     {
         "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "stop", "seed", "n",
         "presence_penalty", "frequency_penalty", "logit_bias", "user",
+        # mlx-lm's own sampling fields, which its clients send:
+        "top_k", "min_p", "repetition_penalty", "repetition_context_size",
     }
 )  # fmt: skip
 _CHAT_FIELDS = _COMMON_FIELDS | {
@@ -225,16 +228,6 @@ def _check_common(body: Mapping[str, Any], limits: Limits, known: frozenset[str]
             param="model",
             code="model_not_found",
         )
-    n = _int(body, "n", 1, 128)
-    if n is not None and n != 1:
-        raise _unsupported("n", f"= {n}")
-    for name in ("presence_penalty", "frequency_penalty"):
-        penalty = _number(body, name, -2.0, 2.0)
-        if penalty:
-            raise _unsupported(name, f"= {penalty:g}")
-    logit_bias = _optional(body, "logit_bias")
-    if logit_bias:
-        raise _unsupported("logit_bias", "(non-empty)")
     return model
 
 
@@ -278,13 +271,52 @@ def _sampling(body: Mapping[str, Any], limits: Limits, max_tokens_names: Sequenc
     temperature = _number(body, "temperature", 0.0, _MAX_TEMPERATURE)
     top_p = _number(body, "top_p", 0.0, 1.0, open_low=True)
     seed = _int(body, "seed", 0, 2**63 - 1)
-    return {
+    fields: dict[str, Any] = {
         "max_tokens": limits.default_max_tokens if max_tokens is None else max_tokens,
         "temperature": 1.0 if temperature is None else temperature,
         "top_p": 1.0 if top_p is None else top_p,
         "stop": _stop(body),
         "seed": seed,
+        "n": _int(body, "n", 1, MAX_N),
+        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0),
+        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0),
+        "logit_bias": _logit_bias(body),
+        "top_k": _int(body, "top_k", 0, 2**31 - 1),
+        "min_p": _number(body, "min_p", 0.0, 1.0),
+        "repetition_penalty": _number(
+            body, "repetition_penalty", 0.0, _MAX_REPETITION_PENALTY, open_low=True
+        ),
+        "repetition_context_size": _int(body, "repetition_context_size", 1, limits.max_tokens),
     }
+    # Absent fields keep Generate's defaults, so Generate stays the one source of them.
+    return {name: value for name, value in fields.items() if value is not None or name == "seed"}
+
+
+def _logit_bias(body: Mapping[str, Any]) -> dict[int, float] | None:
+    """OpenAI's ``{"token id": bias}``, with string keys, as Generate's ``{id: bias}``."""
+    value = _optional(body, "logit_bias")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise _invalid(
+            f"'logit_bias' must be an object of token ids to biases, not {_json_type(value)}",
+            "logit_bias",
+            "invalid_type",
+        )
+    biases: dict[int, float] = {}
+    for key, bias in cast(dict[str, object], value).items():
+        if not key.isdigit():
+            raise _invalid(f"'logit_bias' key {key!r} must be a token id (digits)", "logit_bias")
+        if (
+            isinstance(bias, bool)
+            or not isinstance(bias, int | float)
+            or not -100 <= bias <= 100  # NaN fails this too
+        ):
+            raise _invalid(
+                f"'logit_bias[{key}]' is {bias!r}; it must be a number from -100 to 100", "logit_bias"
+            )
+        biases[int(key)] = float(bias)
+    return biases
 
 
 def _content(message: Mapping[str, Any], i: int) -> str:
@@ -435,11 +467,10 @@ def _build(
 def parse_chat(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
     """Check a ``POST /v1/chat/completions`` body."""
     model = _check_common(body, limits, _CHAT_FIELDS)
-    if _bool(body, "logprobs"):
-        raise _unsupported("logprobs", "= true")
-    top_logprobs = _int(body, "top_logprobs", 0, 20)
-    if top_logprobs:
-        raise _unsupported("top_logprobs", f"= {top_logprobs}")
+    logprobs = _bool(body, "logprobs")
+    top_logprobs = _int(body, "top_logprobs", 0, MAX_LOGPROBS)
+    if top_logprobs is not None and not logprobs:
+        raise _invalid("'top_logprobs' needs \"logprobs\": true", "top_logprobs")
     for name in ("functions", "audio", "prediction"):
         if _optional(body, name):
             raise _unsupported(name, "")
@@ -448,6 +479,8 @@ def parse_chat(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
         # json_object and json_schema need constrained decoding, which this server does not do.
         raise _unsupported("response_format", 'other than {"type": "text"}')
     fields = _sampling(body, limits, ("max_tokens", "max_completion_tokens"))
+    if logprobs:
+        fields["logprobs"] = top_logprobs or 0
     simple, whole = _messages(body)
     tools = _tools(body)
     if not tools and whole == simple:
@@ -475,12 +508,13 @@ def parse_completion(body: Mapping[str, Any], limits: Limits) -> ParsedRequest:
         raise _unsupported("echo", "= true")
     if _optional(body, "suffix") is not None:
         raise _unsupported("suffix", "")
-    if _optional(body, "logprobs") is not None:
-        raise _unsupported("logprobs", "")
+    logprobs = _int(body, "logprobs", 0, MAX_LOGPROBS)
     best_of = _int(body, "best_of", 1, 128)
     if best_of is not None and best_of != 1:
         raise _unsupported("best_of", f"= {best_of}")
     fields = _sampling(body, limits, ("max_tokens",))
+    if logprobs is not None:
+        fields["logprobs"] = logprobs
     return _build("completion", body, model, {"prompt": prompt, **fields})
 
 
@@ -496,11 +530,47 @@ def new_id(kind: Kind) -> str:
     return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
 
 
-def usage(completion: Completion) -> dict[str, int]:
+def choices_of(completion: Completion) -> tuple[Choice, ...]:
+    """Every choice of a completion (one built by hand may leave ``choices`` empty)."""
+    if completion.choices:
+        return completion.choices
+    return (Choice(0, completion.text, completion.finish_reason, completion.generation_tokens),)
+
+
+def usage(completion: Completion) -> dict[str, Any]:
+    generated = sum(choice.generation_tokens for choice in choices_of(completion))
     return {
         "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": completion.generation_tokens,
-        "total_tokens": completion.prompt_tokens + completion.generation_tokens,
+        "completion_tokens": generated,
+        "total_tokens": completion.prompt_tokens + generated,
+        "prompt_tokens_details": {"cached_tokens": completion.cached_tokens},
+    }
+
+
+def _chat_logprob(text: str, logprob: float) -> dict[str, Any]:
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+
+
+def logprobs_of(kind: Kind, tokens: Sequence[Token], offset: int = 0) -> dict[str, Any]:
+    """OpenAI's ``logprobs`` object for these tokens of one choice (``offset``: its text so far)."""
+    if kind == "chat":
+        content = [
+            {
+                **_chat_logprob(token.text, token.logprob or 0.0),
+                "top_logprobs": [_chat_logprob(text, lp) for _id, text, lp in token.top_logprobs],
+            }
+            for token in tokens
+        ]
+        return {"content": content, "refusal": None}
+    offsets: list[int] = []
+    for token in tokens:
+        offsets.append(offset)
+        offset += len(token.text)
+    return {
+        "tokens": [token.text for token in tokens],
+        "token_logprobs": [token.logprob for token in tokens],
+        "top_logprobs": [{text: lp for _id, text, lp in token.top_logprobs} for token in tokens],
+        "text_offset": offsets,
     }
 
 
@@ -525,31 +595,33 @@ def chat_message(completion: Completion) -> tuple[dict[str, Any], str]:
     return {"content": completion.content or None, "tool_calls": calls}, "tool_calls"
 
 
-def response_body(kind: Kind, model: str, completion: Completion) -> dict[str, Any]:
-    """A whole non-streamed response, with ``usage``."""
-    if kind == "chat":
-        message, finish = chat_message(completion)
-        choice: dict[str, Any] = {
-            "index": 0,
-            "message": {"role": "assistant", **message},
-            "logprobs": None,
-            "finish_reason": finish,
-        }
-        obj = "chat.completion"
-    else:
-        choice = {
-            "index": 0,
-            "text": completion.text,
-            "logprobs": None,
-            "finish_reason": completion.finish_reason,
-        }
-        obj = "text_completion"
+def response_body(
+    kind: Kind, model: str, completion: Completion, tokens: Sequence[Token] | None = None
+) -> dict[str, Any]:
+    """A whole non-streamed response, with ``usage``; ``tokens`` for ``logprobs``, when asked."""
+    choices: list[dict[str, Any]] = []
+    for choice in choices_of(completion):
+        logprobs = None
+        if tokens is not None:
+            logprobs = logprobs_of(kind, [token for token in tokens if token.index == choice.index])
+        if kind == "chat":
+            # Tools come with one choice only, so a ToolCompletion's split is choice 0's.
+            message, finish = (
+                chat_message(completion)
+                if choice.index == 0
+                else ({"content": choice.text}, choice.finish_reason)
+            )
+            entry: dict[str, Any] = {"index": choice.index, "message": {"role": "assistant", **message}}
+        else:
+            finish = choice.finish_reason
+            entry = {"index": choice.index, "text": choice.text}
+        choices.append({**entry, "logprobs": logprobs, "finish_reason": finish})
     return {
         "id": new_id(kind),
-        "object": obj,
+        "object": "chat.completion" if kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": model,
-        "choices": [choice],
+        "choices": choices,
         "usage": usage(completion),
     }
 
@@ -557,8 +629,10 @@ def response_body(kind: Kind, model: str, completion: Completion) -> dict[str, A
 class ChunkWriter:
     """The SSE events of one streamed response, each ``data: <json>\\n\\n`` bytes."""
 
-    def __init__(self, kind: Kind, model: str) -> None:
-        self.kind = kind
+    def __init__(self, kind: Kind, model: str, logprobs: bool = False) -> None:
+        self.kind: Kind = kind
+        self.logprobs = logprobs
+        self.offsets: dict[int, int] = {}  # completions: each choice's text so far, for text_offset
         self.head = {
             "id": new_id(kind),
             "object": "chat.completion.chunk" if kind == "chat" else "text_completion",
@@ -569,33 +643,51 @@ class ChunkWriter:
     def _event(self, choices: list[dict[str, Any]], **extra: Any) -> bytes:
         return b"data: " + dumps({**self.head, "choices": choices, **extra}) + b"\n\n"
 
-    def _choice(self, text: str | None, finish: str | None, role: bool = False) -> dict[str, Any]:
+    def _choice(
+        self,
+        text: str | None,
+        finish: str | None,
+        index: int = 0,
+        role: bool = False,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if self.kind == "chat":
             delta: dict[str, str] = {}
             if role:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
 
-    def start(self) -> bytes | None:
-        """The opening chunk (chat: the assistant role), or None."""
-        return self._event([self._choice("", None, role=True)]) if self.kind == "chat" else None
+    def start(self, n: int = 1) -> bytes | None:
+        """The opening chunks (chat: the assistant role, one per choice), or None."""
+        if self.kind != "chat":
+            return None
+        return b"".join(self._event([self._choice("", None, index, role=True)]) for index in range(n))
 
-    def text(self, text: str) -> bytes:
-        return self._event([self._choice(text, None)])
+    def text(self, text: str, index: int = 0) -> bytes:
+        return self._event([self._choice(text, None, index)])
+
+    def token(self, token: Token) -> bytes:
+        """A token's chunk, with its ``logprobs`` when the request asked for them."""
+        logprobs = None
+        if self.logprobs:
+            offset = self.offsets.get(token.index, 0)
+            logprobs = logprobs_of(self.kind, [token], offset)
+            self.offsets[token.index] = offset + len(token.text)
+        return self._event([self._choice(token.text, None, token.index, logprobs=logprobs)])
 
     def finish(self, completion: Completion, include_usage: bool) -> bytes:
-        """The closing chunk with the finish reason, the usage chunk if asked, and ``[DONE]``.
+        """The closing chunk of each choice with its finish reason, the usage chunk if asked, ``[DONE]``.
 
         A chat with tools streams nothing until it ends (a tool call is only
         known whole), so its content and tool calls come here, before the end.
         """
         out = b""
-        finish: str = completion.finish_reason
+        finishes = {choice.index: str(choice.finish_reason) for choice in choices_of(completion)}
         if isinstance(completion, ToolCompletion):
-            message, finish = chat_message(completion)
+            message, finishes[0] = chat_message(completion)
             if message["content"]:
                 out += self.text(message["content"])
             calls = cast(list[dict[str, Any]], message.get("tool_calls", []))
@@ -608,7 +700,8 @@ class ChunkWriter:
                     "finish_reason": None,
                 }
                 out += self._event([choice])
-        out += self._event([self._choice(None if self.kind == "chat" else "", finish)])
+        for index, finish in finishes.items():
+            out += self._event([self._choice(None if self.kind == "chat" else "", finish, index)])
         if include_usage:
             out += self._event([], usage=usage(completion))
         return out + b"data: [DONE]\n\n"
