@@ -68,6 +68,68 @@ def _requests_total(client: httpx.Client, endpoint: str, outcome: str) -> float:
     return float(lines[0].split()[-1]) if lines else 0.0
 
 
+# -- bad input never reaches the runner ---------------------------------------------------
+
+BAD_INPUT = [
+    pytest.param("/v1/chat/completions", b"{not json", 400, "invalid_json", id="invalid-json"),
+    pytest.param("/v1/chat/completions", b"[1, 2]", 400, "invalid_type", id="not-an-object"),
+    pytest.param(
+        "/v1/chat/completions", {"model": MODEL}, 400, "missing_required_parameter", id="no-messages"
+    ),
+    pytest.param("/v1/completions", {"model": MODEL}, 400, "missing_required_parameter", id="no-prompt"),
+    pytest.param("/v1/chat/completions", {"messages": "hi"}, 400, "invalid_type", id="messages-not-list"),
+    pytest.param(
+        "/v1/chat/completions",
+        {"messages": [{"role": "wizard", "content": "x"}]},
+        400,
+        "invalid_value",
+        id="role",
+    ),
+    pytest.param("/v1/completions", {"prompt": 5}, 400, "invalid_type", id="prompt-not-string"),
+    pytest.param(
+        "/v1/completions", {"prompt": "a", "max_tokens": "9"}, 400, "invalid_type", id="max-tokens-type"
+    ),
+    pytest.param("/v1/completions", {"prompt": "a", "stream": "yes"}, 400, "invalid_type", id="stream-type"),
+    pytest.param(
+        "/v1/completions", {"prompt": "a", "max_tokens": 0}, 400, "invalid_value", id="max-tokens-0"
+    ),
+    pytest.param(
+        "/v1/completions", {"prompt": "a", "max_tokens": 10**9}, 400, "invalid_value", id="max-tokens-huge"
+    ),
+    pytest.param(
+        "/v1/completions", {"prompt": "a", "temperature": 2.5}, 400, "invalid_value", id="temperature"
+    ),
+    pytest.param("/v1/completions", {"prompt": "a", "top_p": 0}, 400, "invalid_value", id="top-p"),
+    pytest.param("/v1/completions", {"prompt": "a", "seed": -1}, 400, "invalid_value", id="seed"),
+    pytest.param("/v1/completions", {"prompt": "a", "n": 17}, 400, "invalid_value", id="n"),
+    pytest.param("/v1/completions", {"prompt": "a", "stop": ["a"] * 5}, 400, "invalid_value", id="stops"),
+    pytest.param("/v1/completions", {"prompt": "a", "model": "gpt-4"}, 404, "model_not_found", id="model"),
+]
+
+
+def _metric(client: httpx.Client, name: str) -> float:
+    (line,) = [line for line in client.get("/metrics").text.splitlines() if line.startswith(name + " ")]
+    return float(line.split()[-1])
+
+
+@pytest.mark.parametrize(("path", "body", "status", "code"), BAD_INPUT)
+def test_bad_input_gets_an_openai_error_and_never_reaches_the_runner(
+    client: httpx.Client, path: str, body: bytes | dict[str, Any], status: int, code: str
+) -> None:
+    tokens = _metric(client, "trio_runner_tokens_generated_total")
+    endpoint = "chat" if "chat" in path else "completions"
+    refused = _requests_total(client, endpoint, "bad_request")
+    if isinstance(body, bytes):
+        response = client.post(path, content=body, headers={"content-type": "application/json"})
+    else:
+        response = client.post(path, json=body)
+    error = _error(response, status)
+    assert error["code"] == code and error["type"] == "invalid_request_error"
+    assert _metric(client, "trio_runner_tokens_generated_total") == tokens
+    assert _metric(client, "trio_runner_in_flight_tasks") == 0
+    assert _requests_total(client, endpoint, "bad_request") == refused + 1
+
+
 # -- what the server cannot honour, it refuses -------------------------------------------
 
 
@@ -86,6 +148,12 @@ def test_a_field_the_server_cannot_honour_gets_400_unsupported_naming_it(
     error = _error(client.post(path, json={**body, field: value}), 400)
     assert error["code"] == "unsupported" and error["param"] == field
     assert field in error["message"]
+
+
+def test_a_stream_option_the_server_cannot_honour_gets_400_unsupported(client: httpx.Client) -> None:
+    body = {**CHAT, "stream": True, "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+    error = _error(client.post("/v1/chat/completions", json=body), 400)
+    assert error["code"] == "unsupported" and error["param"] == "stream_options.continuous_usage_stats"
 
 
 def test_a_prompt_longer_than_the_context_gets_400_invalid_prompt_and_is_counted(

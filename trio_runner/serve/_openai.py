@@ -259,7 +259,11 @@ def _stream_options(body: Mapping[str, Any], stream: bool) -> bool:
         )
     if not stream:
         raise _invalid("'stream_options' is only allowed with \"stream\": true", "stream_options")
-    return _bool(cast(dict[str, Any], options), "include_usage")
+    checked = cast(dict[str, Any], options)
+    for key in checked:
+        if key != "include_usage":
+            raise _unsupported(f"stream_options.{key}", "")
+    return _bool(checked, "include_usage")
 
 
 def _sampling(body: Mapping[str, Any], limits: Limits, max_tokens_names: Sequence[str]) -> dict[str, Any]:
