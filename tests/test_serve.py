@@ -144,6 +144,20 @@ async def test_by_default_no_api_key_is_needed_and_no_origin_is_allowed() -> Non
     assert preflight.status_code == 405 and "access-control-allow-origin" not in preflight.headers
 
 
+async def test_a_runner_that_does_not_know_tool_chats_gets_500_rather_than_dropping_the_tool_calls() -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "add", "arguments": "{}"}}
+    messages = [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c1", "content": "5"},
+    ]
+    async with serving() as (server, _sup, client):  # a plain MlxLmRunner, not ToolMlxLmRunner
+        response = await client.post("/v1/chat/completions", json={**CHAT, "messages": messages})
+        failed = server.metrics.requests["chat", "failed"]
+    assert response.status_code == 500, response.text
+    assert response.json()["error"]["code"] == "tools_not_served"
+    assert failed == 1
+
+
 async def test_chat_completion_is_openai_shaped_and_includes_usage() -> None:
     async with serving() as (_, _sup, client):
         response = await client.post("/v1/chat/completions", json=CHAT)
