@@ -14,6 +14,7 @@ import os
 import socket
 import subprocess
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -398,6 +399,16 @@ def test_a_request_under_any_served_name_is_served_and_answers_with_that_name(
     response = client.post("/v1/chat/completions", json={**CHAT, "model": name, "max_tokens": 1})
     assert response.status_code == 200, response.text
     assert response.json()["model"] == name
+
+
+def test_the_model_s_own_name_is_the_demo_s_a_directory_s_name_or_the_repo_id(tmp_path: Path) -> None:
+    from trio_runner.serve import DEMO_MODEL_ID, model_id_for
+
+    directory = tmp_path / "Qwen3-0.6B-4bit"
+    directory.mkdir()
+    assert model_id_for(None) == DEMO_MODEL_ID == MODEL
+    assert model_id_for(str(directory)) == "Qwen3-0.6B-4bit"
+    assert model_id_for("mlx-community/Qwen3-0.6B-4bit") == "mlx-community/Qwen3-0.6B-4bit"
 
 
 def test_a_request_without_a_model_is_answered_with_the_model_s_own_name(client: httpx.Client) -> None:
