@@ -29,5 +29,6 @@ class SlowMlxLmRunner(MlxLmRunner):
             yield response
 
     def batch_step(self, generator: Any) -> Any:
+        # The batched path (concurrency > 1, the default) steps here instead of responses().
         time.sleep(0.02)
         return super().batch_step(generator)

@@ -122,7 +122,13 @@ async def _generate(args: argparse.Namespace) -> None:
     )
 
 
+# serve's API key, from the environment: a key given with --api-key shows in ps.
+API_KEY_ENV = "TRIO_RUNNER_API_KEY"
+
+
 async def _serve(args: argparse.Namespace) -> None:
+    import os
+
     import trio
 
     try:
@@ -139,17 +145,25 @@ async def _serve(args: argparse.Namespace) -> None:
     policy = RestartPolicy(
         initial_delay=args.backoff, max_delay=args.max_backoff, max_restarts=args.max_restarts
     )
-    await serve_mlx(
-        args.model,
-        host=args.host,
-        port=args.port,
-        start_method=args.start_method,
-        policy=policy,
-        ready_wait=args.ready_wait,
-        grace=args.grace,
-        stop=stop,
-        say=_say,
-    )
+    api_key: str | None = args.api_key or os.environ.get(API_KEY_ENV) or None
+    try:
+        await serve_mlx(
+            args.model,
+            served_model_names=args.served_model_name,
+            api_key=api_key,
+            allow_origins=args.allow_origin,
+            host=args.host,
+            port=args.port,
+            start_method=args.start_method,
+            policy=policy,
+            ready_wait=args.ready_wait,
+            grace=args.grace,
+            stop=stop,
+            say=_say,
+        )
+    except OSError as exc:
+        # A bare OSError comes from before anything runs: the address cannot be bound, say.
+        raise CommandError(exc.strerror or str(exc)) from None
 
 
 def _port(text: str) -> int:
@@ -286,9 +300,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="a model directory or a Hugging Face repo id (default: the offline demo model)",
     )
     serve.add_argument(
-        "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; there is no auth)"
+        "--served-model-name",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="another name the model answers to (repeatable); it also answers to its own name and to "
+        "default_model",
+    )
+    serve.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="the address to listen on (default 127.0.0.1; elsewhere, set an API key)",
     )
     serve.add_argument("--port", type=_port, default=8000, help="the port (default 8000; 0 picks a free one)")
+    serve.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help=f"require 'Authorization: Bearer KEY' on every route but /health (default: ${API_KEY_ENV}, "
+        "else no auth; the variable keeps the key out of ps)",
+    )
+    serve.add_argument(
+        "--allow-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="let browser pages from ORIGIN call the API, CORS (repeatable; '*' for any; default none)",
+    )
     serve.add_argument(
         "--ready-wait",
         type=_seconds,

@@ -15,6 +15,9 @@ from ._model import demo_model as demo_model
 from ._model import demo_model_location as demo_model_location
 from ._runner import MlxLmRunner as MlxLmRunner
 from ._runner import start_options as start_options
+from ._tools import ToolChat as ToolChat
+from ._tools import ToolCompletion as ToolCompletion
+from ._tools import ToolMlxLmRunner as ToolMlxLmRunner
 from ._types import Choice as Choice
 from ._types import Completion as Completion
 from ._types import FinishReason as FinishReason

@@ -100,6 +100,7 @@ async def open_mlx_supervisor(
     start_method: str = "auto",
     warmup: bool = True,
     name: str = "mlx",
+    runner: type[MlxLmRunner] = MlxLmRunner,
     **supervisor_options: Unpack[ForwardedOptions],
 ) -> AsyncGenerator[Supervisor[Generate, Token, Completion]]:
     """Supervise an :class:`MlxLmRunner`: ``async with open_mlx_supervisor() as sup``.
@@ -114,6 +115,8 @@ async def open_mlx_supervisor(
             kernel cache is cold, compile the kernels first in a throwaway
             process (:func:`warm_kernel_cache`), never in the forkserver.
         name: the supervisor's name, for logs.
+        runner: :class:`MlxLmRunner` or a subclass, such as
+            :class:`~trio_runner.mlx.ToolMlxLmRunner` (what ``trio-runner serve`` runs).
         supervisor_options: the other :func:`trio_runner.open_supervisor`
             options: ``policy``, ``timeouts``, ``window``, ``max_frame_size``,
             ``raise_on_give_up`` (``start_method``, ``preload`` and the
@@ -130,7 +133,7 @@ async def open_mlx_supervisor(
     options = start_options(start_method)
     preloaded = options["start_method"] == "forkserver"
     async with open_supervisor(
-        MlxLmRunner,
+        runner,
         checked,
         kwargs={"warmup": warmup, "preloaded": preloaded},
         name=name,

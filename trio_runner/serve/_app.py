@@ -12,6 +12,7 @@ in this task, rather than whenever a generator happens to be finalised.
 
 from __future__ import annotations
 
+import hmac
 import logging
 import os
 import time
@@ -23,14 +24,17 @@ from typing import Any, cast
 import trio
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
-from starlette.types import Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .._errors import RunnerCrashed, RunnerUnavailable, TaskCancelled, TaskFailed, TrioRunnerError
 from .._state import RunnerState
 from .._supervisor import Supervisor, TaskHandle
+from ..mlx._tools import ToolChat, ToolCompletion, ToolsUnsupported
 from ..mlx._types import Completion, Generate, Token
 from ._metrics import ServeMetrics
 from ._openai import (
@@ -48,6 +52,7 @@ from ._openai import (
 logger = logging.getLogger("trio_runner.serve")
 
 MAX_BODY_SIZE = 1024 * 1024
+_TOOLS_UNSUPPORTED = f"{ToolsUnsupported.__module__}.{ToolsUnsupported.__qualname__}"
 _WAITING = (RunnerState.STARTING, RunnerState.BACKING_OFF)
 SHUTTING_DOWN = ApiError(
     503, "the server is shutting down; this request was cancelled", type="server_error", code="shutting_down"
@@ -66,8 +71,16 @@ class ServeOptions:
     limits: Limits
     ready_wait: float = 5.0
     max_body_size: int = MAX_BODY_SIZE
+    api_key: str | None = None
+    allow_origins: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        key = cast(object, self.api_key)
+        if key is not None and (not isinstance(key, str) or not key or not key.isprintable()):
+            raise ValueError("api_key must be a non-empty string of printable characters, or None")
+        origins = cast(tuple[object], self.allow_origins)
+        if isinstance(origins, str) or not all(isinstance(o, str) and o for o in origins):
+            raise ValueError(f"allow_origins={self.allow_origins!r} must be a sequence of origins, or '*'")
         if not (isinstance(self.ready_wait, int | float) and 0 <= self.ready_wait < float("inf")):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"ready_wait={self.ready_wait!r} must be a finite number of seconds >= 0")
         size = cast(object, self.max_body_size)
@@ -103,6 +116,8 @@ def task_error(exc: TrioRunnerError, metrics: ServeMetrics) -> tuple[ApiError, s
             "crashed",
         )
     if isinstance(exc, TaskFailed):
+        if exc.remote_type == _TOOLS_UNSUPPORTED:
+            return ApiError(400, exc.remote_message, param="tools", code="unsupported"), "bad_request"
         # The runner's own checks (a prompt longer than the context, say) are the client's to fix.
         if exc.remote_type == "ValueError":
             return ApiError(400, exc.remote_message, code="invalid_prompt"), "bad_request"
@@ -219,13 +234,11 @@ class Api:
         return Response(self.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def models(self, request: Request) -> Response:
-        model = {
-            "id": self.limits.model_id,
-            "object": "model",
-            "created": self.started,
-            "owned_by": "trio-runner",
-        }
-        return _json({"object": "list", "data": [model]})
+        models = [
+            {"id": name, "object": "model", "created": self.started, "owned_by": "trio-runner"}
+            for name in self.limits.names
+        ]
+        return _json({"object": "list", "data": models})
 
     # -- generation --------------------------------------------------------------------
 
@@ -287,6 +300,9 @@ class Api:
 
     async def _complete(self, request: Request, endpoint: str, parsed: ParsedRequest) -> Response:
         completion: Completion | None = None
+        failure: TrioRunnerError | None = None
+        # Kept only when the response reports logprobs; otherwise each token is just counted.
+        tokens: list[Token] | None = None if parsed.generate.logprobs is None else []
         scope = self._generation_scope()
         self.active.add(scope)
         try:
@@ -294,25 +310,47 @@ class Api:
                 async with trio.open_nursery() as nursery:
                     # Starlette never notices a client that leaves a plain response under trio; this does.
                     nursery.start_soon(_cancel_on_disconnect, request.receive, nursery.cancel_scope)
-                    async with self.sup.stream(parsed.generate) as task:
-                        async for _ in task:
-                            self.metrics.tokens_generated += 1
-                        completion = task.result
+                    # Caught in here: a nursery would wrap it in an ExceptionGroup on the way out.
+                    try:
+                        async with self.sup.stream(parsed.generate) as task:
+                            async for token in task:
+                                self.metrics.tokens_generated += 1
+                                if tokens is not None:
+                                    tokens.append(token)
+                            completion = task.result
+                    except TrioRunnerError as exc:
+                        failure = exc
                     nursery.cancel_scope.cancel()
-        except TrioRunnerError as exc:
-            error, outcome = task_error(exc, self.metrics)
-            self.metrics.requests[endpoint, outcome] += 1
-            return _error_response(error)
         finally:
             self.active.discard(scope)
+        if failure is not None:
+            error, outcome = task_error(failure, self.metrics)
+            self.metrics.requests[endpoint, outcome] += 1
+            return _error_response(error)
         if scope.cancelled_caught:
             self.metrics.requests[endpoint, "shutdown"] += 1
             return _error_response(SHUTTING_DOWN)
         if completion is None:
             self.metrics.requests[endpoint, "disconnected"] += 1
             return Response(status_code=499)  # nobody is listening any more
+        if (wrong := _wrong_runner(parsed, completion)) is not None:
+            self.metrics.requests[endpoint, "failed"] += 1
+            return _error_response(wrong)
         self.metrics.requests[endpoint, "ok"] += 1
-        return _json(response_body(parsed.kind, self.limits.model_id, completion))
+        return _json(response_body(parsed.kind, parsed.model, completion, tokens))
+
+
+def _wrong_runner(parsed: ParsedRequest, completion: Completion) -> ApiError | None:
+    """A 500 if a chat with tool parts was served by a runner that does not know them (it ignored them)."""
+    if not isinstance(parsed.generate, ToolChat) or isinstance(completion, ToolCompletion):
+        return None
+    return ApiError(
+        500,
+        "this server's runner does not render tools or tool calls; serve with "
+        "trio_runner.mlx.ToolMlxLmRunner (trio-runner serve does)",
+        type="server_error",
+        code="tools_not_served",
+    )
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
@@ -361,13 +399,14 @@ class _StreamResponse(Response):
         self, task: TaskHandle[Token, Completion], send: Send, generation: trio.CancelScope
     ) -> None:
         api = self.api
-        writer = ChunkWriter(self.parsed.kind, api.limits.model_id)
+        generate = self.parsed.generate
+        writer = ChunkWriter(self.parsed.kind, self.parsed.model, logprobs=generate.logprobs is not None)
 
         async def chunk(data: bytes) -> None:
             await send({"type": "http.response.body", "body": data, "more_body": True})
 
         await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
-        opening = writer.start()
+        opening = writer.start(generate.n)
         if opening is not None:
             await chunk(opening)
         outcome = "ok"
@@ -376,9 +415,13 @@ class _StreamResponse(Response):
             try:
                 async for token in task:
                     api.metrics.tokens_generated += 1
-                    if token.text:
-                        await chunk(writer.text(token.text))
-                tail = writer.finish(task.result, self.parsed.include_usage)
+                    if (token.text or writer.logprobs) and not self.parsed.buffered:
+                        await chunk(writer.token(token))
+                wrong = _wrong_runner(self.parsed, task.result)
+                if wrong is None:
+                    tail = writer.finish(task.result, self.parsed.include_usage)
+                else:
+                    outcome, tail = "failed", writer.error(wrong)
             except TrioRunnerError as exc:
                 error, outcome = task_error(exc, api.metrics)
                 tail = writer.error(error)
@@ -401,7 +444,48 @@ def build_app(
         Route("/health", api.health, methods=["GET"]),
         Route("/metrics", api.metrics_route, methods=["GET"]),
     ]
-    return Starlette(routes=routes, exception_handlers={HTTPException: _http_error}), api
+    middleware: list[Middleware] = []
+    if options.allow_origins:
+        # Outermost, so a preflight is answered without a key and a 401 still carries the CORS headers.
+        middleware.append(
+            Middleware(
+                CORSMiddleware,
+                allow_origins=options.allow_origins,
+                allow_methods=("GET", "POST"),
+                allow_headers=("authorization", "content-type"),
+            )
+        )
+    if options.api_key is not None:
+        middleware.append(Middleware(_RequireKey, key=options.api_key))
+    app = Starlette(routes=routes, middleware=middleware, exception_handlers={HTTPException: _http_error})
+    return app, api
+
+
+class _RequireKey:
+    """Answer 401 to any request but ``/health`` without ``Authorization: Bearer <key>``."""
+
+    OPEN = frozenset({"/health"})
+
+    def __init__(self, app: ASGIApp, key: str) -> None:
+        self.app = app
+        self.expected = f"Bearer {key}".encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in self.OPEN:
+            await self.app(scope, receive, send)
+            return
+        given = dict(cast(list[tuple[bytes, bytes]], scope["headers"])).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):  # in constant time: no timing hint about the key
+            await self.app(scope, receive, send)
+            return
+        why = "no API key was given" if not given else "the API key is not valid"
+        error = ApiError(
+            401,
+            f"{why}: send the server's key as 'Authorization: Bearer <key>' (the openai client's api_key)",
+            code="invalid_api_key",
+        )
+        headers = {"WWW-Authenticate": "Bearer"}
+        await _json(error.body(), 401, headers)(scope, receive, send)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:

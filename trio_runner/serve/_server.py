@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve as hypercorn_serve  # pyright: ignore[reportUnknownVariableType]
+from hypercorn.config import Config, Sockets
+from hypercorn.trio.run import worker_serve
+from hypercorn.utils import wrap_app  # pyright: ignore[reportUnknownVariableType]
 
 from .._errors import ExitReason
 from .._policy import RestartPolicy
@@ -88,12 +89,15 @@ async def run_server(
     supervisor: Supervisor[Generate, Token, Completion],
     *,
     model_id: str,
+    served_model_names: Sequence[str] = (),
     host: str = "127.0.0.1",
     port: int = 8000,
     ready_wait: float = 5.0,
     grace: float = 5.0,
     max_body_size: int = MAX_BODY_SIZE,
     default_max_tokens: int = 512,
+    api_key: str | None = None,
+    allow_origins: Sequence[str] = (),
     task_status: trio.TaskStatus[OpenAIServer] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve an OpenAI-compatible API for ``supervisor`` until :meth:`OpenAIServer.shutdown`.
@@ -102,20 +106,30 @@ async def run_server(
     arguments); that returns the :class:`OpenAIServer` once it listens.
 
     Args:
-        supervisor: a supervisor of :class:`~trio_runner.mlx.MlxLmRunner` (or
-            any runner serving :class:`~trio_runner.mlx.Generate`). Open it with
+        supervisor: a supervisor of :class:`~trio_runner.mlx.ToolMlxLmRunner`
+            (``open_mlx_supervisor(runner=ToolMlxLmRunner)``), or of any runner
+            serving :class:`~trio_runner.mlx.Generate`; a runner that does not
+            know :class:`~trio_runner.mlx.ToolChat` answers chats with tools
+            or tool calls with 500 ``tools_not_served``. Open it with
             ``raise_on_give_up=False`` so the server keeps answering 503 after
             the policy gives up.
-        model_id: the model's name in ``/v1/models``; a request naming another
-            model gets 404.
-        host: the address to listen on; keep to loopback unless a proxy in
-            front handles authentication (there is none here).
+        model_id: the model's name in ``/v1/models``. The server also answers
+            to ``default_model`` (mlx-lm's convention) and to each of
+            ``served_model_names``; a request naming any other model gets 404.
+        served_model_names: more names for the model, for clients that
+            hard-code one.
+        host: the address to listen on; keep to loopback unless ``api_key``
+            is set or a proxy in front authenticates.
         port: the port; 0 picks a free one.
         ready_wait: how long a request waits for a runner that is starting or
             backing off before it gets 503 with ``Retry-After``.
         grace: how long a shutdown waits for requests in flight.
         max_body_size: larger request bodies get 413.
         default_max_tokens: ``max_tokens`` when a request does not say.
+        api_key: if set, every route but ``/health`` needs
+            ``Authorization: Bearer <api_key>``; others get 401.
+        allow_origins: browser origins allowed by CORS (``"*"`` for any);
+            none by default, so browsers refuse cross-origin calls.
 
     Raises:
         ValueError: an option is out of range (at the call).
@@ -124,18 +138,73 @@ async def run_server(
     **Cancellation:** cancelling this task stops the server at once, without
     the grace period; :meth:`OpenAIServer.shutdown` is the graceful way.
     """
+    limits = Limits(model_id, default_max_tokens=default_max_tokens, aliases=_names(served_model_names))
+    options = ServeOptions(
+        limits,
+        ready_wait=ready_wait,
+        max_body_size=max_body_size,
+        api_key=api_key,
+        allow_origins=tuple(allow_origins),
+    )
+    config = _config(host, port, grace)
+    sockets = listen(config)
+    try:
+        await _serve(supervisor, options, config, sockets, host, grace, task_status=task_status)
+    finally:
+        _close(sockets)
+
+
+def _names(names: Sequence[str]) -> tuple[str, ...]:
+    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):  # pyright: ignore[reportUnnecessaryIsInstance]
+        raise ValueError(f"served_model_names={names!r} must be a sequence of non-empty strings")
+    return tuple(names)
+
+
+def _config(host: str, port: int, grace: float) -> Config:
     if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < float("inf"):  # pyright: ignore[reportUnnecessaryIsInstance]
         raise ValueError(f"grace={grace!r} must be a finite number of seconds >= 0")
-    limits = Limits(model_id, default_max_tokens=default_max_tokens)
-    options = ServeOptions(limits, ready_wait=ready_wait, max_body_size=max_body_size)
-    metrics = ServeMetrics(supervisor)
-    app, api = build_app(supervisor, metrics, options)
-    server = OpenAIServer(host, metrics, api, grace)
     config = Config()
     config.bind = [_bind(host, port)]
     config.graceful_timeout = grace + _CLOSE_MARGIN
     config.accesslog = None
     config.errorlog = logger
+    return config
+
+
+def listen(config: Config) -> Sockets:
+    """The listening sockets, bound at the call, so an address in use fails before anything starts.
+
+    Raises:
+        OSError: the address cannot be bound; the message names it.
+    """
+    try:
+        sockets = config.create_sockets()
+    except OSError as exc:
+        raise OSError(exc.errno, f"cannot listen on {config.bind[0]}: {exc.strerror or exc}") from None
+    for sock in sockets.insecure_sockets:
+        sock.listen(config.backlog)
+    return sockets
+
+
+def _close(sockets: Sockets) -> None:
+    # Idempotent: hypercorn's listeners close the same socket objects when they were served.
+    for sock in sockets.insecure_sockets:
+        sock.close()
+
+
+async def _serve(
+    supervisor: Supervisor[Generate, Token, Completion],
+    options: ServeOptions,
+    config: Config,
+    sockets: Sockets,
+    host: str,
+    grace: float,
+    *,
+    task_status: trio.TaskStatus[OpenAIServer],
+) -> None:
+    metrics = ServeMetrics(supervisor)
+    app, api = build_app(supervisor, metrics, options)
+    server = OpenAIServer(host, metrics, api, grace)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(metrics.follow_lifecycle)
         nursery.start_soon(metrics.measure_lateness)
@@ -144,9 +213,10 @@ async def run_server(
 
         async def serve(task_status: trio.TaskStatus[list[str]]) -> None:
             with hypercorn:
-                await hypercorn_serve(
-                    app,  # pyright: ignore[reportArgumentType]
+                await worker_serve(
+                    wrap_app(app, config.wsgi_max_body_size, None),  # pyright: ignore[reportArgumentType]
                     config,
+                    sockets=sockets,
                     shutdown_trigger=server._shutdown.wait,  # pyright: ignore[reportPrivateUsage]
                     task_status=task_status,
                 )
@@ -154,7 +224,7 @@ async def run_server(
 
         binds: list[str] = await nursery.start(serve)
         server.port = int(binds[0].rsplit(":", 1)[1])
-        logger.info("serving %s at %s", model_id, server.url)
+        logger.info("serving %s at %s", options.limits.model_id, server.url)
         task_status.started(server)
 
 
@@ -171,6 +241,9 @@ async def serve_mlx(
     *,
     host: str = "127.0.0.1",
     port: int = 8000,
+    served_model_names: Sequence[str] = (),
+    api_key: str | None = None,
+    allow_origins: Sequence[str] = (),
     start_method: str = "auto",
     policy: RestartPolicy | None = None,
     ready_wait: float = 5.0,
@@ -184,35 +257,42 @@ async def serve_mlx(
     loads). Leaving shuts the server down gracefully, then the runner.
     """
     from ..mlx._supervise import open_mlx_supervisor
+    from ..mlx._tools import ToolMlxLmRunner
 
     model_id = model_id_for(model)
-    options: dict[str, Any] = {"raise_on_give_up": False}
+    options = ServeOptions(
+        Limits(model_id, aliases=_names(served_model_names)),
+        ready_wait=ready_wait,
+        api_key=api_key,
+        allow_origins=tuple(allow_origins),
+    )
+    config = _config(host, port, grace)
+    sockets = listen(config)  # before the runner starts: an address in use fails at once
+    supervisor_options: dict[str, Any] = {"raise_on_give_up": False}
     if policy is not None:
-        options["policy"] = policy
-    async with open_mlx_supervisor(model, start_method=start_method, name="serve", **options) as sup:
-        async with trio.open_nursery() as nursery:
-            server: OpenAIServer = await nursery.start(
-                functools.partial(
-                    run_server,
-                    sup,
-                    model_id=model_id,
-                    host=host,
-                    port=port,
-                    ready_wait=ready_wait,
-                    grace=grace,
+        supervisor_options["policy"] = policy
+    try:
+        async with open_mlx_supervisor(
+            model, start_method=start_method, name="serve", runner=ToolMlxLmRunner, **supervisor_options
+        ) as sup:
+            async with trio.open_nursery() as nursery:
+                server: OpenAIServer = await nursery.start(
+                    functools.partial(_serve, sup, options, config, sockets, host, grace)
                 )
-            )
-            say(
-                f"serving {model_id!r} at {server.url}/v1 (OpenAI-compatible); "
-                f"also {server.url}/health and /metrics"
-            )
-            reporter = trio.CancelScope()
-            nursery.start_soon(_report_runner, sup, say, reporter)
-            await stop.wait()
-            say(f"shutting down: requests in flight get {grace:g} s")
-            reporter.cancel()
-            server.shutdown()
-        # The server is closed; leaving open_mlx_supervisor shuts the runner down.
+                also = ", ".join(repr(name) for name in options.limits.names[1:])
+                say(
+                    f"serving {model_id!r} (also as {also}) at {server.url}/v1 (OpenAI-compatible); "
+                    f"also {server.url}/health and /metrics"
+                )
+                reporter = trio.CancelScope()
+                nursery.start_soon(_report_runner, sup, say, reporter)
+                await stop.wait()
+                say(f"shutting down: requests in flight get {grace:g} s")
+                reporter.cancel()
+                server.shutdown()
+            # The server is closed; leaving open_mlx_supervisor shuts the runner down.
+    finally:
+        _close(sockets)
 
 
 async def _report_runner(
