@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,23 +100,46 @@ async def test_generate_with_a_model_that_cannot_load_prints_its_cause_and_exits
     )
 
 
-@pytest.mark.parametrize("command", [["generate", "Hi"], ["demo"]], ids=["generate", "demo"])
-async def test_a_runner_without_mlx_lm_prints_one_error_line_with_the_install_hint_and_exits_1(
-    command: list[str], demo_dir: Path
+@pytest.mark.parametrize(
+    ("command", "hidden", "needs"),
+    [
+        (["demo"], "mlx", "demo needs the mlx extra (mlx is not installed): pip install 'trio-runner[mlx]'"),
+        (
+            ["generate", "Hi"],
+            "mlx_lm",
+            "generate needs the mlx extra (mlx_lm is not installed): pip install 'trio-runner[mlx]'",
+        ),
+        (
+            ["serve"],
+            "hypercorn",
+            "serve needs the serve and mlx extras (hypercorn is not installed): "
+            "pip install 'trio-runner[serve,mlx]'",
+        ),
+        (
+            ["serve", "--port", "0"],
+            "mlx",
+            "serve needs the serve and mlx extras (mlx is not installed): "
+            "pip install 'trio-runner[serve,mlx]'",
+        ),
+    ],
+    ids=["demo-without-mlx", "generate-without-mlx_lm", "serve-without-hypercorn", "serve-without-mlx"],
+)
+async def test_a_command_without_its_extra_prints_the_install_command_in_one_line_before_starting_anything(
+    command: list[str], hidden: str, needs: str
 ) -> None:
-    from trio_runner.mlx import warm_kernel_cache
-
-    await warm_kernel_cache(demo_dir)  # so the runner's own setup() is what meets the missing module
-    hidden = str(Path(__file__).parent / "scripts" / "without_mlx_lm")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([hidden, os.environ.get("PYTHONPATH", "")])}
-    # Within BOUND: restarting ten times, as before, took about two minutes.
-    code, _, err = await _run(*command, env=env)
-    assert code == 1, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    assert "ModuleNotFoundError: No module named 'mlx_lm'" in errors[0]
-    assert "pip install 'trio-runner[mlx]'" in errors[0]
+    shim = str(Path(__file__).parent / "scripts" / "hide_modules")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([shim, os.environ.get("PYTHONPATH", "")]),
+        "HIDE_MODULES": hidden,
+    }
+    began = time.monotonic()
+    code, out, err = await _run(*command, env=env)
+    elapsed = time.monotonic() - began
+    # Nothing started: no model building, loading or serving line, only the error.
+    assert (code, out, err) == (1, "", f"trio-runner: error: {needs}\n")
+    # Generous: starting the runner first and failing in it took two minutes before.
+    assert elapsed < 20, elapsed
 
 
 async def test_version_prints_the_package_version() -> None:

@@ -8,6 +8,7 @@ nothing here imports trio at module level: the commands import it when they run.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import logging
 import signal
 import sys
@@ -16,6 +17,7 @@ from typing import NoReturn
 
 from . import __version__
 from ._errors import ExitRecord, RestartLimitExceeded, RunnerCrashed, TrioRunnerError
+from ._exits import install_command, modules_of_extra
 
 PROG = "trio-runner"
 EXIT_OK = 0
@@ -24,6 +26,13 @@ EXIT_USAGE = 2
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 Command = Callable[[argparse.Namespace], Awaitable[None]]
+
+#: The extras each command needs; checked before the command starts anything.
+_EXTRAS_OF_COMMAND: dict[str, tuple[str, ...]] = {
+    "demo": ("mlx",),
+    "generate": ("mlx",),
+    "serve": ("serve", "mlx"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,6 +50,25 @@ def _cause(exit: ExitRecord) -> str:
     """The most telling line of why a runner exited: its exception, else how it exited."""
     lines = (exit.remote_traceback or "").strip().splitlines()
     return lines[-1] if lines else exit.describe()
+
+
+def _missing_extras(command: str) -> str | None:
+    """None if ``command``'s extras are installed, else the one-line error that says how to install them.
+
+    The modules are found, not imported (``import mlx_lm`` takes a second), so
+    this answers at once, before anything starts.
+    """
+    extras = _EXTRAS_OF_COMMAND.get(command, ())
+    for extra in extras:
+        for module in modules_of_extra(extra):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):  # a finder that refuses it; a half-imported module
+                found = False
+            if not found:
+                needs = " and ".join(extras) + (" extras" if len(extras) > 1 else " extra")
+                return f"{command} needs the {needs} ({module} is not installed): {install_command(*extras)}"
+    return None
 
 
 def _say(line: str) -> None:
@@ -379,6 +407,10 @@ async def _run(command: Command, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``trio-runner`` entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    missing = _missing_extras(args.command_name)
+    if missing is not None:
+        _report(CommandError(missing))
+        return EXIT_FAILED
     _configure_logging(getattr(args, "verbose", 0))
     import trio
 
