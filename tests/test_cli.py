@@ -72,6 +72,17 @@ async def test_generate_streams_text_to_stdout_and_one_stats_line_to_stderr() ->
     assert again == out
 
 
+async def test_greedy_generate_on_the_demo_model_writes_mostly_words_of_its_training_text() -> None:
+    from trio_runner.mlx._model import training_text
+
+    code, out, err = await _run("generate", "--max-tokens", "200", "Once upon a time")
+    assert code == 0, err
+    assert "200 generated (length)" in err
+    words = out.split()
+    known = [word for word in words if word in set(training_text().split())]
+    assert len(known) >= 0.6 * len(words), out
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [

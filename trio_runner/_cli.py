@@ -105,7 +105,7 @@ async def _generate(args: argparse.Namespace) -> None:
     if model is None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show_progress, _note, "building the demo model (first run only)")
-            model = str(await prepare_demo_model())
+            model = str(await prepare_demo_model(progress=True))
             nursery.cancel_scope.cancel()
     if await trio.to_thread.run_sync(kernel_cache_cold):
         async with trio.open_nursery() as nursery:

@@ -24,6 +24,7 @@ SEED = 7
 TEMPERATURE = 0.8
 KILL_AFTER_TOKENS = 16
 _SHOWN_CHARS = 48
+_MODEL_KIND = "a tiny Llama trained for seconds on the Zen of Python, so it writes Zen-like text"
 
 ChangeT = TypeVar("ChangeT")
 
@@ -133,14 +134,13 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
     async def story() -> None:
         location = demo_model_location()
         if await trio.to_thread.run_sync(verify_demo_model, location) is None:
-            say(f"demo model: {location} (cached; random weights, so its text is noise)")
+            say(f"demo model: {location} (cached; {_MODEL_KIND})")
         else:
             began = trio.current_time()
-            await with_progress("building the demo model (first run only)", prepare_demo_model)
-            say(
-                f"demo model: built {location} in {trio.current_time() - began:.1f} s "
-                "(random weights, so its text is noise)"
+            await with_progress(
+                "building the demo model (first run only)", lambda: prepare_demo_model(progress=True)
             )
+            say(f"demo model: built {location} in {trio.current_time() - began:.1f} s ({_MODEL_KIND})")
         if await trio.to_thread.run_sync(kernel_cache_cold):
             began = trio.current_time()
             await with_progress(
