@@ -83,6 +83,40 @@ async def test_greedy_generate_on_the_demo_model_writes_mostly_words_of_its_trai
     assert len(known) >= 0.6 * len(words), out
 
 
+async def test_generate_writes_each_token_to_a_pipe_as_it_arrives() -> None:
+    chunks: list[bytes] = []
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            proc: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    [*COMMAND, "generate", "--max-tokens", "1500", "Hi"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                    # Python's default for a pipe: block-buffered.
+                    env={name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"},
+                )
+            )
+            assert proc.stdout is not None
+            async for chunk in proc.stdout:
+                chunks.append(chunk)
+    assert proc.returncode == 0
+    # Block-buffered, the text would come in one piece at the end (or in 8 KiB
+    # pieces); flushed per token, it comes in many small ones as it is generated.
+    text = b"".join(chunks)
+    assert len(chunks) > 2 and len(chunks[0]) < len(text) / 2, [len(chunk) for chunk in chunks]
+
+
+async def test_generate_escapes_control_characters_in_text_written_to_a_pipe() -> None:
+    # Sampled hot, the demo model emits stray byte tokens, control characters among them.
+    code, out, err = await _run("generate", "--temperature", "2", "--seed", "1", "--max-tokens", "500", "Hi")
+    assert code == 0, err
+    controls = {char for char in out if (ord(char) < 0x20 or char == "\x7f") and char not in "\n\t"}
+    assert not controls, out
+    assert re.search(r"\\x[01][0-9a-f]|\\x7f|\\r", out), out
+
+
 @pytest.mark.parametrize(
     ("args", "complaint"),
     [

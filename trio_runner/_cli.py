@@ -8,6 +8,7 @@ nothing here imports trio at module level: the commands import it when they run.
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import logging
 import signal
@@ -88,7 +89,7 @@ async def _demo(args: argparse.Namespace) -> None:
 async def _generate(args: argparse.Namespace) -> None:
     import trio
 
-    from ._demo import show_progress, visible
+    from ._demo import escaped, show_progress, visible
     from ._policy import RestartPolicy
     from ._state import Exited, Ready
     from .mlx import Generate, demo_model_location, open_mlx_supervisor, prepare_demo_model
@@ -127,14 +128,16 @@ async def _generate(args: argparse.Namespace) -> None:
                     raise CommandError(f"the runner could not load {model}: {_cause(change.exit)}")
             nursery.cancel_scope.cancel()
         startup = trio.current_time() - began
-        clean = not sys.stdout.isatty()
+        # On a terminal control characters show as U+FFFD; to a pipe or a file, as escapes.
+        shown = escaped if not sys.stdout.isatty() else functools.partial(visible, one_line=False)
         submitted = trio.current_time()
         first: float | None = None
         async with sup.stream(request) as task:
             async for token in task:
                 if first is None:
                     first = trio.current_time() - submitted
-                sys.stdout.write(token.text if clean else visible(token.text, one_line=False))
+                # Each token as it arrives: a pipe is block-buffered otherwise.
+                sys.stdout.write(shown(token.text))
                 sys.stdout.flush()
             completion = task.result
     sys.stdout.write("\n")

@@ -42,6 +42,18 @@ def visible(text: str, *, one_line: bool = True) -> str:
     return "".join(map(clean, text))
 
 
+_C0_AND_DEL = {code: repr(chr(code))[1:-1] for code in (*range(0x20), 0x7F) if chr(code) not in "\n\t"}
+
+
+def escaped(text: str) -> str:
+    """``text`` for a pipe or a file: ASCII control characters but newline and tab as ``repr`` escapes.
+
+    A sampled generation can contain any byte; escaped, it stays one readable
+    text whatever reads it (``\\x07``, ``\\r``, ``\\x1b``).
+    """
+    return text.translate(_C0_AND_DEL)
+
+
 def _ms(seconds: float) -> str:
     return f"{seconds * 1000:.1f} ms"
 
