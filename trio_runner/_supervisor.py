@@ -133,6 +133,23 @@ def _check_not_bootstrapping() -> None:
         )
 
 
+def _check_main_script(start_method: str) -> None:
+    """Fail at once if the runner process cannot re-run the main script, as spawn and forkserver do.
+
+    A program fed on standard input (``python - < script.py``) has
+    ``__main__.__file__ == "<stdin>"``: multiprocessing would tell the child to
+    run a file of that name, and every runner would die of ``FileNotFoundError``
+    before loading, which reads like a missing main guard.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is None and getattr(main, "__file__", None) == "<stdin>":
+        raise RuntimeError(
+            f"this program was read from standard input ('python -'), and the {start_method} start "
+            "method re-runs the main script from its file in every runner process: save the script "
+            "to a file and run that file, or move the code into a module and call it from 'python -c'"
+        )
+
+
 class Supervisor(Generic[RequestT, EventT, ResultT]):
     """Supervises one runner process. Made by :func:`open_supervisor` or :func:`run_supervisor`."""
 
@@ -405,6 +422,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT]):
 
     async def _run(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
         _check_not_bootstrapping()
+        if self._worker_factory is process_worker:
+            _check_main_script(self._spec.start_method)
         self._child_log.start(f"trio-runner-log:{self.name}")
         try:
             async with trio.open_nursery() as nursery:
@@ -617,6 +636,9 @@ async def run_supervisor(
         RestartLimitExceeded: the policy gave up (unless ``raise_on_give_up`` is False).
         RunnerCrashed: the runner can never start (it could not be imported,
             or the script lacks a main guard); raised at once, without restarts.
+        RuntimeError: the main script was read from standard input
+            (``python - < script.py``), which spawn and forkserver cannot re-run
+            in the runner process; raised before any process starts.
     """
     supervisor = Supervisor(
         runner,
@@ -683,6 +705,9 @@ def open_supervisor(
         TypeError: the runner is not an importable Runner subclass, or its
             arguments cannot be pickled. Raised at the call, before any await.
         ValueError: an option is out of range. Raised at the call.
+        RuntimeError: when the block is entered, if the main script was read
+            from standard input (``python - < script.py``): spawn and
+            forkserver re-run the main script from its file in the runner.
     """
     supervisor = Supervisor(
         runner,
