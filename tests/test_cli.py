@@ -52,7 +52,9 @@ async def test_demo_exits_0_and_tells_the_sigkill_the_restart_and_the_retried_re
     assert first[1] == crash[1] != restart[1] == result[2]
     assert re.search(r"backing off 0\.5 s before restart 1", out)
     assert "(same seed, same start: True)" in out
-    assert re.search(r"worst lateness [\d.]+ ms", out)
+    assert re.search(
+        r"worst lateness [\d.]+ ms\n  \(lateness: how long past its deadline the ticker woke", out
+    )
     # Concise: progress notes of a slow step (a cold kernel cache compiles for
     # seconds on a loaded machine) come on top, one every few seconds.
     assert len([line for line in out.splitlines() if "... still " not in line]) <= 16
@@ -185,6 +187,29 @@ async def test_a_command_without_its_extra_prints_the_install_command_in_one_lin
     assert (code, out, err) == (1, "", f"trio-runner: error: {needs}\n")
     # Generous: starting the runner first and failing in it took two minutes before.
     assert elapsed < 20, elapsed
+
+
+CLI_DOC = Path(__file__).parents[1] / "docs" / "cli.md"
+# A console block in docs/cli.md that shows "$ trio-runner [COMMAND] --help" and its output.
+_HELP_BLOCK = re.compile(
+    r"^```console\n\$ trio-runner ((?:[a-z]+ )?)--help\n(.*?)^```", re.MULTILINE | re.DOTALL
+)
+
+
+def _documented_help() -> dict[str, str]:
+    return {command.strip(): text for command, text in _HELP_BLOCK.findall(CLI_DOC.read_text())}
+
+
+def test_cli_md_shows_the_help_of_the_command_and_of_demo_and_generate() -> None:
+    assert {"", "demo", "generate"} <= set(_documented_help())
+
+
+@pytest.mark.parametrize(("command", "documented"), sorted(_documented_help().items()), ids=repr)
+async def test_each_help_text_in_cli_md_is_what_the_command_prints(command: str, documented: str) -> None:
+    # argparse wraps to $COLUMNS; the page shows an 80-column terminal.
+    code, out, err = await _run(*command.split(), "--help", env={**os.environ, "COLUMNS": "80"})
+    assert code == 0, err
+    assert out == documented
 
 
 async def test_version_prints_the_package_version() -> None:

@@ -227,3 +227,7 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
         f"event loop: a 1 ms ticker ran {ticks} times over {trio.current_time() - began:.2f} s; "
         f"worst lateness {_ms(worst_lateness)}"
     )
+    say(
+        "  (lateness: how long past its deadline the ticker woke, at worst; a few ms on idle cores, "
+        "tens or hundreds when other processes keep them busy; a blocked loop would show the whole stall)"
+    )
