@@ -74,17 +74,6 @@ async def test_generate_streams_text_to_stdout_and_one_stats_line_to_stderr() ->
     assert again == out
 
 
-async def test_greedy_generate_on_the_demo_model_writes_mostly_words_of_its_training_text() -> None:
-    from trio_runner.mlx._model import training_text
-
-    code, out, err = await _run("generate", "--max-tokens", "200", "Once upon a time")
-    assert code == 0, err
-    assert "200 generated (length)" in err
-    words = out.split()
-    known = [word for word in words if word in set(training_text().split())]
-    assert len(known) >= 0.6 * len(words), out
-
-
 async def test_generate_writes_each_token_to_a_pipe_as_it_arrives() -> None:
     chunks: list[bytes] = []
     with trio.fail_after(BOUND):
@@ -92,7 +81,7 @@ async def test_generate_writes_each_token_to_a_pipe_as_it_arrives() -> None:
             proc: trio.Process = await nursery.start(
                 functools.partial(
                     trio.run_process,
-                    [*COMMAND, "generate", "--max-tokens", "1500", "Hi"],
+                    [*COMMAND, "generate", "--max-tokens", "300", "Hi"],
                     stdout=subprocess.PIPE,
                     stderr=subprocess.DEVNULL,
                     check=False,
@@ -112,7 +101,7 @@ async def test_generate_writes_each_token_to_a_pipe_as_it_arrives() -> None:
 
 async def test_generate_escapes_control_characters_in_text_written_to_a_pipe() -> None:
     # Sampled hot, the demo model emits stray byte tokens, control characters among them.
-    code, out, err = await _run("generate", "--temperature", "2", "--seed", "1", "--max-tokens", "500", "Hi")
+    code, out, err = await _run("generate", "--temperature", "2", "--seed", "1", "--max-tokens", "200", "Hi")
     assert code == 0, err
     controls = {char for char in out if (ord(char) < 0x20 or char == "\x7f") and char not in "\n\t"}
     assert not controls, out
