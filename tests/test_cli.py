@@ -1,9 +1,9 @@
 """The ``trio-runner`` command, run as ``python -m trio_runner`` in a subprocess.
 
 Bounds are generous: the demo takes about two seconds, and only a hang or a
-lost signal breaks them. The MLX commands use the demo model that
-``tests/test_mlx.py`` builds once per session (its location is exported in
-``TRIO_RUNNER_DEMO_MODEL``).
+lost signal breaks them. The MLX commands use the cached demo model, which the
+``demo_dir`` fixture (tests/conftest.py) builds at most once per session (its
+location is exported in ``TRIO_RUNNER_DEMO_MODEL``).
 """
 
 from __future__ import annotations
