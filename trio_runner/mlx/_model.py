@@ -107,8 +107,8 @@ def demo_model() -> Path:
     A partial or corrupt cache is detected (a manifest of file hashes is written
     last) and rebuilt, with a warning on the ``trio_runner.mlx`` logger.
 
-    **Blocking:** the first call takes about ten seconds on two CPU cores,
-    mostly training, plus ``import mlx_lm``. From trio, use ``await trio_parallel.run_sync(demo_model,
+    **Blocking:** the first call takes 11-13 s of CPU time, mostly training,
+    plus ``import mlx_lm``. From trio, use ``await trio_parallel.run_sync(demo_model,
     kill_on_cancel=True)``.
 
     Raises:
