@@ -1,9 +1,9 @@
 """The ``trio-runner`` command, run as ``python -m trio_runner`` in a subprocess.
 
 Bounds are generous: the demo takes about two seconds, and only a hang or a
-lost signal breaks them. The MLX commands use the demo model that
-``tests/test_mlx.py`` builds once per session (its location is exported in
-``TRIO_RUNNER_DEMO_MODEL``).
+lost signal breaks them. The MLX commands use the cached demo model, which the
+``demo_dir`` fixture (tests/conftest.py) builds at most once per session (its
+location is exported in ``TRIO_RUNNER_DEMO_MODEL``).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -51,7 +52,9 @@ async def test_demo_exits_0_and_tells_the_sigkill_the_restart_and_the_retried_re
     assert first[1] == crash[1] != restart[1] == result[2]
     assert re.search(r"backing off 0\.5 s before restart 1", out)
     assert "(same seed, same start: True)" in out
-    assert re.search(r"worst lateness [\d.]+ ms", out)
+    assert re.search(
+        r"worst lateness [\d.]+ ms\n  \(lateness: how long past its deadline the ticker woke", out
+    )
     # Concise: progress notes of a slow step (a cold kernel cache compiles for
     # seconds on a loaded machine) come on top, one every few seconds.
     assert len([line for line in out.splitlines() if "... still " not in line]) <= 16
@@ -69,6 +72,40 @@ async def test_generate_streams_text_to_stdout_and_one_stats_line_to_stderr() ->
     # Seeded: the same command prints the same text.
     _, again, _ = await _run("generate", "--max-tokens", "12", "--seed", "3", "--temperature", "0.7", "Hi")
     assert again == out
+
+
+async def test_generate_writes_each_token_to_a_pipe_as_it_arrives() -> None:
+    chunks: list[bytes] = []
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            proc: trio.Process = await nursery.start(
+                functools.partial(
+                    trio.run_process,
+                    [*COMMAND, "generate", "--max-tokens", "300", "Hi"],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.DEVNULL,
+                    check=False,
+                    # Python's default for a pipe: block-buffered.
+                    env={name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"},
+                )
+            )
+            assert proc.stdout is not None
+            async for chunk in proc.stdout:
+                chunks.append(chunk)
+    assert proc.returncode == 0
+    # Block-buffered, the text would come in one piece at the end (or in 8 KiB
+    # pieces); flushed per token, it comes in many small ones as it is generated.
+    text = b"".join(chunks)
+    assert len(chunks) > 2 and len(chunks[0]) < len(text) / 2, [len(chunk) for chunk in chunks]
+
+
+async def test_generate_escapes_control_characters_in_text_written_to_a_pipe() -> None:
+    # Sampled hot, the demo model emits stray byte tokens, control characters among them.
+    code, out, err = await _run("generate", "--temperature", "2", "--seed", "1", "--max-tokens", "200", "Hi")
+    assert code == 0, err
+    controls = {char for char in out if (ord(char) < 0x20 or char == "\x7f") and char not in "\n\t"}
+    assert not controls, out
+    assert re.search(r"\\x[01][0-9a-f]|\\x7f|\\r", out), out
 
 
 @pytest.mark.parametrize(
@@ -99,23 +136,69 @@ async def test_generate_with_a_model_that_cannot_load_prints_its_cause_and_exits
     )
 
 
-@pytest.mark.parametrize("command", [["generate", "Hi"], ["demo"]], ids=["generate", "demo"])
-async def test_a_runner_without_mlx_lm_prints_one_error_line_with_the_install_hint_and_exits_1(
-    command: list[str], demo_dir: Path
+@pytest.mark.parametrize(
+    ("command", "hidden", "needs"),
+    [
+        (["demo"], "mlx", "demo needs the mlx extra (mlx is not installed): pip install 'trio-runner[mlx]'"),
+        (
+            ["generate", "Hi"],
+            "mlx_lm",
+            "generate needs the mlx extra (mlx_lm is not installed): pip install 'trio-runner[mlx]'",
+        ),
+        (
+            ["serve"],
+            "hypercorn",
+            "serve needs the serve and mlx extras (hypercorn is not installed): "
+            "pip install 'trio-runner[serve,mlx]'",
+        ),
+        (
+            ["serve", "--port", "0"],
+            "mlx",
+            "serve needs the serve and mlx extras (mlx is not installed): "
+            "pip install 'trio-runner[serve,mlx]'",
+        ),
+    ],
+    ids=["demo-without-mlx", "generate-without-mlx_lm", "serve-without-hypercorn", "serve-without-mlx"],
+)
+async def test_a_command_without_its_extra_prints_the_install_command_in_one_line_before_starting_anything(
+    command: list[str], hidden: str, needs: str
 ) -> None:
-    from trio_runner.mlx import warm_kernel_cache
+    shim = str(Path(__file__).parent / "scripts" / "hide_modules")
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([shim, os.environ.get("PYTHONPATH", "")]),
+        "HIDE_MODULES": hidden,
+    }
+    began = time.monotonic()
+    code, out, err = await _run(*command, env=env)
+    elapsed = time.monotonic() - began
+    # Nothing started: no model building, loading or serving line, only the error.
+    assert (code, out, err) == (1, "", f"trio-runner: error: {needs}\n")
+    # Generous: starting the runner first and failing in it took two minutes before.
+    assert elapsed < 20, elapsed
 
-    await warm_kernel_cache(demo_dir)  # so the runner's own setup() is what meets the missing module
-    hidden = str(Path(__file__).parent / "scripts" / "without_mlx_lm")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([hidden, os.environ.get("PYTHONPATH", "")])}
-    # Within BOUND: restarting ten times, as before, took about two minutes.
-    code, _, err = await _run(*command, env=env)
-    assert code == 1, err
-    assert "Traceback" not in err
-    errors = [line for line in err.splitlines() if "error:" in line]
-    assert len(errors) == 1, err
-    assert "ModuleNotFoundError: No module named 'mlx_lm'" in errors[0]
-    assert "pip install 'trio-runner[mlx]'" in errors[0]
+
+CLI_DOC = Path(__file__).parents[1] / "docs" / "cli.md"
+# A console block in docs/cli.md that shows "$ trio-runner [COMMAND] --help" and its output.
+_HELP_BLOCK = re.compile(
+    r"^```console\n\$ trio-runner ((?:[a-z]+ )?)--help\n(.*?)^```", re.MULTILINE | re.DOTALL
+)
+
+
+def _documented_help() -> dict[str, str]:
+    return {command.strip(): text for command, text in _HELP_BLOCK.findall(CLI_DOC.read_text())}
+
+
+def test_cli_md_shows_the_help_of_the_command_and_of_demo_and_generate() -> None:
+    assert {"", "demo", "generate"} <= set(_documented_help())
+
+
+@pytest.mark.parametrize(("command", "documented"), sorted(_documented_help().items()), ids=repr)
+async def test_each_help_text_in_cli_md_is_what_the_command_prints(command: str, documented: str) -> None:
+    # argparse wraps to $COLUMNS; the page shows an 80-column terminal.
+    code, out, err = await _run(*command.split(), "--help", env={**os.environ, "COLUMNS": "80"})
+    assert code == 0, err
+    assert out == documented
 
 
 async def test_version_prints_the_package_version() -> None:

@@ -327,6 +327,32 @@ async def test_a_script_without_a_main_guard_fails_fast_naming_the_guard_and_lea
     assert left == []
 
 
+@pytest.mark.parametrize("start_method", ["spawn", "forkserver"])
+async def test_a_script_fed_on_stdin_is_told_to_save_it_to_a_file_not_to_add_a_guard(
+    start_method: str,
+) -> None:
+    # The child would fail with FileNotFoundError: '<stdin>', which read like a missing guard.
+    script = (SCRIPTS / "guarded_for_stdin.py").read_bytes()
+    with trio.fail_after(30):
+        result = await trio.run_process(
+            [sys.executable, "-", start_method],
+            stdin=script,
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            cwd=str(SCRIPTS.parents[1]),
+        )
+    error = result.stderr.decode().strip().splitlines()[-1]
+    assert result.returncode == 1
+    assert error.startswith("RuntimeError: this program was read from standard input ('python -')"), error
+    assert f"the {start_method} start method" in error
+    assert "save the script to a file" in error
+    assert "guard" not in error
+    # Found in the parent, before any runner process started.
+    assert b"FileNotFoundError" not in result.stderr
+    assert b"never reached" not in result.stdout
+
+
 def _marked_live_processes(marker: str) -> list[tuple[int, str]]:
     found = []
     for proc in psutil.process_iter(["pid", "name"]):

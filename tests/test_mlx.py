@@ -310,6 +310,20 @@ def test_the_cached_demo_model_verifies(demo_dir: Path) -> None:
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= names
 
 
+async def test_greedy_generation_on_the_demo_model_is_mostly_words_of_its_training_text(
+    demo_dir: Path,
+) -> None:
+    from trio_runner.mlx._model import training_text
+
+    with trio.fail_after(BOUND):
+        async with open_mlx_supervisor(demo_dir) as sup:
+            completion = await sup.run(Generate(prompt="Once upon a time", max_tokens=200))
+    assert completion.generation_tokens == 200
+    words = completion.text.split()
+    known = [word for word in words if word in set(training_text().split())]
+    assert len(known) >= 0.6 * len(words), completion.text
+
+
 def test_a_corrupt_demo_model_is_detected_and_rebuilt_with_a_warning(demo_dir: Path, tmp_path: Path) -> None:
     import shutil
 
@@ -322,7 +336,7 @@ def test_a_corrupt_demo_model_is_detected_and_rebuilt_with_a_warning(demo_dir: P
     assert result.returncode == 0, result.stderr
     assert "is unusable (model.safetensors does not match its recorded hash); rebuilding it" in result.stderr
     assert verify_demo_model(copy) is None
-    # The rebuild is the same model, and nothing is left beside it.
+    # The rebuild is the same model (training is seeded), and nothing is left beside it.
     assert weights.read_bytes() == (demo_dir / "model.safetensors").read_bytes()
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
 

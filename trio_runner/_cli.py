@@ -8,6 +8,8 @@ nothing here imports trio at module level: the commands import it when they run.
 from __future__ import annotations
 
 import argparse
+import functools
+import importlib.util
 import logging
 import signal
 import sys
@@ -16,6 +18,7 @@ from typing import NoReturn
 
 from . import __version__
 from ._errors import ExitRecord, RestartLimitExceeded, RunnerCrashed, TrioRunnerError
+from ._exits import install_command, modules_of_extra
 
 PROG = "trio-runner"
 EXIT_OK = 0
@@ -24,6 +27,13 @@ EXIT_USAGE = 2
 _SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 Command = Callable[[argparse.Namespace], Awaitable[None]]
+
+#: The extras each command needs; checked before the command starts anything.
+_EXTRAS_OF_COMMAND: dict[str, tuple[str, ...]] = {
+    "demo": ("mlx",),
+    "generate": ("mlx",),
+    "serve": ("serve", "mlx"),
+}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -43,6 +53,25 @@ def _cause(exit: ExitRecord) -> str:
     return lines[-1] if lines else exit.describe()
 
 
+def _missing_extras(command: str) -> str | None:
+    """None if ``command``'s extras are installed, else the one-line error that says how to install them.
+
+    The modules are found, not imported (``import mlx_lm`` takes a second), so
+    this answers at once, before anything starts.
+    """
+    extras = _EXTRAS_OF_COMMAND.get(command, ())
+    for extra in extras:
+        for module in modules_of_extra(extra):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except (ImportError, ValueError):  # a finder that refuses it; a half-imported module
+                found = False
+            if not found:
+                needs = " and ".join(extras) + (" extras" if len(extras) > 1 else " extra")
+                return f"{command} needs the {needs} ({module} is not installed): {install_command(*extras)}"
+    return None
+
+
 def _say(line: str) -> None:
     print(line, flush=True)
 
@@ -60,7 +89,7 @@ async def _demo(args: argparse.Namespace) -> None:
 async def _generate(args: argparse.Namespace) -> None:
     import trio
 
-    from ._demo import show_progress, visible
+    from ._demo import escaped, show_progress, visible
     from ._policy import RestartPolicy
     from ._state import Exited, Ready
     from .mlx import Generate, demo_model_location, open_mlx_supervisor, prepare_demo_model
@@ -77,7 +106,7 @@ async def _generate(args: argparse.Namespace) -> None:
     if model is None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show_progress, _note, "building the demo model (first run only)")
-            model = str(await prepare_demo_model())
+            model = str(await prepare_demo_model(progress=True))
             nursery.cancel_scope.cancel()
     if await trio.to_thread.run_sync(kernel_cache_cold):
         async with trio.open_nursery() as nursery:
@@ -99,14 +128,16 @@ async def _generate(args: argparse.Namespace) -> None:
                     raise CommandError(f"the runner could not load {model}: {_cause(change.exit)}")
             nursery.cancel_scope.cancel()
         startup = trio.current_time() - began
-        clean = not sys.stdout.isatty()
+        # On a terminal control characters show as U+FFFD; to a pipe or a file, as escapes.
+        shown = escaped if not sys.stdout.isatty() else functools.partial(visible, one_line=False)
         submitted = trio.current_time()
         first: float | None = None
         async with sup.stream(request) as task:
             async for token in task:
                 if first is None:
                     first = trio.current_time() - submitted
-                sys.stdout.write(token.text if clean else visible(token.text, one_line=False))
+                # Each token as it arrives: a pipe is block-buffered otherwise.
+                sys.stdout.write(shown(token.text))
                 sys.stdout.flush()
             completion = task.result
     sys.stdout.write("\n")
@@ -417,6 +448,10 @@ async def _run(command: Command, args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``trio-runner`` entry point; returns the process exit code."""
     args = build_parser().parse_args(argv)
+    missing = _missing_extras(args.command_name)
+    if missing is not None:
+        _report(CommandError(missing))
+        return EXIT_FAILED
     _configure_logging(getattr(args, "verbose", 0))
     import trio
 

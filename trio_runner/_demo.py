@@ -24,6 +24,7 @@ SEED = 7
 TEMPERATURE = 0.8
 KILL_AFTER_TOKENS = 16
 _SHOWN_CHARS = 48
+_MODEL_KIND = "a tiny Llama trained for seconds on the Zen of Python, so it writes Zen-like text"
 
 ChangeT = TypeVar("ChangeT")
 
@@ -39,6 +40,18 @@ def visible(text: str, *, one_line: bool = True) -> str:
         return "\ufffd" if unicodedata.category(char) in ("Cc", "Cs") else char
 
     return "".join(map(clean, text))
+
+
+_C0_AND_DEL = {code: repr(chr(code))[1:-1] for code in (*range(0x20), 0x7F) if chr(code) not in "\n\t"}
+
+
+def escaped(text: str) -> str:
+    """``text`` for a pipe or a file: ASCII control characters but newline and tab as ``repr`` escapes.
+
+    A sampled generation can contain any byte; escaped, it stays one readable
+    text whatever reads it (``\\x07``, ``\\r``, ``\\x1b``).
+    """
+    return text.translate(_C0_AND_DEL)
 
 
 def _ms(seconds: float) -> str:
@@ -133,14 +146,13 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
     async def story() -> None:
         location = demo_model_location()
         if await trio.to_thread.run_sync(verify_demo_model, location) is None:
-            say(f"demo model: {location} (cached; random weights, so its text is noise)")
+            say(f"demo model: {location} (cached; {_MODEL_KIND})")
         else:
             began = trio.current_time()
-            await with_progress("building the demo model (first run only)", prepare_demo_model)
-            say(
-                f"demo model: built {location} in {trio.current_time() - began:.1f} s "
-                "(random weights, so its text is noise)"
+            await with_progress(
+                "building the demo model (first run only)", lambda: prepare_demo_model(progress=True)
             )
+            say(f"demo model: built {location} in {trio.current_time() - began:.1f} s ({_MODEL_KIND})")
         if await trio.to_thread.run_sync(kernel_cache_cold):
             began = trio.current_time()
             await with_progress(
@@ -214,4 +226,8 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
     say(
         f"event loop: a 1 ms ticker ran {ticks} times over {trio.current_time() - began:.2f} s; "
         f"worst lateness {_ms(worst_lateness)}"
+    )
+    say(
+        "  (lateness: how long past its deadline the ticker woke, at worst; a few ms on idle cores, "
+        "tens or hundreds when other processes keep them busy; a blocked loop would show the whole stall)"
     )

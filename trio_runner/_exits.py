@@ -159,10 +159,20 @@ def missing_module(fatal: Fatal | None) -> str | None:
     return "" if match is None else match[1]
 
 
+def modules_of_extra(extra: str) -> list[str]:
+    """The top-level modules that trio-runner's ``extra`` installs."""
+    return [module for module, owner in _EXTRA_OF_MODULE.items() if owner == extra]
+
+
+def install_command(*extras: str) -> str:
+    """The command that installs trio-runner with ``extras``: ``pip install 'trio-runner[mlx]'``."""
+    return f"pip install 'trio-runner[{','.join(extras)}]'"
+
+
 def install_hint(module: str) -> str:
     """What to do about a missing module: no restart can install it."""
     extra = _EXTRA_OF_MODULE.get(module.partition(".")[0])
     if extra is not None:
-        return f"no restart can install {module}; it comes with an extra: pip install 'trio-runner[{extra}]'"
+        return f"no restart can install {module}; it comes with an extra: {install_command(extra)}"
     what = module or "the missing module"
     return f"no restart can install {what}; install it where the runner runs ({sys.executable})"

@@ -84,6 +84,23 @@ def _check_not_bootstrapping() -> None:
         )
 
 
+def _check_main_script(start_method: str) -> None:
+    """Fail at once if the runner process cannot re-run the main script, as spawn and forkserver do.
+
+    A program fed on standard input (``python - < script.py``) has
+    ``__main__.__file__ == "<stdin>"``: multiprocessing would tell the child to
+    run a file of that name, and every runner would die of ``FileNotFoundError``
+    before loading, which reads like a missing main guard.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is None and getattr(main, "__file__", None) == "<stdin>":
+        raise RuntimeError(
+            f"this program was read from standard input ('python -'), and the {start_method} start "
+            "method re-runs the main script from its file in every runner process: save the script "
+            "to a file and run that file, or move the code into a module and call it from 'python -c'"
+        )
+
+
 def _ensure_forkserver(name: str, preload: tuple[str, ...]) -> None:
     """Start the forkserver with ``preload`` imported, or warn that it runs without them."""
     from multiprocessing import forkserver
@@ -371,6 +388,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
 
     async def _run(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
         _check_not_bootstrapping()
+        if self._worker_factory is process_worker:
+            _check_main_script(self._spec.start_method)
         self._child_log.start(f"trio-runner-log:{self.name}")
         try:
             async with trio.open_nursery() as nursery:
@@ -568,6 +587,9 @@ async def run_supervisor(
         RestartLimitExceeded: the policy gave up (unless ``raise_on_give_up`` is False).
         RunnerCrashed: the runner can never start (it could not be imported,
             or the script lacks a main guard); raised at once, without restarts.
+        RuntimeError: the main script was read from standard input
+            (``python - < script.py``), which spawn and forkserver cannot re-run
+            in the runner process; raised before any process starts.
     """
     supervisor = create_supervisor(runner, args, kwargs, Options.from_keywords("run_supervisor", options))
     await supervisor._run(task_status)  # pyright: ignore[reportPrivateUsage]
@@ -618,6 +640,9 @@ def open_supervisor(
             arguments cannot be pickled. Raised at the call, before any await.
         TypeError: an option has the wrong type, or is not an option.
         ValueError: an option is out of range. Raised at the call.
+        RuntimeError: when the block is entered, if the main script was read
+            from standard input (``python - < script.py``): spawn and
+            forkserver re-run the main script from its file in the runner.
     """
     supervisor = create_supervisor(runner, args, kwargs, Options.from_keywords("open_supervisor", options))
     return _open(supervisor)

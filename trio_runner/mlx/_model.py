@@ -1,4 +1,9 @@
-"""The offline demo model: a tiny random-weight Llama with a byte-level BPE tokenizer, built once and cached.
+"""The offline demo model: a tiny Llama trained for seconds on the Zen of Python, built once and cached.
+
+Its tokenizer and weights are both trained on the Zen of Python, as the
+standard library's ``this`` module keeps it, so greedy generation streams
+real words, token by token, on every machine. Training is seeded and runs on
+MLX's CPU device, so every build gives the same weights.
 
 The build writes into a temporary directory beside the cache and renames it
 into place, and a manifest of file hashes is its last file: a directory
@@ -13,6 +18,8 @@ from trio, run it with ``trio_parallel.run_sync(demo_model, kill_on_cancel=True)
 
 from __future__ import annotations
 
+import ast
+import codecs
 import contextlib
 import hashlib
 import importlib.util
@@ -22,6 +29,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Generator
 from pathlib import Path
 from typing import Any
@@ -30,14 +38,21 @@ logger = logging.getLogger("trio_runner.mlx")
 
 #: Environment variable naming the directory of the demo model (built there if missing).
 DEMO_MODEL_ENV = "TRIO_RUNNER_DEMO_MODEL"
-_RECIPE = 1
+# Recipe 1 was an untrained model; a cache of another recipe is rebuilt.
+_RECIPE = 2
 _DIR_NAME = f"demo-model-v{_RECIPE}"
 _MANIFEST = "trio-runner-demo.json"
 VOCAB_SIZE = 512
 CONTEXT_LENGTH = 2048
 _SPECIAL_TOKENS = ("<|endoftext|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
-# Text that ships with every Python: docstrings and comments of a few stdlib modules.
-_CORPUS_MODULES = ("textwrap", "argparse", "difflib", "calendar", "fractions", "string", "shlex")
+# Training: enough seeded Adam steps on short windows for greedy text to be
+# mostly the Zen's own words (the tests check 60%), in seconds on two CPU cores.
+_TRAINING_STEPS = 300
+_BATCH = 4
+_WINDOW = 32
+_LEARNING_RATE = 3e-3
+# Some probability left on every token, so sampled generations still differ by seed.
+_LABEL_SMOOTHING = 0.1
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|{{ message['role'] }}|>{{ message['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
@@ -69,8 +84,8 @@ def _cache_root() -> Path:
 def demo_model_location() -> Path:
     """Where :func:`demo_model` keeps the model: ``$TRIO_RUNNER_DEMO_MODEL``, or the user cache dir.
 
-    The default is ``~/.cache/trio-runner/demo-model-v1`` on Linux (honouring
-    ``XDG_CACHE_HOME``) and ``~/Library/Caches/trio-runner/demo-model-v1`` on
+    The default is ``~/.cache/trio-runner/demo-model-v2`` on Linux (honouring
+    ``XDG_CACHE_HOME``) and ``~/Library/Caches/trio-runner/demo-model-v2`` on
     macOS. Nothing is built or checked.
     """
     override = os.environ.get(DEMO_MODEL_ENV)
@@ -82,16 +97,18 @@ def demo_model_location() -> Path:
 def demo_model() -> Path:
     """The directory of the offline demo model, built on first use. Returns at once when cached.
 
-    The model is a 2-layer Llama with hidden size 64 and random weights, and a
-    512-token byte-level BPE tokenizer trained on text that ships with Python,
-    with a chat template. It is about 460 KB, needs no network, and
-    ``mlx_lm.load`` loads it in about 16 ms. It generates gibberish, fast.
+    The model is a 2-layer Llama with hidden size 64 and a 512-token
+    byte-level BPE tokenizer with a chat template, both trained on the Zen of
+    Python (which ships with Python as the ``this`` module), so it writes
+    Zen-like text, fast. It is about 460 KB, needs no network, and
+    ``mlx_lm.load`` loads it in about 16 ms. Each build stage is logged at
+    INFO on the ``trio_runner.mlx`` logger.
 
     A partial or corrupt cache is detected (a manifest of file hashes is written
     last) and rebuilt, with a warning on the ``trio_runner.mlx`` logger.
 
-    **Blocking:** the first call takes one to two seconds, mostly ``import
-    mlx_lm``. From trio, use ``await trio_parallel.run_sync(demo_model,
+    **Blocking:** the first call takes 11-13 s of CPU time, mostly training,
+    plus ``import mlx_lm``. From trio, use ``await trio_parallel.run_sync(demo_model,
     kill_on_cancel=True)``.
 
     Raises:
@@ -160,23 +177,37 @@ def _hub_offline() -> Generator[None]:
             os.environ["HF_HUB_OFFLINE"] = saved
 
 
-def _corpus() -> list[str]:
-    texts: list[str] = []
-    for name in _CORPUS_MODULES:
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin and spec.origin.endswith(".py"):
-            with contextlib.suppress(OSError):
-                texts.append(Path(spec.origin).read_text(encoding="utf-8"))
-    if not texts:
-        raise RuntimeError("no standard-library source found to train the demo tokenizer on")
-    return texts
+def training_text() -> str:
+    """The text the demo model learns: the Zen of Python, twice, so it also learns to go round.
+
+    Read from the source of the ``this`` module (ROT13 there), which is not
+    imported: importing it prints the Zen.
+    """
+    spec = importlib.util.find_spec("this")
+    if spec is None or not spec.origin:
+        raise RuntimeError("the standard library's 'this' module, the demo model's training text, is missing")
+    for node in ast.parse(Path(spec.origin).read_text(encoding="utf-8")).body:
+        match node:
+            case ast.Assign(targets=[ast.Name(id="s")], value=ast.Constant(value=str(encoded))):
+                zen = codecs.decode(encoded, "rot13").strip()
+                return f"{zen}\n\n{zen}\n\n"
+            case _:
+                pass
+    raise RuntimeError(f"the Zen of Python was not found in {spec.origin}")
 
 
 def _build(out: Path) -> None:
     """Write the demo model into the empty directory ``out``; the manifest goes last."""
     with _hub_offline():
-        _build_tokenizer(out)
-        _build_weights(out)
+        text = training_text()
+        began = time.monotonic()
+        ids = _build_tokenizer(out, text)
+        logger.info(
+            "demo model: tokenizer trained on the Zen of Python (%d tokens) in %.1f s",
+            len(ids),
+            time.monotonic() - began,
+        )
+        _build_weights(out, ids)
     files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
     manifest = {"recipe": _RECIPE, "files": files}
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -184,7 +215,8 @@ def _build(out: Path) -> None:
     os.chmod(out, 0o755)
 
 
-def _build_tokenizer(out: Path) -> None:
+def _build_tokenizer(out: Path, text: str) -> list[int]:
+    """Train and save the tokenizer; returns ``text`` as token ids."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
@@ -196,7 +228,7 @@ def _build_tokenizer(out: Path) -> None:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tokenizer.train_from_iterator(_corpus(), trainer=trainer)
+    tokenizer.train_from_iterator([text], trainer=trainer)
     tokenizer.save(str(out / "tokenizer.json"))
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -207,14 +239,64 @@ def _build_tokenizer(out: Path) -> None:
         "chat_template": CHAT_TEMPLATE,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    ids: list[int] = tokenizer.encode(text).ids
+    return ids
 
 
-def _build_weights(out: Path) -> None:
+def _build_weights(out: Path, ids: list[int]) -> None:
+    """Train the model on ``ids`` (next-token prediction, seeded, on the CPU) and save it."""
     import mlx.core as mx
+    import mlx.nn as nn  # pyright: ignore[reportMissingTypeStubs]
+    import mlx.optimizers as optim  # pyright: ignore[reportMissingTypeStubs]
     from mlx_lm.models import llama
     from mlx_lm.utils import save_config, save_model  # pyright: ignore[reportUnknownVariableType]
 
-    mx.random.seed(0)  # the same weights on every machine
-    model = llama.Model(llama.ModelArgs.from_dict(dict(_MODEL_CONFIG)))  # pyright: ignore[reportUnknownMemberType]
+    began = time.monotonic()
+    # The CPU on every machine (Metal too on macOS), and one seed: the same weights everywhere.
+    with mx.stream(mx.cpu):
+        mx.random.seed(0)
+        model = llama.Model(llama.ModelArgs.from_dict(dict(_MODEL_CONFIG)))  # pyright: ignore[reportUnknownMemberType]
+
+        def loss_of(model: llama.Model, inputs: mx.array, targets: mx.array) -> mx.array:
+            return nn.losses.cross_entropy(
+                model(inputs), targets, label_smoothing=_LABEL_SMOOTHING, reduction="mean"
+            )
+
+        loss_and_grad: Any = nn.value_and_grad(model, loss_of)  # pyright: ignore[reportUnknownMemberType, reportUnknownVariableType]
+        optimizer: Any = optim.Adam(learning_rate=_LEARNING_RATE)
+        data = mx.array(ids)
+        window = mx.arange(_WINDOW + 1)[None, :]
+        loss: Any = None
+        for _ in range(_TRAINING_STEPS):
+            starts = mx.random.randint(0, len(ids) - _WINDOW - 1, (_BATCH, 1))
+            batch = data[starts + window]
+            loss, grads = loss_and_grad(model, batch[:, :-1], batch[:, 1:])
+            optimizer.update(model, grads)
+            mx.eval(model.parameters(), optimizer.state, loss)  # pyright: ignore[reportUnknownMemberType]
+        final_loss = float(loss.item())
+    logger.info(
+        "demo model: trained for %d steps (loss %.2f) in %.1f s",
+        _TRAINING_STEPS,
+        final_loss,
+        time.monotonic() - began,
+    )
     save_model(out, model)  # pyright: ignore[reportUnknownArgumentType]
     save_config(dict(_MODEL_CONFIG), out / "config.json")
+
+
+def demo_model_with_progress() -> Path:
+    """:func:`demo_model`, writing each build stage as a line on stderr.
+
+    For a throwaway worker process (see ``prepare_demo_model(progress=True)``):
+    it attaches a stderr handler to the ``trio_runner.mlx`` logger.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("trio-runner: %(message)s"))
+    saved = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    try:
+        return demo_model()
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(saved)

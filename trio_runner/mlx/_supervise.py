@@ -14,17 +14,21 @@ import trio
 
 from .._options import ForwardedOptions
 from .._supervisor import Supervisor, open_supervisor
-from ._model import demo_model, demo_model_location, verify_demo_model
+from ._model import demo_model, demo_model_location, demo_model_with_progress, verify_demo_model
 from ._runner import MlxLmRunner, check_model_argument, start_options, warm_up_once
 from ._types import Completion, Generate, Token
 
 
-async def prepare_demo_model() -> Path:
+async def prepare_demo_model(*, progress: bool = False) -> Path:
     """:func:`demo_model`, built in a worker process if it is not cached yet.
 
     The loop stays responsive while it builds, and cancelling stops the build
     at once (``trio_parallel.run_sync(..., kill_on_cancel=True)``); the atomic
     build leaves nothing half-written behind.
+
+    Args:
+        progress: write one line per build stage (tokenizer, training) on
+            stderr, from the worker process, as the CLI does.
     """
     location = demo_model_location()
     if await trio.to_thread.run_sync(verify_demo_model, location) is None:
@@ -33,7 +37,8 @@ async def prepare_demo_model() -> Path:
 
     # A context of our own, so its worker process is gone when this returns.
     async with trio_parallel.open_worker_context() as workers:  # pyright: ignore[reportUnknownMemberType]
-        path: Path = await workers.run_sync(demo_model, kill_on_cancel=True)  # pyright: ignore[reportUnknownMemberType]
+        build = demo_model_with_progress if progress else demo_model
+        path: Path = await workers.run_sync(build, kill_on_cancel=True)  # pyright: ignore[reportUnknownMemberType]
     return path
 
 
