@@ -10,6 +10,7 @@ No trio here.
 
 from __future__ import annotations
 
+import multiprocessing.process
 import pickle
 import sys
 from collections.abc import Mapping, Sequence
@@ -63,3 +64,30 @@ def runner_arguments(args: Sequence[Any], kwargs: Mapping[str, Any] | None) -> b
         return pickle.dumps((tuple(args), dict(kwargs or {})), protocol=proto.PICKLE_PROTOCOL)
     except Exception as exc:  # the arguments' own classes run here: anything goes
         raise unpicklable("the runner's arguments", exc) from exc
+
+
+def check_not_bootstrapping() -> None:
+    """Fail if this process is a spawned child re-running a script that has no main guard."""
+    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
+        raise RuntimeError(
+            "trio-runner was started while a child process was still bootstrapping: the "
+            "script that starts the supervisor has no 'if __name__ == \"__main__\":' guard, "
+            "so the spawn start method re-ran it in the child. Add the guard."
+        )
+
+
+def check_main_script(start_method: str) -> None:
+    """Fail at once if the runner process cannot re-run the main script, as spawn and forkserver do.
+
+    A program fed on standard input (``python - < script.py``) has
+    ``__main__.__file__ == "<stdin>"``: multiprocessing would tell the child to
+    run a file of that name, and every runner would die of ``FileNotFoundError``
+    before loading, which reads like a missing main guard.
+    """
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is None and getattr(main, "__file__", None) == "<stdin>":
+        raise RuntimeError(
+            f"this program was read from standard input ('python -'), and the {start_method} start "
+            "method re-runs the main script from its file in every runner process: save the script "
+            "to a file and run that file, or move the code into a module and call it from 'python -c'"
+        )

@@ -15,7 +15,6 @@ from __future__ import annotations
 import functools
 import logging
 import multiprocessing
-import multiprocessing.process
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, NoReturn, TypeVar, Unpack
@@ -25,7 +24,7 @@ import trio
 from . import _payloads
 from . import _protocol as proto
 from ._childlog import ChildLog
-from ._describe import runner_arguments, runner_path, unpicklable
+from ._describe import check_main_script, check_not_bootstrapping, runner_arguments, runner_path, unpicklable
 from ._errors import (
     ExitRecord,
     RestartLimitExceeded,
@@ -73,32 +72,6 @@ _LOG_FLUSH_BOUND = 1.0
 # default one, which the application may have saturated.
 _PAYLOAD_THREADS = 2
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
-
-
-def _check_not_bootstrapping() -> None:
-    if getattr(multiprocessing.process.current_process(), "_inheriting", False):
-        raise RuntimeError(
-            "trio-runner was started while a child process was still bootstrapping: the "
-            "script that starts the supervisor has no 'if __name__ == \"__main__\":' guard, "
-            "so the spawn start method re-ran it in the child. Add the guard."
-        )
-
-
-def _check_main_script(start_method: str) -> None:
-    """Fail at once if the runner process cannot re-run the main script, as spawn and forkserver do.
-
-    A program fed on standard input (``python - < script.py``) has
-    ``__main__.__file__ == "<stdin>"``: multiprocessing would tell the child to
-    run a file of that name, and every runner would die of ``FileNotFoundError``
-    before loading, which reads like a missing main guard.
-    """
-    main = sys.modules.get("__main__")
-    if getattr(main, "__spec__", None) is None and getattr(main, "__file__", None) == "<stdin>":
-        raise RuntimeError(
-            f"this program was read from standard input ('python -'), and the {start_method} start "
-            "method re-runs the main script from its file in every runner process: save the script "
-            "to a file and run that file, or move the code into a module and call it from 'python -c'"
-        )
 
 
 def _ensure_forkserver(name: str, preload: tuple[str, ...]) -> None:
@@ -387,9 +360,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
     # -- the restart loop ---------------------------------------------------------
 
     async def _run(self, task_status: trio.TaskStatus[Supervisor[RequestT, EventT, ResultT]]) -> None:
-        _check_not_bootstrapping()
+        check_not_bootstrapping()
         if self._worker_factory is process_worker:
-            _check_main_script(self._spec.start_method)
+            check_main_script(self._spec.start_method)
         self._child_log.start(f"trio-runner-log:{self.name}")
         try:
             async with trio.open_nursery() as nursery:
