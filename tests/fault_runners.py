@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import pickle
 import resource
 import socket
 import sys
@@ -113,12 +114,13 @@ class FaultRunner(EchoRunner):
             time.sleep(30)
         if command == "good_then_corrupt_frame":
             # One write, so the parent reads both frames at once.
-            _send_raw(ctx, proto.encode([(proto.HEARTBEAT,)]) + CORRUPT_FRAME)
+            _send_raw(ctx, proto.encode([proto.Heartbeat()]) + CORRUPT_FRAME)
             time.sleep(30)
         if command == "malformed_message":
             # A frame that unpickles, holding a message of the wrong shape.
             (message,) = args
-            _send_raw(ctx, proto.encode([message]))
+            body = pickle.dumps([message], protocol=proto.PICKLE_PROTOCOL)
+            _send_raw(ctx, proto.HEADER.pack(len(body)) + body)
             time.sleep(30)
         if command == "oversize_frame":
             _send_raw(ctx, proto.HEADER.pack(2**31))

@@ -46,11 +46,14 @@ def _events_within(sock: socket.socket, count: int, seconds: float) -> list[tupl
         except TimeoutError:
             continue
         for batch in reader.feed(data):
-            for message in batch:
-                if message[0] == proto.EVENTS:
-                    events = pickle.loads(message[2])
-                    seen.append((time.monotonic() - began, message[1], events))
-                    total += len(events)
+            for wire in batch:
+                match proto.check_from_child(wire):
+                    case proto.Events(task_id, payload):
+                        events = pickle.loads(payload)
+                        seen.append((time.monotonic() - began, task_id, events))
+                        total += len(events)
+                    case _:
+                        pass
     return seen
 
 

@@ -42,7 +42,7 @@ import threading
 import time
 import traceback
 from collections.abc import Iterable
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TypeAlias, cast
 
 from . import _guardian
 from . import _protocol as proto
@@ -61,6 +61,9 @@ _MAX_PART = 4 * 1024  # each entry of a traceback (one frame, or the "Type: mess
 _HURRY_EVENTS = 256
 #: How much later than ``linger`` the writer sends what a stream left queued.
 _BACKSTOP_SLACK = 0.002
+
+
+_Report: TypeAlias = "proto.Error | proto.Fatal"
 
 
 def _truncate(text: str, limit: int = _MAX_TEXT, *, keep_end: bool = True) -> str:
@@ -128,7 +131,7 @@ class Child:
         self.send_lock = threading.Lock()
         self.last_sent = time.monotonic()
         self.credit_available = threading.Condition(self.lock)
-        self.outbox: list[Any] = []
+        self.outbox: list[proto.FromChild] = []
         self.wake = threading.Event()
         self.wake_pending = False
         # The writer holds a lingering batch until then, or until ``hurry`` is set.
@@ -143,7 +146,7 @@ class Child:
         self.tasks: queue.SimpleQueue[TaskContext[Any] | None] = queue.SimpleQueue()
         self.contexts: dict[int, TaskContext[Any]] = {}
         self.shutdown_requested = False
-        self.requests: dict[int, bytes] = {}
+        self.requests: dict[int, bytes | bytearray] = {}
         # Fault hooks for trio_runner.testing: stop beating, or stop reading.
         self.heartbeat_paused = False
         self.reader_stalled = threading.Event()
@@ -152,13 +155,13 @@ class Child:
 
     # -- outgoing ---------------------------------------------------------
 
-    def send(self, message: tuple[Any, ...], *, wake: bool = True) -> None:
+    def send(self, message: proto.FromChild, *, wake: bool = True) -> None:
         with self.lock:
             self.outbox.append(message)
             if wake:
                 self._wake_writer()
 
-    def send_now(self, message: tuple[Any, ...]) -> None:
+    def send_now(self, message: proto.FromChild) -> None:
         """Write ``message``, after everything queued, from this thread; waits out a send in progress."""
         with self.send_lock:
             with self.lock:
@@ -166,7 +169,7 @@ class Child:
             batch.append(message)
             self._send_batch(batch)
 
-    def _take_outbox(self) -> list[Any]:
+    def _take_outbox(self) -> list[proto.FromChild]:
         """With the lock held: everything queued to send, leaving the outbox empty."""
         batch = self.outbox
         self.outbox = []
@@ -206,10 +209,11 @@ class Child:
                 self._await_credit(ctx)
             ctx._credits -= 1  # pyright: ignore[reportPrivateUsage]
             outbox = self.outbox
-            if outbox and outbox[-1][0] == proto.EVENTS and outbox[-1][1] == ctx.task_id:
-                outbox[-1][2].append(event)
+            last = outbox[-1] if outbox else None
+            if type(last) is proto.Events and last.task_id == ctx.task_id:
+                last.payload.append(event)
             else:
-                outbox.append((proto.EVENTS, ctx.task_id, [event]))
+                outbox.append(proto.Events(ctx.task_id, [event]))
             self.queued += 1
             if self.queued >= _HURRY_EVENTS:
                 if self.queued == _HURRY_EVENTS:
@@ -244,10 +248,11 @@ class Child:
                 end = min(len(pending), start + ctx._credits)  # pyright: ignore[reportPrivateUsage]
                 ctx._credits -= end - start  # pyright: ignore[reportPrivateUsage]
                 outbox = self.outbox
-                if outbox and outbox[-1][0] == proto.EVENTS and outbox[-1][1] == ctx.task_id:
-                    outbox[-1][2].extend(pending[start:end])
+                last = outbox[-1] if outbox else None
+                if type(last) is proto.Events and last.task_id == ctx.task_id:
+                    last.payload.extend(pending[start:end])
                 else:
-                    outbox.append((proto.EVENTS, ctx.task_id, pending[start:end]))
+                    outbox.append(proto.Events(ctx.task_id, pending[start:end]))
                 self.queued += end - start
                 self._wake_writer()  # already a batch: no lingering
                 start = end
@@ -278,7 +283,7 @@ class Child:
                     batch = self._take_outbox()
                     closing = self.closing
                     # Keep polling while events flow; an emit seeing this queues without a wake-up.
-                    self.streaming = self.linger > 0 and any(message[0] == proto.EVENTS for message in batch)
+                    self.streaming = self.linger > 0 and any(type(item) is proto.Events for item in batch)
                 if self.streaming:
                     timeout = self.linger + _BACKSTOP_SLACK
                 if not batch:
@@ -286,13 +291,13 @@ class Child:
                         return
                     if self.heartbeat_paused or time.monotonic() - self.last_sent < self.heartbeat_interval:
                         continue
-                    batch = [(proto.HEARTBEAT,)]
+                    batch = [cast(proto.FromChild, proto.Heartbeat())]
                 if not self._send_batch(batch):
                     return  # the parent is gone; the reader thread handles that
                 if closing:
                     return
 
-    def _send_batch(self, batch: list[Any]) -> bool:
+    def _send_batch(self, batch: list[proto.FromChild]) -> bool:
         """Write one batch; called with ``send_lock`` held. False if the socket is gone."""
         try:
             self.sock.sendall(self._encode(batch))
@@ -336,42 +341,44 @@ class Child:
         with self.send_lock:
             pass
 
-    def _encode(self, batch: list[Any]) -> bytes:
+    def _encode(self, batch: list[proto.FromChild]) -> bytes:
         """Frames for ``batch``: payloads pickled one by one, frames kept under the size limit."""
-        messages: list[Any] = []
+        messages: list[proto.FromChild] = []
         for message in batch:
-            tag = message[0]
-            if tag == proto.EVENTS or tag == proto.RESULT:
-                message = self._pack_payload(message)
-                tag = message[0]  # ERROR if the payload cannot be sent
-            if tag == proto.ERROR or tag == proto.FATAL:
+            match message:
+                case proto.Events(task_id, payload):
+                    data = self._pack_payload(task_id, payload, "events")
+                    message = data if isinstance(data, proto.Error) else proto.Events(task_id, data)
+                case proto.Result(task_id, payload):
+                    data = self._pack_payload(task_id, payload, "the result")
+                    message = data if isinstance(data, proto.Error) else proto.Result(task_id, data)
+                case _:
+                    pass
+            if isinstance(message, (proto.Error, proto.Fatal)):  # an Error also if a payload cannot be sent
                 message = self._fit_error(message)
             messages.append(message)
         return proto.encode_frames(messages, self.max_frame)
 
-    def _fit_error(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        """An ERROR or FATAL message with its texts cut so that it fits a frame of its own.
+    def _fit_error(self, message: _Report) -> _Report:
+        """An Error or Fatal message with its texts cut so that it fits a frame of its own.
 
         Name, message and traceback together stay under half the frame, so an
         error report never fails for its size, at any allowed ``max_frame_size``.
         """
-        *head, name, text, tb = message
         limit = min(_MAX_TEXT, self.max_frame // 8)
-        return (
-            *head,
-            _truncate(name, min(_MAX_NAME, limit), keep_end=False),
-            _truncate(text, limit, keep_end=False),
-            _truncate(tb, 2 * limit),
+        return message._replace(
+            remote_type=_truncate(message.remote_type, min(_MAX_NAME, limit), keep_end=False),
+            message=_truncate(message.message, limit, keep_end=False),
+            traceback=_truncate(message.traceback, 2 * limit),
         )
 
-    def _pack_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        """Pickle an EVENTS or RESULT payload; one that cannot be sent fails its task instead."""
-        tag, task_id, payload = message
+    def _pack_payload(self, task_id: int, payload: Any, what: str) -> bytes | proto.Error:
+        """An Events or Result payload, pickled; one that cannot be sent fails its task instead."""
         try:
             data = pickle.dumps(payload, protocol=proto.PICKLE_PROTOCOL)
             if len(data) > self.max_frame - proto.MESSAGE_OVERHEAD:
                 raise ValueError(
-                    f"{'events' if tag == proto.EVENTS else 'the result'} pickled to {len(data)} bytes, "
+                    f"{what} pickled to {len(data)} bytes, "
                     f"more than the {self.max_frame - proto.MESSAGE_OVERHEAD} that "
                     f"max_frame_size={self.max_frame} allows"
                 )
@@ -383,8 +390,8 @@ class Child:
                     ctx.cancelled = True
                     self.credit_available.notify_all()  # an emit waiting for credits must see it
             name, text, tb = _format_exception(exc)
-            return (proto.ERROR, task_id, name, f"could not send to the parent: {text}", tb)
-        return (tag, task_id, data)
+            return proto.Error(task_id, name, f"could not send to the parent: {text}", tb)
+        return data
 
     def close_writer(self, timeout: float) -> None:
         """Flush what is queued, then stop the writer thread."""
@@ -424,7 +431,7 @@ class Child:
                 return
             for batch in reader.feed(data):
                 for message in batch:
-                    self._dispatch(message)
+                    self._dispatch(proto.check_from_parent(message))
 
     def die(self, stage: str, exc: BaseException, code: int) -> NoReturn:
         """Report ``exc`` to the parent (FATAL, and stderr), then exit with ``code``.
@@ -441,7 +448,7 @@ class Child:
         else:
             with contextlib.suppress(Exception):  # stderr may be gone with the parent
                 traceback.print_exception(exc)
-            self.send((proto.FATAL, stage, *_format_exception(exc)))
+            self.send(proto.Fatal(stage, *_format_exception(exc)))
         _guardian.kill_escaped_descendants()
         self.close_writer(2.0)
         for stream in (sys.stdout, sys.stderr):
@@ -449,27 +456,26 @@ class Child:
                 stream.flush()
         os._exit(code)
 
-    def _dispatch(self, message: tuple[Any, ...]) -> None:
-        tag = message[0]
-        if tag == proto.CANCEL:
-            self._cancel(message[1])
-        elif tag == proto.CREDIT:
-            with self.lock:
-                target = self.contexts.get(message[1])
-                if target is not None:
-                    target._credits += message[2]  # pyright: ignore[reportPrivateUsage]
-                    self.credit_available.notify_all()
-        elif tag == proto.TASK:
-            _, task_id, request, window = message
-            ctx: TaskContext[Any] = TaskContext(self, task_id, window)
-            with self.lock:
-                self.contexts[task_id] = ctx
-                self.requests[task_id] = request
-            self.tasks.put(ctx)
-        elif tag == proto.SHUTDOWN:
-            self.shutdown_requested = True
-            self._cancel(None)
-            self.tasks.put(None)
+    def _dispatch(self, message: proto.ToChild) -> None:
+        match message:
+            case proto.Cancel(task_id):
+                self._cancel(task_id)
+            case proto.Credit(task_id, credits):
+                with self.lock:
+                    target = self.contexts.get(task_id)
+                    if target is not None:
+                        target._credits += credits  # pyright: ignore[reportPrivateUsage]
+                        self.credit_available.notify_all()
+            case proto.Task(task_id, request, window):
+                ctx: TaskContext[Any] = TaskContext(self, task_id, window)
+                with self.lock:
+                    self.contexts[task_id] = ctx
+                    self.requests[task_id] = request
+                self.tasks.put(ctx)
+            case proto.Shutdown():
+                self.shutdown_requested = True
+                self._cancel(None)
+                self.tasks.put(None)
 
     def _cancel(self, task_id: int | None) -> None:
         with self.lock:
@@ -487,13 +493,13 @@ class Child:
     def _drop_events(self, cancelled: dict[int, TaskContext[Any]]) -> None:
         """With the lock held: drop the queued events of cancelled tasks. Cancel means stop:
         their consumers get nothing more (what a send already took, the parent drops)."""
-        kept: list[Any] = []
+        kept: list[proto.FromChild] = []
         for message in self.outbox:
-            ctx = cancelled.get(message[1]) if message[0] == proto.EVENTS else None
-            if ctx is None:
+            ctx = cancelled.get(message.task_id) if isinstance(message, proto.Events) else None
+            if ctx is None or not isinstance(message, proto.Events):
                 kept.append(message)
             else:
-                count = len(message[2])
+                count = len(message.payload)
                 ctx._dropped += count  # pyright: ignore[reportPrivateUsage]
                 self.queued -= count
         self.outbox = kept
@@ -511,33 +517,33 @@ class Child:
         task_id = ctx.task_id
         with self.lock:
             request_bytes = self.requests.pop(task_id)
-        outcome: tuple[Any, ...]
+        outcome: proto.FromChild
         if ctx.cancelled:
-            outcome = (proto.CANCELLED, task_id)
+            outcome = proto.Cancelled(task_id)
         else:
             # On the wire before handle() runs: if the runner dies, the parent
             # fails the tasks it saw start and delivers the others again.
-            self.send_now((proto.ACK, task_id))
+            self.send_now(proto.Started(task_id))
             try:
                 request = pickle.loads(request_bytes)
                 del request_bytes
                 result = runner.handle(request, ctx)
             except TaskCancelled:
-                outcome = (proto.CANCELLED, task_id)
+                outcome = proto.Cancelled(task_id)
             except SystemExit:
                 raise  # sys.exit() in runner code ends the process, as in any Python program
             except BaseException as exc:  # KeyboardInterrupt too: this task's failure, not the runner's
                 if ctx.cancelled and isinstance(exc, TaskCancelled):
-                    outcome = (proto.CANCELLED, task_id)
+                    outcome = proto.Cancelled(task_id)
                 else:
-                    outcome = (proto.ERROR, task_id, *_format_exception(exc))
+                    outcome = proto.Error(task_id, *_format_exception(exc))
             else:
-                outcome = (proto.RESULT, task_id, result)
+                outcome = proto.Result(task_id, result)
         with self.lock:
             if ctx.cancelled:
                 # The cancel came before the outcome went out: cancel means stop,
                 # whatever handle() did after it.
-                outcome = (proto.CANCELLED, task_id, ctx._dropped)  # pyright: ignore[reportPrivateUsage]
+                outcome = proto.Cancelled(task_id, ctx._dropped)  # pyright: ignore[reportPrivateUsage]
             # Queued after this task's events, under the same lock: the result never
             # overtakes them.
             del self.contexts[task_id]
@@ -643,13 +649,13 @@ def main(
     # Sent synchronously, before setup runs: a setup that dies at once must still
     # be seen as loaded, or it would pass for a runner that can never start.
     with child.send_lock:
-        child._send_batch([(proto.HELLO, os.getpid())])  # pyright: ignore[reportPrivateUsage]
+        child._send_batch([proto.Hello(os.getpid())])  # pyright: ignore[reportPrivateUsage]
     child.linger = runner.linger
     try:
         runner.setup()
     except BaseException as exc:
         child.die(proto.STAGE_SETUP, exc, 1)
-    child.send((proto.READY, os.getpid()))
+    child.send(proto.Ready(os.getpid()))
 
     def serve() -> None:
         try:

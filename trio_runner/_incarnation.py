@@ -15,7 +15,7 @@ import logging
 import signal
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import trio
 
@@ -198,7 +198,7 @@ class Incarnation:
         if self.kill_reason is None:
             self.stopped_by = StoppedBy.SHUTDOWN
             with trio.move_on_after(timeouts.graceful):
-                await self._send_locked(proto.encode([(proto.SHUTDOWN,)]))
+                await self._send_locked(proto.encode([proto.Shutdown()]))
                 await self.exited.wait()
             if self.exited.is_set():
                 return
@@ -316,11 +316,18 @@ class Incarnation:
                     # Only a big frame can hold a big payload.
                     messages = await _payloads.decode_in_thread(batch, limiter)
                     now = self.last_frame = trio.current_time()
-                    for message in messages:
-                        message = proto.check_from_child(message)
-                        if _is_big_payload(message):
-                            message = await self._load_payload(message)
-                            now = self.last_frame = trio.current_time()
+                    for wire in messages:
+                        message = proto.check_from_child(wire)
+                        match message:
+                            case proto.Events(task_id, bytes() as payload) | proto.Result(
+                                task_id, bytes() as payload
+                            ) if len(payload) >= big and self._tasks.wants(task_id):
+                                # Unpickled in a thread for ``TaskTable.unpack``.
+                                loaded = await _payloads.load_in_thread(payload, limiter)
+                                message = message._replace(payload=loaded)
+                                now = self.last_frame = trio.current_time()
+                            case _:
+                                pass
                         self._route(message, now)
         except proto.FrameError as exc:
             self._kill(ExitReason.PROTOCOL_ERROR, str(exc))
@@ -328,45 +335,35 @@ class Incarnation:
             self.eof.set()
             self.poke_watchdog()
 
-    def _route(self, message: Any, now: float) -> None:
+    def _route(self, message: proto.FromChild, now: float) -> None:
         """Route one message that ``proto.check_from_child`` passed: only that check
         raises a protocol error, so a bug here raises as itself."""
-        tag = message[0]
-        if tag == proto.EVENTS:
-            self.last_progress = now
-            self._tasks.route_events(message[1], message[2])
-        elif tag == proto.HEARTBEAT:
-            pass
-        elif tag == proto.RESULT:
-            if self._tasks.route_result(message[1], message[2]):
+        match message:
+            case proto.Events(task_id, payload):
                 self.last_progress = now
-                self.running.discard(message[1])
-        elif tag == proto.ERROR:
-            _, task_id, remote_type, text, tb = message
-            self._task_outcome(task_id, now, TaskFailed(remote_type, text, tb))
-        elif tag == proto.CANCELLED:
-            # (CANCELLED, task_id[, events the runner dropped])
-            self._tasks.events_dropped += message[2] if len(message) > 2 else 0
-            self._task_outcome(message[1], now, TaskCancelled(f"task {message[1]} was cancelled"))
-        elif tag == proto.ACK:
-            # handle() is about to run: from now on, a crash fails this task
-            # (unless retry=True), so the request is no longer needed.
-            self.running.add(message[1])
-            self._tasks.acknowledged(message[1])
-        elif tag == proto.HELLO:
-            self.hello = True
-        elif tag == proto.READY:
-            self._on_ready(self, now)
-        elif tag == proto.FATAL:
-            _, stage, remote_type, text, tb = message
-            self.fatal = (stage, remote_type, text, tb)
-
-    async def _load_payload(self, message: tuple[Any, ...]) -> tuple[Any, ...]:
-        """An EVENTS or RESULT message whose big payload is unpickled in a thread for ``TaskTable.unpack``."""
-        tag, task_id, payload = message
-        if not self._tasks.wants(task_id):
-            return message  # nobody wants it: _route drops it unread
-        return (tag, task_id, await _payloads.load_in_thread(payload, self._payload_limiter))
+                self._tasks.route_events(task_id, payload)
+            case proto.Heartbeat():
+                pass
+            case proto.Result(task_id, payload):
+                if self._tasks.route_result(task_id, payload):
+                    self.last_progress = now
+                    self.running.discard(task_id)
+            case proto.Error(task_id, remote_type, text, tb):
+                self._task_outcome(task_id, now, TaskFailed(remote_type, text, tb))
+            case proto.Cancelled(task_id, dropped):
+                self._tasks.events_dropped += dropped
+                self._task_outcome(task_id, now, TaskCancelled(f"task {task_id} was cancelled"))
+            case proto.Started(task_id):
+                # handle() is about to run: from now on, a crash fails this task
+                # (unless retry=True), so the request is no longer needed.
+                self.running.add(task_id)
+                self._tasks.acknowledged(task_id)
+            case proto.Hello():
+                self.hello = True
+            case proto.Ready():
+                self._on_ready(self, now)
+            case proto.Fatal():
+                self.fatal = message
 
     def _task_outcome(self, task_id: int, now: float, error: TaskError) -> None:
         self.last_progress = now
@@ -454,23 +451,24 @@ class Incarnation:
                     items.append(control.receive_nowait())
                 except trio.WouldBlock:
                     break
-            messages: list[Any] = []
-            for tag, task_id, count, incarnation in items:
+            messages: list[proto.Cancel | proto.Credit] = []
+            for message, incarnation in items:
                 # Items are tagged with the incarnation they were meant for at the
                 # moment they were queued: one left over from a runner that died
                 # never reaches the next (a stale credit would over-grant a window).
                 if incarnation != self.number:
                     continue
-                if tag == proto.CREDIT and task_id not in tasks.in_flight:
-                    continue  # finished meanwhile
-                # A cancel still goes out for a task the parent already ended (say,
-                # its event did not unpickle): the runner must stop working on it.
-                if tag == proto.CANCEL:
-                    messages.append((proto.CANCEL, task_id))
-                else:
-                    messages.append((proto.CREDIT, task_id, count))
-                    if task_id in self.running:
-                        self.last_progress = trio.current_time()
+                match message:
+                    case proto.Cancel():
+                        # Sent even for a task the parent already ended (say, its
+                        # event did not unpickle): the runner must stop working on it.
+                        messages.append(message)
+                    case proto.Credit(task_id) if task_id in tasks.in_flight:
+                        messages.append(message)
+                        if task_id in self.running:
+                            self.last_progress = trio.current_time()
+                    case proto.Credit():
+                        pass  # finished meanwhile
             if not messages:
                 continue
             with trio.move_on_after(timeout) as scope:
@@ -514,12 +512,3 @@ class Incarnation:
             await self.worker.send_all(data)
         finally:
             lock.release()
-
-
-def _is_big_payload(message: tuple[Any, ...]) -> bool:
-    """A checked EVENTS or RESULT message whose payload is worth a thread to unpickle."""
-    return (
-        (message[0] == proto.EVENTS or message[0] == proto.RESULT)
-        and type(message[2]) is bytes
-        and len(message[2]) >= _payloads.LARGE
-    )

@@ -236,10 +236,10 @@ class FaultyRunner(Runner[Any, Any, Any]):
             original = child._dispatch  # pyright: ignore[reportPrivateUsage]
             on_shutdown = [f for f in self._faults if isinstance(f.trigger, OnShutdown)]
 
-            def dispatch(message: tuple[Any, ...]) -> None:
+            def dispatch(message: proto.ToChild) -> None:
                 if self._reader_stalled:
                     _block_forever()
-                if message[0] == proto.SHUTDOWN:
+                if isinstance(message, proto.Shutdown):
                     for fault in on_shutdown:
                         self._fire(fault)
                 original(message)
