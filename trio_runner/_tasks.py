@@ -394,6 +394,9 @@ class TaskHandle(Generic[EventT, ResultT]):
     Iterate it for the events the runner emits, in order. A successful task
     ends the ``async for`` normally; a failed, cancelled or crashed task makes
     it raise that exception after every event that arrived before the end.
+    Each step is a checkpoint for cancellation (a cancelled consumer stops at
+    the next event, however many are queued), and every ``CHECKPOINT_EVERY``
+    events it also yields to the scheduler.
 
     **Cancellation:** cancelling the task that iterates (or awaits ``wait()``)
     cancels the task in the runner, and leaving the ``stream`` block early
@@ -435,12 +438,18 @@ class TaskHandle(Generic[EventT, ResultT]):
             if task.events:
                 self._since_checkpoint += 1
                 if self._since_checkpoint >= CHECKPOINT_EVERY:
-                    # Checkpoint every N events, not every one: per-event
-                    # checkpoints cap delivery far below the transport's rate.
+                    # A full checkpoint every N events, not every one: a
+                    # reschedule per event caps delivery far below the
+                    # transport's rate.
                     self._since_checkpoint = 0
                     await trio.lowlevel.checkpoint()
                     if not task.events:
                         continue
+                else:
+                    # The cancel half of trio's checkpoint contract, on every
+                    # event: a cancelled consumer stops at the next one, however
+                    # many are queued. Cheap: no reschedule unless cancelled.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 event = task.events.popleft()
                 self._table.consumed(task, 1)
                 return event
