@@ -16,6 +16,7 @@ from typing import Any
 
 from trio_runner import _protocol as proto
 from trio_runner._child import Child
+from trio_runner._outbox import TaskSlot
 from trio_runner._runner import TaskContext
 
 
@@ -23,14 +24,21 @@ from trio_runner._runner import TaskContext
 def _child(linger: float) -> Iterator[tuple[Child, socket.socket]]:
     ours, theirs = socket.socketpair()
     child = Child(theirs, max_frame=1 << 20, heartbeat_interval=60.0, incarnation=1)
-    child.linger = linger
-    child.writer.start()
+    child.outbox.linger = linger
+    child.outbox.writer.start()
     try:
         yield child, ours
     finally:
-        child.close_writer(5.0)
+        child.outbox.close(5.0)
         ours.close()
         theirs.close()
+
+
+def _context(child: Child, task_id: int, window: int = 10_000) -> TaskContext[int]:
+    """A task's context, as the child makes one for ``handle()``."""
+    slot = TaskSlot(task_id, None, window)
+    child.slots[task_id] = slot
+    return TaskContext(slot, child.outbox)
 
 
 def _events_within(sock: socket.socket, count: int, seconds: float) -> list[tuple[float, int, list[Any]]]:
@@ -62,8 +70,8 @@ def test_interleaved_tasks_that_emit_fast_are_sent_without_waiting_out_the_linge
     # the total queued must hurry the writer, or every batch waits 5 s.
     with _child(linger=5.0) as (child, sock), ThreadPoolExecutor(1) as pool:
         reading = pool.submit(_events_within, sock, 1000, 10.0)
-        a: TaskContext[int] = TaskContext(child, 1, 10_000)
-        b: TaskContext[int] = TaskContext(child, 2, 10_000)
+        a = _context(child, 1)
+        b = _context(child, 2)
         for i in range(500):
             a.emit(i)
             b.emit(i)
@@ -78,7 +86,7 @@ def test_interleaved_tasks_that_emit_fast_are_sent_without_waiting_out_the_linge
 def test_a_slow_trickle_lingers_and_goes_out_in_batches() -> None:
     with _child(linger=1.0) as (child, sock), ThreadPoolExecutor(1) as pool:
         reading = pool.submit(_events_within, sock, 10, 10.0)
-        ctx: TaskContext[int] = TaskContext(child, 1, 10_000)
+        ctx = _context(child, 1)
         for i in range(10):
             ctx.emit(i)
             time.sleep(0.1)  # 10 events/s: 10 per linger
