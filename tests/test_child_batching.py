@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -96,3 +97,26 @@ def test_a_slow_trickle_lingers_and_goes_out_in_batches() -> None:
     assert seen[0][0] < 0.5  # not held for the 1 s linger
     # 10 events over 1 s with a 1 s linger: a few frames, not 10.
     assert len(seen) <= 5
+
+
+def test_an_emit_never_waits_for_another_tasks_lock() -> None:
+    # A thread mid-emit for task 1 (holding its slot's lock, say descheduled
+    # there) must not hold up task 2: emitting threads share no lock.
+    with _child(linger=0.0) as (child, sock), ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(_events_within, sock, 3, 10.0)
+        _context(child, 1)
+        other = _context(child, 2)
+        emitted = threading.Event()
+
+        def emit_three() -> None:
+            for i in range(3):
+                other.emit(i)
+            emitted.set()
+
+        with child.slots[1].lock:
+            thread = threading.Thread(target=emit_three)
+            thread.start()
+            assert emitted.wait(10.0), "task 2's emit waited for task 1's lock"
+        thread.join()
+        seen = reading.result()
+    assert [e for _, t, events in seen if t == 2 for e in events] == [0, 1, 2]
