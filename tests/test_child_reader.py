@@ -9,6 +9,8 @@ Real child processes throughout.
 
 from __future__ import annotations
 
+import pickle
+
 import trio
 
 from trio_runner import Exited, ExitReason, RestartPolicy, open_supervisor
@@ -59,4 +61,22 @@ async def test_a_frame_the_child_cannot_read_is_a_protocol_error_not_a_signal() 
             assert record.exitcode == proto.EXIT_PROTOCOL_ERROR
             assert "could not read a frame from the supervisor" in record.detail
             assert "exceeds the maximum" in record.detail
+            assert await sup.run(("echo", "restarted")) == "restarted"
+
+
+async def test_a_malformed_message_from_the_parent_is_a_protocol_error_not_a_reader_bug() -> None:
+    async with open_supervisor(PayloadRunner, policy=FAST) as sup:
+        changes = sup.watch()
+        with trio.fail_after(30):
+            await sup.wait_ready()
+            inc = sup._inc  # pyright: ignore[reportPrivateUsage]
+            assert inc is not None
+            # A frame that unpickles, holding a Credit without its count.
+            credit = pickle.loads(proto.encode([proto.Credit(1, 64)])[proto.HEADER.size :])[0]
+            body = pickle.dumps([credit[:2]], protocol=proto.PICKLE_PROTOCOL)
+            await inc.worker.send_all(proto.HEADER.pack(len(body)) + body)
+            record = (await _next_exit(changes)).exit
+            assert record.reason is ExitReason.PROTOCOL_ERROR
+            assert record.exitcode == proto.EXIT_PROTOCOL_ERROR
+            assert "malformed message" in record.detail
             assert await sup.run(("echo", "restarted")) == "restarted"

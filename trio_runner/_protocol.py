@@ -178,11 +178,12 @@ class FrameError(Exception):
     """A frame that is oversize or does not unpickle: the peer is broken."""
 
 
-#: How each child-to-parent message is checked: by tag, its class, and the
-#: type of each field (None: checked where it is used, e.g. a payload). A
-#: message may leave off fields that have a default.
 _NAMES: Final = {tag: kind.__name__ for kind, tag in _TAGS.items()}
-_FROM_CHILD: Final[dict[int, tuple[type[Any], tuple[type | None, ...]]]] = {
+#: How each message is checked, by tag: its class, and the type of each field
+#: (None: checked where it is used, e.g. a payload). A message may leave off
+#: fields that have a default.
+_Shapes: TypeAlias = "dict[int, tuple[type[Any], tuple[type | None, ...]]]"
+_FROM_CHILD: Final[_Shapes] = {
     _TAGS[Hello]: (Hello, (int,)),
     _TAGS[Ready]: (Ready, (int,)),
     _TAGS[Started]: (Started, (int,)),
@@ -193,10 +194,15 @@ _FROM_CHILD: Final[dict[int, tuple[type[Any], tuple[type | None, ...]]]] = {
     _TAGS[Heartbeat]: (Heartbeat, ()),
     _TAGS[Fatal]: (Fatal, (str, str, str, str)),
 }
+_TO_CHILD: Final[_Shapes] = {
+    _TAGS[Task]: (Task, (int, None, int)),
+    _TAGS[Cancel]: (Cancel, (None,)),
+    _TAGS[Credit]: (Credit, (int, int)),
+    _TAGS[Shutdown]: (Shutdown, ()),
+}
 #: ``tuple.__new__``: makes a message of its fields in C, without the call of
 #: the class's Python-level ``__new__``.
 _tuple_new: Final[Callable[[type[Any], tuple[Any, ...]], Any]] = cast(Any, tuple).__new__
-_TO_CHILD: Final[dict[int, type[Any]]] = {_TAGS[kind]: kind for kind in (Task, Cancel, Credit, Shutdown)}
 
 
 def check_from_child(wire: object) -> FromChild:
@@ -205,11 +211,20 @@ def check_from_child(wire: object) -> FromChild:
     The parent routes only checked messages, so a malformed one is a protocol
     error while a bug in routing raises as the bug it is.
     """
+    return cast("FromChild", _parse(wire, _FROM_CHILD))
+
+
+def check_from_parent(wire: object) -> ToChild:
+    """The message ``wire`` carries, if it is a well-formed parent-to-child message; FrameError if not."""
+    return cast("ToChild", _parse(wire, _TO_CHILD))
+
+
+def _parse(wire: object, shapes: _Shapes) -> Any:
     if not isinstance(wire, tuple) or not wire:
         raise FrameError(f"malformed message {wire!r:.200}: not a non-empty tuple")
     fields: tuple[Any, ...] = wire  # pyright: ignore[reportUnknownVariableType]
     tag = fields[0]
-    shape = _FROM_CHILD.get(tag) if type(tag) is int else None
+    shape = shapes.get(tag) if type(tag) is int else None
     if shape is None:
         raise FrameError(f"unknown message tag {tag!r:.100}")
     kind, types = shape
@@ -220,26 +235,8 @@ def check_from_child(wire: object) -> FromChild:
         if expected is not None and (type(value) is not expected):
             raise FrameError(f"malformed message {fields!r:.200}: {value!r:.50} is not a {expected.__name__}")
     if len(values) < len(types):
-        return cast("FromChild", kind(*values))
-    return cast("FromChild", _tuple_new(kind, values))
-
-
-def check_from_parent(wire: object) -> ToChild:
-    """The message ``wire`` carries, if it is a parent-to-child message of the right size; FrameError if not.
-
-    The parent is trusted further (it is the same code); this tells a frame
-    that is not a message from a message the child has a bug in handling.
-    """
-    if not isinstance(wire, tuple) or not wire:
-        raise FrameError(f"malformed message {wire!r:.200}: not a non-empty tuple")
-    fields: tuple[Any, ...] = wire  # pyright: ignore[reportUnknownVariableType]
-    tag = fields[0]
-    kind = _TO_CHILD.get(tag) if type(tag) is int else None
-    if kind is None:
-        raise FrameError(f"unknown message tag {tag!r:.100}")
-    if len(fields) - 1 != len(kind._fields):
-        raise FrameError(f"malformed message {fields!r:.200}: {len(fields)} fields")
-    return cast("ToChild", _tuple_new(kind, fields[1:]))
+        return kind(*values)
+    return _tuple_new(kind, values)
 
 
 def check_max_frame(value: object) -> int:
