@@ -85,13 +85,15 @@ class TaskSlot:
         self.events: list[Any] = []  # emitted, not yet taken to send
         self.queued = False  # on the outbox's queue; true whenever ``events`` is not empty
         self.lock = threading.Lock()
-        self.credits_changed = threading.Condition(self.lock)
+        # Made by the first emit that must wait: most tasks never do, and a
+        # Condition costs more to make than the rest of the slot.
+        self.credits_changed: threading.Condition | None = None
 
     def grant(self, credits: int) -> None:
         """The consumer took ``credits`` more events (the reader thread)."""
         with self.lock:
             self.credits += credits
-            self.credits_changed.notify_all()
+            self._notify()
 
     def cancel(self) -> None:
         """Mark the task cancelled and drop its queued events: cancel means stop.
@@ -103,6 +105,18 @@ class TaskSlot:
             self.cancelled = True
             self.dropped += len(self.events)
             self.events = []
+            self._notify()
+
+    def fail(self) -> None:
+        """Its events could not be sent: its later emits raise TaskCancelled (its outcome is
+        the error the sender reports), and one waiting for credits wakes to see it."""
+        with self.lock:
+            self.cancelled = True
+            self._notify()
+
+    def _notify(self) -> None:
+        """With the lock held: wake an emit waiting for credits, if there is one."""
+        if self.credits_changed is not None:
             self.credits_changed.notify_all()
 
 
@@ -214,7 +228,9 @@ class Outbox:
     def send_raw(self, data: bytes) -> None:
         """Write ``data`` between frames, after what is queued (for ``trio_runner.testing``)."""
         with self._send_lock:
-            self._send_batch(self._take())
+            batch = self._take()
+            if batch:
+                self._send_batch(batch)
             self.sock.sendall(data)
 
     def finish(self, slot: TaskSlot, outcome: proto.FromChild) -> None:
@@ -290,10 +306,13 @@ class Outbox:
         """
         if slot.events:
             self._wake_writer()  # the consumer cannot return credits for events not yet sent
+        waiter = slot.credits_changed
+        if waiter is None:
+            waiter = slot.credits_changed = threading.Condition(slot.lock)
         while slot.credits <= 0:
             if slot.cancelled:  # a task that failed to send is cancelled too
                 raise TaskCancelled(f"task {slot.task_id} was cancelled while its consumer lagged")
-            slot.credits_changed.wait()
+            waiter.wait()
 
     def _wake_writer(self, linger_until: float = 0.0) -> None:
         with self._wake_lock:
@@ -459,10 +478,7 @@ class Outbox:
         except Exception as exc:
             slot = self._find_slot(task_id)
             if slot is not None:
-                with slot.lock:
-                    # Its later emits raise TaskCancelled; its outcome here is this error.
-                    slot.cancelled = True
-                    slot.credits_changed.notify_all()  # an emit waiting for credits must see it
+                slot.fail()
             name, text, tb = format_exception(exc)
             return proto.Error(task_id, name, f"could not send to the parent: {text}", tb)
         return data

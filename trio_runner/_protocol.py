@@ -179,26 +179,34 @@ class FrameError(Exception):
 
 
 _NAMES: Final = {tag: kind.__name__ for kind, tag in _TAGS.items()}
-#: How each message is checked, by tag: its class, and the type of each field
-#: (None: checked where it is used, e.g. a payload). A message may leave off
-#: fields that have a default.
-_Shapes: TypeAlias = "dict[int, tuple[type[Any], tuple[type | None, ...]]]"
-_FROM_CHILD: Final[_Shapes] = {
-    _TAGS[Hello]: (Hello, (int,)),
-    _TAGS[Ready]: (Ready, (int,)),
-    _TAGS[Started]: (Started, (int,)),
-    _TAGS[Events]: (Events, (int, None)),
-    _TAGS[Result]: (Result, (int, None)),
-    _TAGS[Error]: (Error, (int, str, str, str)),
-    _TAGS[Cancelled]: (Cancelled, (int, int)),
-    _TAGS[Heartbeat]: (Heartbeat, ()),
-    _TAGS[Fatal]: (Fatal, (str, str, str, str)),
+#: How each message is checked, by tag: its class, the least and most fields
+#: it may have on the wire (fields with a default may be left off), and the
+#: type of each field checked here, by position on the wire (a payload is
+#: checked where it is used).
+_Shape: TypeAlias = "tuple[type[Any], int, int, tuple[tuple[int, type], ...]]"
+
+
+def _shape(kind: type[Any], *types: type | None) -> _Shape:
+    checks = tuple((position, expected) for position, expected in enumerate(types, 1) if expected is not None)
+    return (kind, len(types) - len(kind._field_defaults), len(types), checks)
+
+
+_FROM_CHILD: Final[dict[int, _Shape]] = {
+    _TAGS[Hello]: _shape(Hello, int),
+    _TAGS[Ready]: _shape(Ready, int),
+    _TAGS[Started]: _shape(Started, int),
+    _TAGS[Events]: _shape(Events, int, None),
+    _TAGS[Result]: _shape(Result, int, None),
+    _TAGS[Error]: _shape(Error, int, str, str, str),
+    _TAGS[Cancelled]: _shape(Cancelled, int, int),
+    _TAGS[Heartbeat]: _shape(Heartbeat),
+    _TAGS[Fatal]: _shape(Fatal, str, str, str, str),
 }
-_TO_CHILD: Final[_Shapes] = {
-    _TAGS[Task]: (Task, (int, None, int)),
-    _TAGS[Cancel]: (Cancel, (None,)),
-    _TAGS[Credit]: (Credit, (int, int)),
-    _TAGS[Shutdown]: (Shutdown, ()),
+_TO_CHILD: Final[dict[int, _Shape]] = {
+    _TAGS[Task]: _shape(Task, int, None, int),
+    _TAGS[Cancel]: _shape(Cancel, None),
+    _TAGS[Credit]: _shape(Credit, int, int),
+    _TAGS[Shutdown]: _shape(Shutdown),
 }
 #: ``tuple.__new__``: makes a message of its fields in C, without the call of
 #: the class's Python-level ``__new__``.
@@ -219,24 +227,26 @@ def check_from_parent(wire: object) -> ToChild:
     return cast("ToChild", _parse(wire, _TO_CHILD))
 
 
-def _parse(wire: object, shapes: _Shapes) -> Any:
-    if not isinstance(wire, tuple) or not wire:
+def _parse(wire: object, shapes: dict[int, _Shape]) -> Any:
+    if type(wire) is not tuple or not wire:
         raise FrameError(f"malformed message {wire!r:.200}: not a non-empty tuple")
     fields: tuple[Any, ...] = wire  # pyright: ignore[reportUnknownVariableType]
     tag = fields[0]
     shape = shapes.get(tag) if type(tag) is int else None
     if shape is None:
         raise FrameError(f"unknown message tag {tag!r:.100}")
-    kind, types = shape
-    values = fields[1:]
-    if not len(kind._field_defaults) >= len(types) - len(values) >= 0:
+    kind, least, most, checks = shape
+    count = len(fields) - 1
+    if not least <= count <= most:
         raise FrameError(f"malformed message {fields!r:.200}: {len(fields)} fields")
-    for value, expected in zip(values, types, strict=False):
-        if expected is not None and (type(value) is not expected):
-            raise FrameError(f"malformed message {fields!r:.200}: {value!r:.50} is not a {expected.__name__}")
-    if len(values) < len(types):
-        return kind(*values)
-    return _tuple_new(kind, values)
+    for position, expected in checks:
+        if position <= count and type(fields[position]) is not expected:
+            raise FrameError(
+                f"malformed message {fields!r:.200}: {fields[position]!r:.50} is not a {expected.__name__}"
+            )
+    if count < most:
+        return kind(*fields[1:])
+    return _tuple_new(kind, fields[1:])
 
 
 def check_max_frame(value: object) -> int:
@@ -258,7 +268,8 @@ def check_max_frame(value: object) -> int:
 
 def _flatten(messages: Iterable[Message]) -> list[tuple[Any, ...]]:
     tags = _TAGS
-    return [(tags[type(message)], *message) for message in messages]
+    # Concatenation runs in C: about a fifth faster than unpacking into a tuple.
+    return [(tags[type(message)],) + message for message in messages]  # noqa: RUF005
 
 
 def encode(messages: Iterable[Message]) -> bytes:

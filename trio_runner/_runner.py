@@ -53,7 +53,7 @@ class TaskContext(Generic[EventT]):
         Events are batched on the way out and arrive in order, before the
         task's result. Each task has a window of events the parent has not yet
         consumed; when it is used up, ``emit`` blocks until the consumer catches
-        up. Tasks emitting from different threads do not wait for each other.
+        up. Each task has a lock of its own: an emit never waits for another task's.
 
         Raises:
             TaskCancelled: if the task has been cancelled (also while ``emit``
