@@ -186,7 +186,8 @@ class Child:
                 else:
                     outcome = proto.Error(task_id, *format_exception(exc))
             else:
-                outcome = proto.Result(task_id, result)
+                outcome = self.outbox.pack_result(task_id, result)
+                del result
         # Forgotten before its outcome goes out: once the parent has it, the
         # child holds nothing more for this task.
         with self.lock:

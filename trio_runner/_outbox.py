@@ -435,20 +435,15 @@ class Outbox:
         return True
 
     def _encode(self, batch: list[proto.FromChild]) -> bytes:
-        """Frames for ``batch``: payloads pickled one by one, frames kept under the size limit."""
+        """Frames for ``batch``: events pickled one message at a time, frames kept under the size limit."""
         messages: list[proto.FromChild] = []
         for message in batch:
-            match message:
-                case proto.Events(task_id, payload):
-                    data = self._pack_payload(task_id, payload, "events")
-                    message = data if isinstance(data, proto.Error) else proto.Events(task_id, data)
-                case proto.Result(task_id, payload):
-                    data = self._pack_payload(task_id, payload, "the result")
-                    message = data if isinstance(data, proto.Error) else proto.Result(task_id, data)
-                case _:
-                    pass
-            if isinstance(message, (proto.Error, proto.Fatal)):  # an Error also if a payload cannot be sent
-                message = self._fit_error(message)
+            kind = type(message)
+            if kind is proto.Events:
+                message = self._pack_events(cast(proto.Events, message))
+                kind = type(message)  # an Error if they cannot be sent
+            if kind is proto.Error or kind is proto.Fatal:
+                message = self._fit_error(cast(_Report, message))
             messages.append(message)
         return proto.encode_frames(messages, self.max_frame)
 
@@ -465,8 +460,24 @@ class Outbox:
             traceback=truncate(message.traceback, 2 * limit),
         )
 
-    def _pack_payload(self, task_id: int, payload: Any, what: str) -> bytes | proto.Error:
-        """An Events or Result payload, pickled; one that cannot be sent fails its task instead."""
+    def _pack_events(self, message: proto.Events) -> proto.Events | proto.Error:
+        """Events with their payload pickled; events that cannot be sent fail their task instead."""
+        task_id = message.task_id
+        data = self._pickle(task_id, message.payload, "events")
+        if isinstance(data, proto.Error):
+            slot = self._find_slot(task_id)
+            if slot is not None:
+                slot.fail()
+            return data
+        return proto.Events(task_id, data)
+
+    def pack_result(self, task_id: int, value: Any) -> proto.Result | proto.Error:
+        """A task's Result, its value pickled (by the task's own thread); an Error if it cannot be sent."""
+        data = self._pickle(task_id, value, "the result")
+        return data if isinstance(data, proto.Error) else proto.Result(task_id, data)
+
+    def _pickle(self, task_id: int, payload: Any, what: str) -> bytes | proto.Error:
+        """``payload`` pickled, or the Error that fails the task if it cannot be sent."""
         try:
             data = pickle.dumps(payload, protocol=proto.PICKLE_PROTOCOL)
             if len(data) > self.max_frame - proto.MESSAGE_OVERHEAD:
@@ -476,9 +487,6 @@ class Outbox:
                     f"max_frame_size={self.max_frame} allows"
                 )
         except Exception as exc:
-            slot = self._find_slot(task_id)
-            if slot is not None:
-                slot.fail()
             name, text, tb = format_exception(exc)
             return proto.Error(task_id, name, f"could not send to the parent: {text}", tb)
         return data
