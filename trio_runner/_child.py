@@ -124,18 +124,18 @@ class Child:
 
     def dispatch(self, message: proto.ToChild) -> None:
         """Act on one message from the parent (``trio_runner.testing`` wraps this to inject faults)."""
-        match message:
-            case proto.Cancel(task_id):
-                self._cancel(task_id)
-            case proto.Credit(task_id, credits):
-                slot = self.slots.get(task_id)
-                if slot is not None:
-                    slot.grant(credits)
-            case proto.Task(task_id, request, window):
-                slot = TaskSlot(task_id, request, window)
+        match message:  # the commonest first; no captures (each costs a lookup)
+            case proto.Task():
+                slot = TaskSlot(message.task_id, message.request, message.window)
                 with self.lock:
-                    self.slots[task_id] = slot
+                    self.slots[slot.task_id] = slot
                 self.tasks.put(slot)
+            case proto.Credit():
+                slot = self.slots.get(message.task_id)
+                if slot is not None:
+                    slot.grant(message.credits)
+            case proto.Cancel():
+                self._cancel(message.task_id)
             case proto.Shutdown():
                 self.shutdown_requested = True
                 self._cancel(None)
