@@ -240,9 +240,9 @@ class FakeWorker:
     def signals_while_alive(self) -> list[tuple[float, int]]:
         return [(s.time, s.signum) for s in self.signals if s.alive]
 
-    def frames(self, tag: int) -> list[tuple[float, Any]]:
-        """The messages with ``tag`` the child read from the parent, with their times."""
-        return [(when, message) for when, message in self.received if message[0] == tag]
+    def frames(self, kind: type[proto.ToChild]) -> list[tuple[float, Any]]:
+        """The messages of type ``kind`` the child read from the parent, with their times."""
+        return [(when, message) for when, message in self.received if type(message) is kind]
 
     def _die(self, status: ExitStatus) -> None:
         if self.exit_status is not None:
@@ -262,7 +262,7 @@ class FakeWorker:
 
     # -- the fake child ------------------------------------------------------------
 
-    def _send(self, message: Any) -> None:
+    def _send(self, message: proto.FromChild) -> None:
         if self.exit_status is not None or self._frozen:
             return
         try:
@@ -288,8 +288,7 @@ class FakeWorker:
             self._output_send.send_nowait(("stderr", line))
         if script.load_fails:
             self._send(
-                (
-                    proto.FATAL,
+                proto.Fatal(
                     proto.STAGE_LOAD,
                     "ModuleNotFoundError",
                     "No module named 'gone'",
@@ -299,7 +298,7 @@ class FakeWorker:
             self._output_send.send_nowait(("stderr", "ModuleNotFoundError: No module named 'gone'"))
             self._die(exited(proto.EXIT_LOAD_FAILED))
             return
-        self._send((proto.HELLO, self._pid))
+        self._send(proto.Hello(self._pid))
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._heartbeat)
             nursery.start_soon(self._read)
@@ -307,8 +306,7 @@ class FakeWorker:
                 await trio.sleep(script.setup_time)
             if script.setup_fails:
                 self._send(
-                    (
-                        proto.FATAL,
+                    proto.Fatal(
                         proto.STAGE_SETUP,
                         "RuntimeError",
                         "setup failed on purpose",
@@ -319,7 +317,7 @@ class FakeWorker:
                 return
             if script.never_ready:
                 await trio.sleep_forever()
-            self._send((proto.READY, self._pid))
+            self._send(proto.Ready(self._pid))
             self.ready_at = trio.current_time()
             if script.exit_after_ready is not None:
                 if script.exit_delay == 0:
@@ -344,7 +342,7 @@ class FakeWorker:
         while True:
             await trio.sleep(self.spec.heartbeat_interval)
             if self.exit_status is None and not self._frozen:
-                self._send((proto.HEARTBEAT,))
+                self._send(proto.Heartbeat())
                 self.beats.append(trio.current_time())
 
     async def _read(self) -> None:
@@ -357,28 +355,26 @@ class FakeWorker:
                 return
             now = trio.current_time()
             for batch in reader.feed(data):
-                for message in batch:
+                for wire in batch:
+                    message = proto.check_from_parent(wire)
                     self.received.append((now, message))
                     self._dispatch(message)
 
-    def _dispatch(self, message: Any) -> None:
-        tag = message[0]
-        if tag == proto.TASK:
-            _, task_id, request, _window = message
-            self._known.add(task_id)
-            self._tasks_send.send_nowait((task_id, request))
-        elif tag == proto.CANCEL:
-            self._cancel(message[1])
-        elif tag == proto.CREDIT:
-            pass  # the fake never blocks on its window
-        elif tag == proto.SHUTDOWN:
-            if self.script.ignore_shutdown:
-                return
-            self._shutdown = True
-            self._cancel(None)
-            self._tasks_send.send_nowait(None)
-        else:
-            raise AssertionError(f"the fake child got an unknown message {message!r}")
+    def _dispatch(self, message: proto.ToChild) -> None:
+        match message:
+            case proto.Task(task_id, request):
+                self._known.add(task_id)
+                self._tasks_send.send_nowait((task_id, request))
+            case proto.Cancel(task_id):
+                self._cancel(task_id)
+            case proto.Credit():
+                pass  # the fake never blocks on its window
+            case proto.Shutdown():
+                if self.script.ignore_shutdown:
+                    return
+                self._shutdown = True
+                self._cancel(None)
+                self._tasks_send.send_nowait(None)
 
     def _cancel(self, task_id: int | None) -> None:
         # Like the real child: a cancel marks the tasks it has received so far.
@@ -395,9 +391,9 @@ class FakeWorker:
             request = pickle.loads(request_bytes)
             self.tasks.append((trio.current_time(), task_id, request))
             if task_id in self._cancelled:
-                self._send((proto.CANCELLED, task_id))
+                self._send(proto.Cancelled(task_id))
             else:
-                self._send((proto.ACK, task_id))
+                self._send(proto.Started(task_id))
                 await self._handle(task_id, request)
                 self._running = None
             self._known.discard(task_id)
@@ -421,7 +417,7 @@ class FakeWorker:
                 self._send(_events(task_id, [i]))
             self._die(ExitStatus(exitcode=exitcode, signal=signum))
             await trio.sleep_forever()
-        outcome: Any = None
+        outcome: proto.FromChild | None = None
         with trio.CancelScope() as scope:
             self._running = (task_id, scope)
             if command == "echo":
@@ -435,8 +431,7 @@ class FakeWorker:
                     self._send(_events(task_id, [i]))
                 outcome = _result(task_id, n)
             elif command == "raise":
-                outcome = (
-                    proto.ERROR,
+                outcome = proto.Error(
                     task_id,
                     "ValueError",
                     args[0],
@@ -445,17 +440,18 @@ class FakeWorker:
             else:
                 raise AssertionError(f"the fake child got an unknown command {command!r}")
         if scope.cancelled_caught:
-            outcome = (proto.CANCELLED, task_id)
+            outcome = proto.Cancelled(task_id)
+        assert outcome is not None
         self._send(outcome)
 
 
-def _events(task_id: int, events: list[Any]) -> tuple[Any, ...]:
+def _events(task_id: int, events: list[Any]) -> proto.Events:
     # Payloads travel pickled on their own inside the frame, as the real child sends them.
-    return (proto.EVENTS, task_id, pickle.dumps(events, protocol=proto.PICKLE_PROTOCOL))
+    return proto.Events(task_id, pickle.dumps(events, protocol=proto.PICKLE_PROTOCOL))
 
 
-def _result(task_id: int, value: Any) -> tuple[Any, ...]:
-    return (proto.RESULT, task_id, pickle.dumps(value, protocol=proto.PICKLE_PROTOCOL))
+def _result(task_id: int, value: Any) -> proto.Result:
+    return proto.Result(task_id, pickle.dumps(value, protocol=proto.PICKLE_PROTOCOL))
 
 
 @dataclass

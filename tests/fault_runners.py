@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import multiprocessing
 import os
+import pickle
 import resource
 import socket
 import sys
@@ -16,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from trio_runner import Runner, TaskContext
+from trio_runner import Runner, TaskContext, _child
 from trio_runner import _protocol as proto
+from trio_runner._child import Child
 
 from .runners import EchoRunner
 
@@ -30,18 +32,23 @@ def _without_core_dump() -> None:
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
 
 
-def _send_raw(ctx: TaskContext[Any], data: bytes) -> None:
+def _current_child() -> Child:
+    child = _child.current
+    assert child is not None, "not in a runner process"
+    return child
+
+
+def _send_raw(data: bytes) -> None:
     """Write bytes straight onto the control socket, bypassing the writer thread.
 
     Waits until what is queued (the task's Ack) has gone out and the parent has
     had time to read it, so ``data`` arrives in a read of its own; then writes
     under the child's send lock, so no batch of the writer's can interleave.
     """
-    child = ctx._child  # pyright: ignore[reportPrivateUsage]
-    child.flush(1.0)
+    outbox = _current_child().outbox
+    outbox.flush(1.0)
     time.sleep(0.05)
-    with child.send_lock:
-        child.sock.sendall(data)
+    outbox.send_raw(data)
 
 
 class _ExitAfterSending:
@@ -72,9 +79,10 @@ class FaultRunner(EchoRunner):
         command, *args = request
         if command == "child_bookkeeping":
             # What the child still holds for tasks, counting this one.
-            child = ctx._child  # pyright: ignore[reportPrivateUsage]
+            child = _current_child()
             with child.lock:
-                return {"contexts": len(child.contexts), "requests": len(child.requests)}
+                slots = list(child.slots.values())
+            return {"contexts": len(slots), "requests": sum(slot.request is not None for slot in slots)}
         if command == "die_by_signal":
             # The stderr line carries the moment of death, so the parent can
             # measure how long it took to notice.
@@ -91,8 +99,8 @@ class FaultRunner(EchoRunner):
             # The process dies the moment its result is on the socket, with no
             # time for the parent to read it first.
             (result,) = args
-            child = ctx._child  # pyright: ignore[reportPrivateUsage]
-            child.sock = _ExitAfterSending(child.sock, result.encode())  # type: ignore[assignment]
+            outbox = _current_child().outbox
+            outbox.sock = _ExitAfterSending(outbox.sock, result.encode())  # type: ignore[assignment]
             return result
         if command == "crash_once":
             # Dies on the first attempt only: the marker file survives the crash.
@@ -109,19 +117,20 @@ class FaultRunner(EchoRunner):
             os._exit(2)
         if command == "corrupt_frame":
             # The length prefix says 5 bytes; they do not unpickle.
-            _send_raw(ctx, CORRUPT_FRAME)
+            _send_raw(CORRUPT_FRAME)
             time.sleep(30)
         if command == "good_then_corrupt_frame":
             # One write, so the parent reads both frames at once.
-            _send_raw(ctx, proto.encode([(proto.HEARTBEAT,)]) + CORRUPT_FRAME)
+            _send_raw(proto.encode([proto.Heartbeat()]) + CORRUPT_FRAME)
             time.sleep(30)
         if command == "malformed_message":
             # A frame that unpickles, holding a message of the wrong shape.
             (message,) = args
-            _send_raw(ctx, proto.encode([message]))
+            body = pickle.dumps([message], protocol=proto.PICKLE_PROTOCOL)
+            _send_raw(proto.HEADER.pack(len(body)) + body)
             time.sleep(30)
         if command == "oversize_frame":
-            _send_raw(ctx, proto.HEADER.pack(2**31))
+            _send_raw(proto.HEADER.pack(2**31))
             time.sleep(30)
         if command == "break_socket":
             # What the parent sees in the moment between a runner's death and
@@ -129,14 +138,14 @@ class FaultRunner(EchoRunner):
             # (a send gets EPIPE) while the process lives on. The orphan guard
             # is disarmed, or the reader thread would take its own EOF for the
             # parent's death and kill the process at once.
-            child = ctx._child  # pyright: ignore[reportPrivateUsage]
-            child._orphaned = lambda: None  # type: ignore[method-assign]
+            child = _current_child()
+            child._orphaned = lambda: None  # type: ignore[method-assign]  # pyright: ignore[reportPrivateUsage]
             child.sock.shutdown(socket.SHUT_RDWR)
             time.sleep(60)
         if command == "shut_control_socket":
             # Runner code that ends its side of the control connection and lives
             # on (the orphan guard armed: the reader thread still reads).
-            ctx._child.sock.shutdown(socket.SHUT_WR)  # pyright: ignore[reportPrivateUsage]
+            _current_child().sock.shutdown(socket.SHUT_WR)
             time.sleep(60)
         return super().handle(request, ctx)
 

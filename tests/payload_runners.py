@@ -6,7 +6,7 @@ import time
 import zlib
 from typing import Any
 
-from trio_runner import Runner, TaskContext
+from trio_runner import Runner, TaskContext, _child
 
 
 class NeedsTwoArguments(Exception):
@@ -86,12 +86,13 @@ class PayloadRunner(Runner[Any, Any, Any]):
         if command == "raise_huge_name":
             raise type("E" * args[0], (Exception,), {})("named hugely")
         if command == "break_reader":
-            child = ctx._child  # pyright: ignore[reportPrivateUsage]
+            child = _child.current
+            assert child is not None
 
             def broken(message: Any) -> None:
                 raise InjectedReaderBug("injected reader bug")
 
-            child._dispatch = broken  # pyright: ignore[reportPrivateUsage]
+            child.dispatch = broken  # type: ignore[method-assign]
             return "broken"
         raise ValueError(f"unknown command {command!r}")
 

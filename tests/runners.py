@@ -9,7 +9,15 @@ import sys
 import time
 from typing import Any
 
-from trio_runner import Runner, TaskContext
+from trio_runner import Runner, TaskContext, _child
+from trio_runner._child import Child
+
+
+def _running_child() -> Child:
+    """The child's state, in a runner process."""
+    child = _child.current
+    assert child is not None, "not in a runner process"
+    return child
 
 
 class NeedsTwoArguments(Exception):
@@ -97,10 +105,10 @@ class EchoRunner(Runner[Any, Any, Any]):
             # Hand the result over, then die before the parent has read it.
             return "last words"
         if command == "stall_reader":
-            ctx._child.reader_stalled.set()  # pyright: ignore[reportPrivateUsage]
+            _running_child().reader_stalled.set()
             return "stalled"
         if command == "stop_heartbeat":
-            ctx._child.heartbeat_paused = True  # pyright: ignore[reportPrivateUsage]
+            _running_child().outbox.heartbeat_paused = True
             return "quiet"
         if command == "ignore_sigterm_and_hang":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import socket
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from typing import Any
 
 from trio_runner import _protocol as proto
 from trio_runner._child import Child
+from trio_runner._outbox import TaskSlot
 from trio_runner._runner import TaskContext
 
 
@@ -23,14 +25,21 @@ from trio_runner._runner import TaskContext
 def _child(linger: float) -> Iterator[tuple[Child, socket.socket]]:
     ours, theirs = socket.socketpair()
     child = Child(theirs, max_frame=1 << 20, heartbeat_interval=60.0, incarnation=1)
-    child.linger = linger
-    child.writer.start()
+    child.outbox.linger = linger
+    child.outbox.writer.start()
     try:
         yield child, ours
     finally:
-        child.close_writer(5.0)
+        child.outbox.close(5.0)
         ours.close()
         theirs.close()
+
+
+def _context(child: Child, task_id: int, window: int = 10_000) -> TaskContext[int]:
+    """A task's context, as the child makes one for ``handle()``."""
+    slot = TaskSlot(task_id, None, window)
+    child.slots[task_id] = slot
+    return TaskContext(slot, child.outbox)
 
 
 def _events_within(sock: socket.socket, count: int, seconds: float) -> list[tuple[float, int, list[Any]]]:
@@ -46,11 +55,14 @@ def _events_within(sock: socket.socket, count: int, seconds: float) -> list[tupl
         except TimeoutError:
             continue
         for batch in reader.feed(data):
-            for message in batch:
-                if message[0] == proto.EVENTS:
-                    events = pickle.loads(message[2])
-                    seen.append((time.monotonic() - began, message[1], events))
-                    total += len(events)
+            for wire in batch:
+                match proto.check_from_child(wire):
+                    case proto.Events(task_id, payload):
+                        events = pickle.loads(payload)
+                        seen.append((time.monotonic() - began, task_id, events))
+                        total += len(events)
+                    case _:
+                        pass
     return seen
 
 
@@ -59,8 +71,8 @@ def test_interleaved_tasks_that_emit_fast_are_sent_without_waiting_out_the_linge
     # the total queued must hurry the writer, or every batch waits 5 s.
     with _child(linger=5.0) as (child, sock), ThreadPoolExecutor(1) as pool:
         reading = pool.submit(_events_within, sock, 1000, 10.0)
-        a: TaskContext[int] = TaskContext(child, 1, 10_000)
-        b: TaskContext[int] = TaskContext(child, 2, 10_000)
+        a = _context(child, 1)
+        b = _context(child, 2)
         for i in range(500):
             a.emit(i)
             b.emit(i)
@@ -75,7 +87,7 @@ def test_interleaved_tasks_that_emit_fast_are_sent_without_waiting_out_the_linge
 def test_a_slow_trickle_lingers_and_goes_out_in_batches() -> None:
     with _child(linger=1.0) as (child, sock), ThreadPoolExecutor(1) as pool:
         reading = pool.submit(_events_within, sock, 10, 10.0)
-        ctx: TaskContext[int] = TaskContext(child, 1, 10_000)
+        ctx = _context(child, 1)
         for i in range(10):
             ctx.emit(i)
             time.sleep(0.1)  # 10 events/s: 10 per linger
@@ -85,3 +97,26 @@ def test_a_slow_trickle_lingers_and_goes_out_in_batches() -> None:
     assert seen[0][0] < 0.5  # not held for the 1 s linger
     # 10 events over 1 s with a 1 s linger: a few frames, not 10.
     assert len(seen) <= 5
+
+
+def test_an_emit_never_waits_for_another_tasks_lock() -> None:
+    # A thread mid-emit for task 1 (holding its slot's lock, say descheduled
+    # there) must not hold up task 2: emitting threads share no lock.
+    with _child(linger=0.0) as (child, sock), ThreadPoolExecutor(1) as pool:
+        reading = pool.submit(_events_within, sock, 3, 10.0)
+        _context(child, 1)
+        other = _context(child, 2)
+        emitted = threading.Event()
+
+        def emit_three() -> None:
+            for i in range(3):
+                other.emit(i)
+            emitted.set()
+
+        with child.slots[1].lock:
+            thread = threading.Thread(target=emit_three)
+            thread.start()
+            assert emitted.wait(10.0), "task 2's emit waited for task 1's lock"
+        thread.join()
+        seen = reading.result()
+    assert [e for _, t, events in seen if t == 2 for e in events] == [0, 1, 2]

@@ -386,7 +386,7 @@ async def test_leaving_the_block_sends_shutdown_and_a_runner_that_obeys_exits_at
         await trio.sleep(1.0)
     assert fake.time_of(Stopped) == 1.0
     worker = fake.workers[0]
-    assert [when for when, _ in worker.frames(proto.SHUTDOWN)] == [1.0]
+    assert [when for when, _ in worker.frames(proto.Shutdown)] == [1.0]
     assert worker.signals_while_alive() == []
     record = sup.statistics().last_exit
     assert record is not None
@@ -404,7 +404,7 @@ async def test_a_runner_that_ignores_shutdown_gets_sigterm_after_exactly_gracefu
     async with open_fake_supervisor(fake) as sup:
         await trio.sleep(1.0)
     worker = fake.workers[0]
-    assert [when for when, _ in worker.frames(proto.SHUTDOWN)] == [1.0]
+    assert [when for when, _ in worker.frames(proto.Shutdown)] == [1.0]
     assert worker.signals_while_alive() == [(4.0, signal.SIGTERM)]
     assert fake.time_of(Stopped) == 4.0
     record = sup.statistics().last_exit
@@ -420,7 +420,7 @@ async def test_a_runner_that_ignores_shutdown_and_sigterm_gets_sigkill_after_exa
     async with open_fake_supervisor(fake, timeouts=timeouts) as sup:
         await trio.sleep(1.0)
     worker = fake.workers[0]
-    assert [when for when, _ in worker.frames(proto.SHUTDOWN)] == [1.0]
+    assert [when for when, _ in worker.frames(proto.Shutdown)] == [1.0]
     assert worker.signals_while_alive() == [(4.0, signal.SIGTERM), (9.0, signal.SIGKILL)]
     assert worker.died_at == 9.0
     assert fake.time_of(Stopped) == 9.0
@@ -565,7 +565,7 @@ async def test_a_cancelled_task_reports_task_cancelled_and_the_runner_serves_on(
             with pytest.raises(TaskCancelled):
                 await task.wait()
         assert trio.current_time() == 1.0
-        assert [when for when, _ in fake.workers[0].frames(proto.CANCEL)] == [1.0]
+        assert [when for when, _ in fake.workers[0].frames(proto.Cancel)] == [1.0]
         assert await sup.run(("echo", 2)) == 2
     assert len(fake.workers) == 1
 
@@ -664,7 +664,7 @@ async def test_cancelling_the_callers_scope_cancels_the_task_in_the_runner(autoj
             await sup.run(("sleep", 10.0, "never"))
         assert await sup.run(("echo", "next")) == "next"
         assert trio.current_time() == 2.0
-        assert [when for when, _ in fake.workers[0].frames(proto.CANCEL)] == [2.0]
+        assert [when for when, _ in fake.workers[0].frames(proto.Cancel)] == [2.0]
         assert sup.statistics().in_flight == 0
 
 
@@ -677,7 +677,7 @@ async def test_leaving_a_stream_block_early_returns_at_once_even_if_the_runner_i
             await trio.sleep(1.0)
         assert trio.current_time() == 1.0
         await trio.sleep(1.0)
-        assert [when for when, _ in fake.workers[0].frames(proto.CANCEL)] == [1.0]
+        assert [when for when, _ in fake.workers[0].frames(proto.Cancel)] == [1.0]
 
 
 async def check_protocol_error(fake: FakeFactory, request: tuple[Any, ...]) -> None:

@@ -77,3 +77,17 @@ async def test_a_batch_that_arrives_while_waiting_is_read_without_an_extra_check
     assert count == 3 * batch  # more than CHECKPOINT_EVERY in all
     assert waits == 3
     assert yields == waits  # each wait was the checkpoint; none in between
+
+
+async def test_a_cancelled_consumer_stops_at_the_next_event_however_many_are_queued() -> None:
+    task = Task(1, b"", retry=False)
+    task.events.extend(range(CHECKPOINT_EVERY // 2))  # fewer than one full checkpoint's worth
+    handle: TaskHandle[Any, Any] = TaskHandle(_Batches(task, []), task)  # pyright: ignore[reportArgumentType]
+    read: list[int] = []
+    with trio.CancelScope() as scope:
+        async for event in handle:
+            read.append(event)
+            scope.cancel()
+    assert scope.cancelled_caught
+    assert read == [0]
+    assert len(task.events) == CHECKPOINT_EVERY // 2 - 1  # the rest stay queued, unread

@@ -10,12 +10,14 @@ brings the runner back. Timing bounds are generous on purpose: only a real bug
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import psutil
 import pytest
@@ -464,14 +466,19 @@ async def test_a_corrupt_frame_read_together_with_a_good_one_is_still_a_protocol
     assert info.value.reason is ExitReason.PROTOCOL_ERROR
 
 
+def _wire(message: proto.FromChild) -> tuple[Any, ...]:
+    """``message`` as it travels in a frame: a plain tuple, its tag first."""
+    return pickle.loads(proto.encode([message])[proto.HEADER.size :])[0]
+
+
 @pytest.mark.parametrize(
     "message",
     [
-        (proto.ACK,),
-        (proto.ERROR, 1, "x"),
+        _wire(proto.Started(1))[:1],
+        _wire(proto.Error(1, "x", "y", "z"))[:3],
         ("events", 1, b""),
-        (proto.FATAL, 1, "a", "b", "c"),
-        [proto.ACK, 1],
+        (_wire(proto.Fatal("a", "b", "c", "d"))[0], 1, "b", "c", "d"),
+        list(_wire(proto.Started(1))),
     ],
     ids=["too-short", "wrong-arity", "unknown-tag", "wrong-type", "not-a-tuple"],
 )

@@ -37,16 +37,35 @@ def _frames(data: bytes, max_frame: int) -> list[list[Any]]:
     return batches
 
 
+def _parsed(batches: list[list[Any]]) -> list[tuple[type[Any], Any]]:
+    """Each message in ``batches``, parsed, with its type (typed messages of equal fields compare equal)."""
+    parsed: list[tuple[type[Any], Any]] = []
+    for batch in batches:
+        for wire in batch:
+            try:
+                message: Any = proto.check_from_parent(wire)
+            except proto.FrameError:
+                message = proto.check_from_child(wire)
+            parsed.append((type(message), message))
+    return parsed
+
+
+def _typed(messages: list[Any]) -> list[tuple[type[Any], Any]]:
+    return [(type(message), message) for message in messages]
+
+
 # -- the encoder ---------------------------------------------------------------------
 
 
 @given(
     messages=st.lists(
         st.one_of(
-            st.tuples(st.just(proto.CANCEL), st.integers(0, 2**62)),
-            st.tuples(st.just(proto.CREDIT), st.integers(0, 2**62), st.integers(0, 2**31)),
-            st.tuples(st.just(proto.TASK), st.integers(0, 2**62), st.binary(max_size=3000), st.just(8192)),
-            st.tuples(st.just(proto.ERROR), st.integers(0, 9), st.text(max_size=20), st.text(max_size=2000)),
+            st.builds(proto.Cancel, st.integers(0, 2**62)),
+            st.builds(proto.Credit, st.integers(0, 2**62), st.integers(0, 2**31)),
+            st.builds(proto.Task, st.integers(0, 2**62), st.binary(max_size=3000), st.just(8192)),
+            st.builds(
+                proto.Error, st.integers(0, 9), st.text(max_size=20), st.text(max_size=2000), st.just("")
+            ),
         ),
         max_size=400,
     ),
@@ -57,33 +76,33 @@ def test_encode_frames_keeps_every_frame_within_the_limit_and_the_messages_in_or
 ) -> None:
     data = proto.encode_frames(messages, max_frame)
     batches = _frames(data, max_frame)
-    assert [message for batch in batches for message in batch] == messages
+    assert _parsed(batches) == _typed(messages)
 
 
 def test_encode_frames_splits_a_burst_of_twelve_thousand_cancels() -> None:
-    messages = [(proto.CANCEL, task_id) for task_id in range(12_000)]
+    messages = [proto.Cancel(task_id) for task_id in range(12_000)]
     batches = _frames(proto.encode_frames(messages, proto.MIN_FRAME_SIZE), proto.MIN_FRAME_SIZE)
     assert len(batches) > 1
-    assert [message for batch in batches for message in batch] == messages
+    assert _parsed(batches) == _typed(messages)
 
 
 def test_encode_frames_is_one_plain_frame_when_the_batch_fits() -> None:
-    messages = [(proto.CANCEL, 1), (proto.CREDIT, 2, 64)]
+    messages = [proto.Cancel(1), proto.Credit(2, 64)]
     assert proto.encode_frames(messages, proto.MIN_FRAME_SIZE) == proto.encode(messages)
 
 
 def test_encode_frames_refuses_a_single_message_larger_than_a_frame() -> None:
     with pytest.raises(proto.FrameError, match="more than the frame limit"):
-        proto.encode_frames([(proto.TASK, 1, b"x" * proto.MIN_FRAME_SIZE, 8)], proto.MIN_FRAME_SIZE)
+        proto.encode_frames([proto.Task(1, b"x" * proto.MIN_FRAME_SIZE, 8)], proto.MIN_FRAME_SIZE)
 
 
 @pytest.mark.parametrize("size", [0, 1, 255, 65_535, 65_536, 1 << 20, 3 << 20])
 def test_a_payload_within_message_overhead_of_the_limit_fits_a_frame(size: int) -> None:
     max_frame = size + proto.MESSAGE_OVERHEAD
     for message in [
-        (proto.TASK, 2**62, b"x" * size, 2**31),
-        (proto.RESULT, 2**62, b"x" * size),
-        (proto.EVENTS, 2**62, b"x" * size),
+        proto.Task(2**62, b"x" * size, 2**31),
+        proto.Result(2**62, b"x" * size),
+        proto.Events(2**62, b"x" * size),
     ]:
         _frames(proto.encode_frames([message], max_frame), max_frame)
 
@@ -96,7 +115,7 @@ def test_feed_big_hands_over_big_frames_whole_and_in_order_however_the_bytes_are
     sizes: list[int], cuts: list[int]
 ) -> None:
     big = 1000
-    messages = [(proto.RESULT, i, b"x" * size) for i, size in enumerate(sizes)]
+    messages = [proto.Result(i, b"x" * size) for i, size in enumerate(sizes)]
     stream = b"".join(proto.encode([message]) for message in messages)
     reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
     seen: list[Any] = []
@@ -112,7 +131,7 @@ def test_feed_big_hands_over_big_frames_whole_and_in_order_however_the_bytes_are
             else:
                 seen.extend(item)
         position += step
-    assert seen == messages
+    assert [proto.check_from_child(wire) for wire in seen] == messages
     assert reader.pending == 0
 
 
@@ -180,7 +199,7 @@ async def test_a_burst_of_twelve_thousand_cancels_at_the_minimum_frame_size_leav
             # Cancels for tasks the runner does not know, all queued in one go:
             # the cancel channel sends them as one batch.
             for task_id in range(1_000_000, 1_012_000):
-                control.send_nowait((proto.CANCEL, task_id, 0, inc.number))
+                control.send_nowait((proto.Cancel(task_id), inc.number))
             await trio.sleep(0.5)
             assert await sup.run(("echo", "still serving")) == "still serving"
         stats = sup.statistics()

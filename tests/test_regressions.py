@@ -9,8 +9,9 @@ def test_a_corrupt_frame_behind_a_good_one_in_one_read_raises_frame_error() -> N
     from trio_runner import _protocol as proto
 
     reader = proto.FrameReader(1 << 20)
-    data = proto.encode([(proto.HEARTBEAT,)]) + proto.HEADER.pack(7) + b"garbage"
+    data = proto.encode([proto.Heartbeat()]) + proto.HEADER.pack(7) + b"garbage"
     batches = reader.feed(data)
-    assert next(batches) == [(proto.HEARTBEAT,)]  # handed over before the error
+    # Handed over before the error.
+    assert [type(proto.check_from_child(wire)) for wire in next(batches)] == [proto.Heartbeat]
     with pytest.raises(proto.FrameError):
         next(batches)

@@ -15,7 +15,7 @@ import logging
 import signal
 from collections import deque
 from collections.abc import Callable
-from typing import Any, cast
+from typing import cast
 
 import trio
 
@@ -198,7 +198,7 @@ class Incarnation:
         if self.kill_reason is None:
             self.stopped_by = StoppedBy.SHUTDOWN
             with trio.move_on_after(timeouts.graceful):
-                await self._send_locked(proto.encode([(proto.SHUTDOWN,)]))
+                await self._send_locked(proto.encode([proto.Shutdown()]))
                 await self.exited.wait()
             if self.exited.is_set():
                 return
@@ -325,38 +325,39 @@ class Incarnation:
             self.eof.set()
             self.poke_watchdog()
 
-    def _route(self, message: Any, now: float) -> None:
+    def _route(self, message: proto.FromChild, now: float) -> None:
         """Route one message that ``proto.check_from_child`` passed: only that check
         raises a protocol error, so a bug here raises as itself."""
-        tag = message[0]
-        if tag == proto.EVENTS:
-            self.last_progress = now
-            self._tasks.route_events(message[1], message[2])
-        elif tag == proto.HEARTBEAT:
-            pass
-        elif tag == proto.RESULT:
-            if self._tasks.route_result(message[1], message[2]):
+        # Class patterns without captures, the commonest first: a capture costs
+        # an attribute lookup through __match_args__, on every message.
+        match message:
+            case proto.Events():
                 self.last_progress = now
-                self.running.discard(message[1])
-        elif tag == proto.ERROR:
-            _, task_id, remote_type, text, tb = message
-            self._task_outcome(task_id, now, TaskFailed(remote_type, text, tb))
-        elif tag == proto.CANCELLED:
-            # (CANCELLED, task_id[, events the runner dropped])
-            self._tasks.events_dropped += message[2] if len(message) > 2 else 0
-            self._task_outcome(message[1], now, TaskCancelled(f"task {message[1]} was cancelled"))
-        elif tag == proto.ACK:
-            # handle() is about to run: from now on, a crash fails this task
-            # (unless retry=True), so the request is no longer needed.
-            self.running.add(message[1])
-            self._tasks.acknowledged(message[1])
-        elif tag == proto.HELLO:
-            self.hello = True
-        elif tag == proto.READY:
-            self._on_ready(self, now)
-        elif tag == proto.FATAL:
-            _, stage, remote_type, text, tb = message
-            self.fatal = (stage, remote_type, text, tb)
+                self._tasks.route_events(message.task_id, message.payload)
+            case proto.Result():
+                if self._tasks.route_result(message.task_id, message.payload):
+                    self.last_progress = now
+                    self.running.discard(message.task_id)
+            case proto.Started():
+                # handle() is about to run: from now on, a crash fails this task
+                # (unless retry=True), so the request is no longer needed.
+                self.running.add(message.task_id)
+                self._tasks.acknowledged(message.task_id)
+            case proto.Heartbeat():
+                pass
+            case proto.Error():
+                error = TaskFailed(message.remote_type, message.message, message.traceback)
+                self._task_outcome(message.task_id, now, error)
+            case proto.Cancelled():
+                self._tasks.events_dropped += message.dropped
+                cancelled = TaskCancelled(f"task {message.task_id} was cancelled")
+                self._task_outcome(message.task_id, now, cancelled)
+            case proto.Hello():
+                self.hello = True
+            case proto.Ready():
+                self._on_ready(self, now)
+            case proto.Fatal():
+                self.fatal = message
 
     def _task_outcome(self, task_id: int, now: float, error: TaskError) -> None:
         self.last_progress = now
@@ -444,23 +445,24 @@ class Incarnation:
                     items.append(control.receive_nowait())
                 except trio.WouldBlock:
                     break
-            messages: list[Any] = []
-            for tag, task_id, count, incarnation in items:
+            messages: list[proto.Cancel | proto.Credit] = []
+            for message, incarnation in items:
                 # Items are tagged with the incarnation they were meant for at the
                 # moment they were queued: one left over from a runner that died
                 # never reaches the next (a stale credit would over-grant a window).
                 if incarnation != self.number:
                     continue
-                if tag == proto.CREDIT and task_id not in tasks.in_flight:
-                    continue  # finished meanwhile
-                # A cancel still goes out for a task the parent already ended (say,
-                # its event did not unpickle): the runner must stop working on it.
-                if tag == proto.CANCEL:
-                    messages.append((proto.CANCEL, task_id))
-                else:
-                    messages.append((proto.CREDIT, task_id, count))
-                    if task_id in self.running:
-                        self.last_progress = trio.current_time()
+                match message:
+                    case proto.Cancel():
+                        # Sent even for a task the parent already ended (say, its
+                        # event did not unpickle): the runner must stop working on it.
+                        messages.append(message)
+                    case proto.Credit(task_id) if task_id in tasks.in_flight:
+                        messages.append(message)
+                        if task_id in self.running:
+                            self.last_progress = trio.current_time()
+                    case proto.Credit():
+                        pass  # finished meanwhile
             if not messages:
                 continue
             with trio.move_on_after(timeout) as scope:

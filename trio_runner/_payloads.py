@@ -292,16 +292,17 @@ async def decode_in_thread(
     )
 
 
-def _decode_and_load(frame: proto.BigFrame, wants: Callable[[int], bool]) -> list[Any]:
-    messages = _decode_chunked(frame)
-    for index, message in enumerate(messages):
-        message = messages[index] = proto.check_from_child(message)
+def _decode_and_load(frame: proto.BigFrame, wants: Callable[[int], bool]) -> list[proto.FromChild]:
+    messages: list[Any] = _decode_chunked(frame)
+    for index, wire in enumerate(messages):
+        message = messages[index] = proto.check_from_child(wire)
+        del wire
         if (
-            (message[0] == proto.EVENTS or message[0] == proto.RESULT)
-            and len(message[2]) >= LARGE
-            and wants(message[1])
+            isinstance(message, proto.Events | proto.Result)
+            and len(message.payload) >= LARGE
+            and wants(message.task_id)
         ):
-            # The tuple holding the bytes goes here, and the bytes with it.
-            messages[index] = (message[0], message[1], _load_or_error(message[2]))
+            # The message holding the bytes goes here, and the bytes with it.
+            messages[index] = message._replace(payload=_load_or_error(message.payload))
         del message
     return messages

@@ -1,20 +1,23 @@
-"""The wire format between the supervisor and its child: frames and message tags.
+"""The wire format between the supervisor and its child: frames and typed messages.
 
 Both sides import this module, so it must stay free of trio and of anything
 heavy: the child loads it on every spawn.
 
-A frame is a 4-byte big-endian length followed by a pickle (protocol 5) of a
-*list* of messages, so one ``send`` carries a whole batch. Each message is a
-plain tuple whose first item is one of the tags below; tuples pickle faster than
-any class would, and the two ends are always the same version of this code.
+Each message is a NamedTuple (:class:`Task`, :class:`Events` ...), read by
+field name and dispatched with ``match``. A frame is a 4-byte big-endian
+length followed by a pickle (protocol 5) of a *list* of messages, so one
+``send`` carries a whole batch; in it each message is a plain tuple of its tag
+and its fields, which pickles several times faster than the class would.
+Only the parse (:func:`check_from_child`, :func:`check_from_parent`) turns a
+wire tuple back into a message, and only it raises :class:`FrameError` for one.
 """
 
 from __future__ import annotations
 
 import pickle
 import struct
-from collections.abc import Callable, Iterator
-from typing import Any, Final, TypeAlias, cast
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any, Final, NamedTuple, TypeAlias, cast
 
 #: What a frame is written from: bytes, or a bytearray or memoryview of a payload.
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
@@ -35,22 +38,122 @@ MAX_FRAME_SIZE: Final = 2**32 - 1
 #: bytes always fits in a frame of its own.
 MESSAGE_OVERHEAD: Final = 256
 
-# Parent -> child.
-TASK: Final = 1  # (TASK, task_id, request_bytes, window)
-CANCEL: Final = 2  # (CANCEL, task_id)  task_id None means every task
-CREDIT: Final = 3  # (CREDIT, task_id, n)
-SHUTDOWN: Final = 4  # (SHUTDOWN,)
+# The messages. Each is a NamedTuple, so code on both sides reads fields by
+# name and dispatches with ``match``. On the wire each travels as a plain tuple
+# of its tag and its fields: pickle writes a NamedTuple as a reference to its
+# class plus a call to its ``__new__``, which made dumps about 8x and loads
+# about 3x slower per message than a plain tuple (measured with ``timeit``,
+# 10-message batches). :func:`encode_frames` flattens, the parse
+# (:func:`check_from_child`, :func:`check_from_parent`) builds them back.
 
-# Child -> parent.
-HELLO: Final = 10  # (HELLO, pid)  the runner class and its args loaded; setup starts
-READY: Final = 11  # (READY, pid)  setup returned
-ACK: Final = 12  # (ACK, task_id)  handle() was entered
-EVENTS: Final = 13  # (EVENTS, task_id, pickle of [event, ...])
-RESULT: Final = 14  # (RESULT, task_id, pickle of value)
-ERROR: Final = 15  # (ERROR, task_id, remote_type, message, traceback)
-CANCELLED: Final = 16  # (CANCELLED, task_id)
-HEARTBEAT: Final = 17  # (HEARTBEAT,)
-FATAL: Final = 18  # (FATAL, stage, remote_type, message, traceback)  sent before a crash exit
+
+class Task(NamedTuple):
+    """Parent -> child: run ``request`` (pickled on its own) with ``window`` events of credit."""
+
+    task_id: int
+    request: bytes | bytearray
+    window: int
+
+
+class Cancel(NamedTuple):
+    """Parent -> child: cancel one task, or every task if ``task_id`` is None."""
+
+    task_id: int | None
+
+
+class Credit(NamedTuple):
+    """Parent -> child: the consumer took ``credits`` more of the task's events."""
+
+    task_id: int
+    credits: int
+
+
+class Shutdown(NamedTuple):
+    """Parent -> child: finish, tear down and exit."""
+
+
+class Hello(NamedTuple):
+    """Child -> parent: the runner class and its args loaded; setup starts."""
+
+    pid: int
+
+
+class Ready(NamedTuple):
+    """Child -> parent: setup returned."""
+
+    pid: int
+
+
+class Started(NamedTuple):
+    """Child -> parent (the ACK): ``handle()`` is about to run; a crash now fails the task."""
+
+    task_id: int
+
+
+class Events(NamedTuple):
+    """Child -> parent: a batch of events; a list in the child's outbox, its pickle on the wire."""
+
+    task_id: int
+    payload: Any
+
+
+class Result(NamedTuple):
+    """Child -> parent: the task's return value; the value in the outbox, its pickle on the wire."""
+
+    task_id: int
+    payload: Any
+
+
+class Error(NamedTuple):
+    """Child -> parent: ``handle()`` raised."""
+
+    task_id: int
+    remote_type: str
+    message: str
+    traceback: str
+
+
+class Cancelled(NamedTuple):
+    """Child -> parent: the task ended cancelled, with ``dropped`` queued events never sent."""
+
+    task_id: int
+    dropped: int = 0
+
+
+class Heartbeat(NamedTuple):
+    """Child -> parent: alive, with nothing else to say."""
+
+
+class Fatal(NamedTuple):
+    """Child -> parent, before a crash exit: what killed the runner, and at which stage."""
+
+    stage: str
+    remote_type: str
+    message: str
+    traceback: str
+
+
+ToChild: TypeAlias = "Task | Cancel | Credit | Shutdown"
+FromChild: TypeAlias = "Hello | Ready | Started | Events | Result | Error | Cancelled | Heartbeat | Fatal"
+Message: TypeAlias = "ToChild | FromChild"
+
+#: Each message's tag on the wire. The numbers are the protocol; both ends are
+#: always the same version of this code.
+_TAGS: Final[dict[type[Any], int]] = {
+    Task: 1,
+    Cancel: 2,
+    Credit: 3,
+    Shutdown: 4,
+    Hello: 10,
+    Ready: 11,
+    Started: 12,
+    Events: 13,
+    Result: 14,
+    Error: 15,
+    Cancelled: 16,
+    Heartbeat: 17,
+    Fatal: 18,
+}
 
 # Stages named by FATAL.
 STAGE_LOAD: Final = "load"  # importing the runner class or unpickling its args
@@ -75,41 +178,75 @@ class FrameError(Exception):
     """A frame that is oversize or does not unpickle: the peer is broken."""
 
 
-#: The shape of each child-to-parent message: its lengths, and the type of
-#: each field after the tag (None: checked where it is used, e.g. a payload).
-_FROM_CHILD: Final[dict[int, tuple[tuple[int, ...], tuple[type | None, ...]]]] = {
-    HELLO: ((2,), (int,)),
-    READY: ((2,), (int,)),
-    ACK: ((2,), (int,)),
-    EVENTS: ((3,), (int, None)),
-    RESULT: ((3,), (int, None)),
-    ERROR: ((5,), (int, str, str, str)),
-    CANCELLED: ((2, 3), (int, int)),
-    HEARTBEAT: ((1,), ()),
-    FATAL: ((5,), (str, str, str, str)),
+_NAMES: Final = {tag: kind.__name__ for kind, tag in _TAGS.items()}
+#: How each message is checked, by tag: its class, the least and most fields
+#: it may have on the wire (fields with a default may be left off), and the
+#: type of each field checked here, by position on the wire (a payload is
+#: checked where it is used).
+_Shape: TypeAlias = "tuple[type[Any], int, int, tuple[tuple[int, type], ...]]"
+
+
+def _shape(kind: type[Any], *types: type | None) -> _Shape:
+    checks = tuple((position, expected) for position, expected in enumerate(types, 1) if expected is not None)
+    return (kind, len(types) - len(kind._field_defaults), len(types), checks)
+
+
+_FROM_CHILD: Final[dict[int, _Shape]] = {
+    _TAGS[Hello]: _shape(Hello, int),
+    _TAGS[Ready]: _shape(Ready, int),
+    _TAGS[Started]: _shape(Started, int),
+    _TAGS[Events]: _shape(Events, int, None),
+    _TAGS[Result]: _shape(Result, int, None),
+    _TAGS[Error]: _shape(Error, int, str, str, str),
+    _TAGS[Cancelled]: _shape(Cancelled, int, int),
+    _TAGS[Heartbeat]: _shape(Heartbeat),
+    _TAGS[Fatal]: _shape(Fatal, str, str, str, str),
 }
+_TO_CHILD: Final[dict[int, _Shape]] = {
+    _TAGS[Task]: _shape(Task, int, None, int),
+    _TAGS[Cancel]: _shape(Cancel, None),
+    _TAGS[Credit]: _shape(Credit, int, int),
+    _TAGS[Shutdown]: _shape(Shutdown),
+}
+#: ``tuple.__new__``: makes a message of its fields in C, without the call of
+#: the class's Python-level ``__new__``.
+_tuple_new: Final[Callable[[type[Any], tuple[Any, ...]], Any]] = cast(Any, tuple).__new__
 
 
-def check_from_child(message: object) -> tuple[Any, ...]:
-    """``message`` if it is a well-formed child-to-parent message; FrameError if not.
+def check_from_child(wire: object) -> FromChild:
+    """The message ``wire`` carries, if it is a well-formed child-to-parent message; FrameError if not.
 
     The parent routes only checked messages, so a malformed one is a protocol
     error while a bug in routing raises as the bug it is.
     """
-    if not isinstance(message, tuple) or not message:
-        raise FrameError(f"malformed message {message!r:.200}: not a non-empty tuple")
-    fields: tuple[Any, ...] = message  # pyright: ignore[reportUnknownVariableType]
+    return cast("FromChild", _parse(wire, _FROM_CHILD))
+
+
+def check_from_parent(wire: object) -> ToChild:
+    """The message ``wire`` carries, if it is a well-formed parent-to-child message; FrameError if not."""
+    return cast("ToChild", _parse(wire, _TO_CHILD))
+
+
+def _parse(wire: object, shapes: dict[int, _Shape]) -> Any:
+    if type(wire) is not tuple or not wire:
+        raise FrameError(f"malformed message {wire!r:.200}: not a non-empty tuple")
+    fields: tuple[Any, ...] = wire  # pyright: ignore[reportUnknownVariableType]
     tag = fields[0]
-    shape = _FROM_CHILD.get(tag) if type(tag) is int else None
+    shape = shapes.get(tag) if type(tag) is int else None
     if shape is None:
         raise FrameError(f"unknown message tag {tag!r:.100}")
-    lengths, types = shape
-    if len(fields) not in lengths:
+    kind, least, most, checks = shape
+    count = len(fields) - 1
+    if not least <= count <= most:
         raise FrameError(f"malformed message {fields!r:.200}: {len(fields)} fields")
-    for value, kind in zip(fields[1:], types, strict=False):
-        if kind is not None and (type(value) is not kind):
-            raise FrameError(f"malformed message {fields!r:.200}: {value!r:.50} is not a {kind.__name__}")
-    return fields
+    for position, expected in checks:
+        if position <= count and type(fields[position]) is not expected:
+            raise FrameError(
+                f"malformed message {fields!r:.200}: {fields[position]!r:.50} is not a {expected.__name__}"
+            )
+    if count < most:
+        return kind(*fields[1:])
+    return _tuple_new(kind, fields[1:])
 
 
 def check_max_frame(value: object) -> int:
@@ -129,13 +266,19 @@ def check_max_frame(value: object) -> int:
     return value
 
 
-def encode(messages: list[Any]) -> bytes:
+def _flatten(messages: Iterable[Message]) -> list[tuple[Any, ...]]:
+    tags = _TAGS
+    # Concatenation runs in C: about a fifth faster than unpacking into a tuple.
+    return [(tags[type(message)],) + message for message in messages]  # noqa: RUF005
+
+
+def encode(messages: Iterable[Message]) -> bytes:
     """One frame carrying ``messages``, whatever its size (see :func:`encode_frames`)."""
-    payload = pickle.dumps(messages, protocol=PICKLE_PROTOCOL)
+    payload = pickle.dumps(_flatten(messages), protocol=PICKLE_PROTOCOL)
     return HEADER.pack(len(payload)) + payload
 
 
-def encode_frames(messages: list[Any], max_frame: int) -> bytes:
+def encode_frames(messages: Iterable[Message], max_frame: int) -> bytes:
     """Frames carrying ``messages`` in order, none longer than ``max_frame`` (the header aside).
 
     Both ends send through this. The size is measured, not guessed: the
@@ -148,16 +291,17 @@ def encode_frames(messages: list[Any], max_frame: int) -> bytes:
         FrameError: a single message does not fit in a frame; the callers
             bound their payloads to ``max_frame - MESSAGE_OVERHEAD`` first.
     """
-    payload = pickle.dumps(messages, protocol=PICKLE_PROTOCOL)
+    flat = _flatten(messages)
+    payload = pickle.dumps(flat, protocol=PICKLE_PROTOCOL)
     if len(payload) <= max_frame:
         return HEADER.pack(len(payload)) + payload
     parts: list[Buffer] = []
-    for group in _groups(messages, max_frame):
+    for group in _groups(flat, max_frame):
         _encode_group(group, max_frame, parts, _dumps)
     return b"".join(parts)
 
 
-def encode_frame_parts(messages: list[Any], max_frame: int) -> list[Buffer]:
+def encode_frame_parts(messages: Iterable[Message], max_frame: int) -> list[Buffer]:
     """Like :func:`encode_frames`, as a list of buffers to write in turn, without copying big payloads.
 
     A bytes or bytearray of 64 KiB or more inside a message (pickle writes
@@ -165,7 +309,7 @@ def encode_frame_parts(messages: list[Any], max_frame: int) -> list[Buffer]:
     parent sends a big request without a copy on its event loop.
     """
     parts: list[Buffer] = []
-    for group in _groups(messages, max_frame):
+    for group in _groups(_flatten(messages), max_frame):
         _encode_group(group, max_frame, parts, _dump_parts)
     return parts
 
@@ -235,7 +379,7 @@ def _encode_group(
         out.extend(parts)
     elif len(group) == 1:
         raise FrameError(
-            f"a message of tag {group[0][0]!r} pickles to {size} bytes, more than the "
+            f"a {_NAMES[group[0][0]]} message pickles to {size} bytes, more than the "
             f"frame limit of {max_frame} bytes"
         )
     else:

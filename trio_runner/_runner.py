@@ -14,7 +14,7 @@ from . import _validate as check
 from ._errors import TaskCancelled
 
 if TYPE_CHECKING:
-    from ._child import Child
+    from ._outbox import Outbox, TaskSlot
 
 RequestT = TypeVar("RequestT")
 EventT = TypeVar("EventT")
@@ -24,21 +24,29 @@ ResultT = TypeVar("ResultT")
 class TaskContext(Generic[EventT]):
     """Handed to :meth:`Runner.handle` for one task.
 
+    A thin facade over the child's state for the task: safe to use from any
+    thread of the runner.
+
     Attributes:
         task_id: the supervisor's id of this task, unique within one supervisor.
+        cancelled: True once a cancel for this task reached the child. The
+            child's reader thread sets it the moment the frame arrives, even
+            while ``handle()`` runs.
     """
 
-    __slots__ = ("_child", "_credits", "_dropped", "_sent_any", "cancelled", "task_id")
+    __slots__ = ("_outbox", "_slot")
 
-    def __init__(self, child: Child, task_id: int, window: int) -> None:
-        self._child = child
-        self._credits = window
-        self._dropped = 0  # events still queued here when the cancel came, never sent
-        self._sent_any = False  # the first event goes out at once
-        self.task_id = task_id
-        #: True once a cancel for this task reached the child. The child's reader
-        #: thread sets it the moment the frame arrives, even while ``handle()`` runs.
-        self.cancelled = False
+    def __init__(self, slot: TaskSlot, outbox: Outbox) -> None:
+        self._slot = slot
+        self._outbox = outbox
+
+    @property
+    def task_id(self) -> int:
+        return self._slot.task_id
+
+    @property
+    def cancelled(self) -> bool:
+        return self._slot.cancelled
 
     def emit(self, event: EventT) -> None:
         """Stream one event to the task's consumer in the parent.
@@ -46,14 +54,14 @@ class TaskContext(Generic[EventT]):
         Events are batched on the way out and arrive in order, before the
         task's result. Each task has a window of events the parent has not yet
         consumed; when it is used up, ``emit`` blocks until the consumer catches
-        up.
+        up. Each task has a lock of its own: an emit never waits for another task's.
 
         Raises:
             TaskCancelled: if the task has been cancelled (also while ``emit``
                 waits for the consumer), so a handler that only emits stops
                 even if it never checks ``cancelled``.
         """
-        self._child.emit(self, event)
+        self._outbox.emit(self._slot, event)
 
     def emit_many(self, events: Iterable[EventT]) -> None:
         """Stream several events at once: the same as ``emit`` for each, in order, but
@@ -63,12 +71,12 @@ class TaskContext(Generic[EventT]):
             TaskCancelled: as for ``emit``; the events queued before the cancel
                 arrived are dropped, not sent.
         """
-        self._child.emit_many(self, events)
+        self._outbox.emit_many(self._slot, events)
 
     def raise_if_cancelled(self) -> None:
         """Raise :class:`TaskCancelled` if a cancel for this task has arrived."""
-        if self.cancelled:
-            raise TaskCancelled(f"task {self.task_id} was cancelled")
+        if self._slot.cancelled:
+            raise TaskCancelled(f"task {self._slot.task_id} was cancelled")
 
 
 class Runner(Generic[RequestT, EventT, ResultT]):

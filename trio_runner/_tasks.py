@@ -40,9 +40,9 @@ ResultT = TypeVar("ResultT")
 #: Events a consumer takes from its queue between checkpoints.
 CHECKPOINT_EVERY = 128
 
-#: An item of the control channel: (CANCEL or CREDIT, task id or None for
-#: every task, credits, the incarnation it is meant for).
-ControlItem: TypeAlias = tuple[int, int | None, int, int]
+#: An item of the control channel: a cancel or credits for the runner, and
+#: the incarnation it is meant for.
+ControlItem: TypeAlias = tuple[proto.Cancel | proto.Credit, int]
 
 
 class Task:
@@ -176,7 +176,7 @@ class TaskTable:
         Bytes, or with a big request, the parts to write in turn: a big request
         is written from the pickle the thread made, never copied on the loop.
         """
-        messages: list[Any] = []
+        messages: list[proto.Task] = []
         big = False
         pending, in_flight, window = self.pending, self.in_flight, self.window
         for task in batch:
@@ -187,7 +187,7 @@ class TaskTable:
             # runner never started is delivered again if it dies.
             assert task.request is not None
             big = big or len(task.request) >= _payloads.LARGE_REQUEST
-            messages.append((proto.TASK, task.id, task.request, window))
+            messages.append(proto.Task(task.id, task.request, window))
         if big:
             return proto.encode_frame_parts(messages, self.max_frame)
         return proto.encode_frames(messages, self.max_frame)
@@ -255,7 +255,7 @@ class TaskTable:
             # The runner may still be working on it: stop it. Without credits its
             # emit then raises TaskCancelled instead of blocking for ever.
             task.cancel_sent = True
-            self.control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
+            self.control_send.send_nowait((proto.Cancel(task.id), task.incarnation))
             return None
 
     # -- the consumer's side ------------------------------------------------------
@@ -264,7 +264,7 @@ class TaskTable:
         """The consumer took ``count`` events: return their credits, half a window at a time."""
         task.unreturned += count
         if task.unreturned >= self.credit_batch and not task.done and not task.cancel_sent:
-            self.control_send.send_nowait((proto.CREDIT, task.id, task.unreturned, task.incarnation))
+            self.control_send.send_nowait((proto.Credit(task.id, task.unreturned), task.incarnation))
             task.returned += task.unreturned
             task.unreturned = 0
 
@@ -295,7 +295,7 @@ class TaskTable:
             self.finish(task, error=TaskCancelled(f"task {task.id} was cancelled before it started"))
         elif not task.cancel_sent:
             self.drop_events(task)
-            self.control_send.send_nowait((proto.CANCEL, task.id, 0, task.incarnation))
+            self.control_send.send_nowait((proto.Cancel(task.id), task.incarnation))
 
     def cancel_all(self, incarnation: int | None) -> None:
         """Cancel every task: pending ones at once, those in flight on ``incarnation`` through the runner."""
@@ -304,7 +304,7 @@ class TaskTable:
         if self.in_flight and incarnation is not None:
             # Tagged with the incarnation, so a cancel-all left over from one that
             # died never reaches the next.
-            self.control_send.send_nowait((proto.CANCEL, None, 0, incarnation))
+            self.control_send.send_nowait((proto.Cancel(None), incarnation))
             for task in self.in_flight.values():
                 self.drop_events(task)
 
@@ -394,6 +394,9 @@ class TaskHandle(Generic[EventT, ResultT]):
     Iterate it for the events the runner emits, in order. A successful task
     ends the ``async for`` normally; a failed, cancelled or crashed task makes
     it raise that exception after every event that arrived before the end.
+    Each step is a checkpoint for cancellation (a cancelled consumer stops at
+    the next event, however many are queued), and every ``CHECKPOINT_EVERY``
+    events it also yields to the scheduler.
 
     **Cancellation:** cancelling the task that iterates (or awaits ``wait()``)
     cancels the task in the runner, and leaving the ``stream`` block early
@@ -435,12 +438,18 @@ class TaskHandle(Generic[EventT, ResultT]):
             if task.events:
                 self._since_checkpoint += 1
                 if self._since_checkpoint >= CHECKPOINT_EVERY:
-                    # Checkpoint every N events, not every one: per-event
-                    # checkpoints cap delivery far below the transport's rate.
+                    # A full checkpoint every N events, not every one: a
+                    # reschedule per event caps delivery far below the
+                    # transport's rate.
                     self._since_checkpoint = 0
                     await trio.lowlevel.checkpoint()
                     if not task.events:
                         continue
+                else:
+                    # The cancel half of trio's checkpoint contract, on every
+                    # event: a cancelled consumer stops at the next one, however
+                    # many are queued. Cheap: no reschedule unless cancelled.
+                    await trio.lowlevel.checkpoint_if_cancelled()
                 event = task.events.popleft()
                 self._table.consumed(task, 1)
                 return event

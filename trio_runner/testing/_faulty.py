@@ -138,10 +138,6 @@ class _FaultyContext:
     def cancelled(self) -> bool:
         return self._ctx.cancelled
 
-    @property
-    def _child(self) -> Child:
-        return self._ctx._child  # pyright: ignore[reportPrivateUsage]
-
     def raise_if_cancelled(self) -> None:
         self._ctx.raise_if_cancelled()
 
@@ -233,18 +229,18 @@ class FaultyRunner(Runner[Any, Any, Any]):
         self._child = find_child()
         child = self._child
         if child is not None:
-            original = child._dispatch  # pyright: ignore[reportPrivateUsage]
+            original = child.dispatch
             on_shutdown = [f for f in self._faults if isinstance(f.trigger, OnShutdown)]
 
-            def dispatch(message: tuple[Any, ...]) -> None:
+            def dispatch(message: proto.ToChild) -> None:
                 if self._reader_stalled:
                     _block_forever()
-                if message[0] == proto.SHUTDOWN:
+                if isinstance(message, proto.Shutdown):
                     for fault in on_shutdown:
                         self._fire(fault)
                 original(message)
 
-            child._dispatch = dispatch  # type: ignore[method-assign]
+            child.dispatch = dispatch  # type: ignore[method-assign]
         self._fire_all(InSetup)
         self._inner.setup()
 
@@ -278,15 +274,14 @@ class FaultyRunner(Runner[Any, Any, Any]):
     def _flush(self) -> None:
         """Wait until everything queued has been written to the parent (at most a second)."""
         if self._child is not None:
-            self._child.flush(1.0)
+            self._child.outbox.flush(1.0)
 
     def _send_raw(self, data: bytes) -> None:
         child = self._child
         if child is None:
             return
-        self._flush()
-        with child.send_lock, contextlib.suppress(OSError):
-            child.sock.sendall(data)
+        with contextlib.suppress(OSError):
+            child.outbox.send_raw(data)
 
     def _fire(self, fault: Fault) -> None:
         kind = fault.kind
@@ -311,7 +306,7 @@ class FaultyRunner(Runner[Any, Any, Any]):
             _block_forever()
         elif isinstance(kind, StopHeartbeats):
             if child is not None:
-                child.heartbeat_paused = True
+                child.outbox.heartbeat_paused = True
             _block_forever()
         elif isinstance(kind, StallReader):
             self._reader_stalled = True
