@@ -249,23 +249,6 @@ def _parse(wire: object, shapes: dict[int, _Shape]) -> Any:
     return _tuple_new(kind, fields[1:])
 
 
-def check_max_frame(value: object) -> int:
-    """``value`` as a ``max_frame_size``, or a TypeError / ValueError that says what to pass."""
-    if isinstance(value, bool) or not isinstance(value, int):
-        # NaN would turn every size check off (every comparison with it is False).
-        raise TypeError(
-            f"max_frame_size={value!r} must be an int number of bytes, not {type(value).__name__}; "
-            f"for example max_frame_size={DEFAULT_MAX_FRAME} (the default, 64 MiB)"
-        )
-    if not MIN_FRAME_SIZE <= value <= MAX_FRAME_SIZE:
-        raise ValueError(
-            f"max_frame_size={value!r} must be between {MIN_FRAME_SIZE} bytes (64 KiB: the least in "
-            f"which a small result and an error report still fit) and {MAX_FRAME_SIZE} (the "
-            "frame header's 32-bit limit)"
-        )
-    return value
-
-
 def _flatten(messages: Iterable[Message]) -> list[tuple[Any, ...]]:
     tags = _TAGS
     # Concatenation runs in C: about a fifth faster than unpacking into a tuple.
