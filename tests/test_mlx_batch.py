@@ -104,8 +104,10 @@ async def test_concurrent_requests_with_different_sampling_settings_each_get_the
             reseeded = Generate(
                 prompt=PROMPTS[1], max_tokens=20, temperature=1.0, top_k=50, min_p=0.01, seed=8
             )
+            # Strong penalties: the trained demo model is confident enough that
+            # mild ones leave its greedy text as it is.
             penalised = Generate(
-                prompt=PROMPTS[0], max_tokens=20, repetition_penalty=1.5, frequency_penalty=1.0
+                prompt=PROMPTS[0], max_tokens=20, repetition_penalty=3.0, frequency_penalty=2.0
             )
             alone = await sup.run(seeded)
             results = await _together(sup, [greedy, seeded, forced, seeded, reseeded, penalised])
