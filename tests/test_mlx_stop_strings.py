@@ -1,4 +1,4 @@
-"""The MLX runner's stop strings, as a unit: ``_StopScanner`` alone, with no model and no mlx.
+"""The MLX runner's stop strings, as a unit: ``StopScanner`` alone, with no model and no mlx.
 
 The scanner keeps only the end of the generation that a match can still use.
 These tests hold it to the obvious version that keeps the whole text (and is
@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from trio_runner.mlx import Token
-from trio_runner.mlx._runner import _StopScanner  # pyright: ignore[reportPrivateUsage]
+from trio_runner.mlx._batch_text import StopScanner
 
 
 class _WholeTextScanner:
@@ -64,7 +64,7 @@ class _WholeTextScanner:
         return out
 
 
-def _steps(scanner: _StopScanner | _WholeTextScanner, pieces: Sequence[str]) -> list[object]:
+def _steps(scanner: StopScanner | _WholeTextScanner, pieces: Sequence[str]) -> list[object]:
     """What the runner does with ``pieces``: each push's output, then the flush unless a stop cut it."""
     steps: list[object] = []
     for token_id, piece in enumerate(pieces):
@@ -77,7 +77,7 @@ def _steps(scanner: _StopScanner | _WholeTextScanner, pieces: Sequence[str]) -> 
 
 
 def _same_as_whole_text(stops: Sequence[str], pieces: Sequence[str]) -> None:
-    assert _steps(_StopScanner(stops), pieces) == _steps(_WholeTextScanner(stops), pieces)
+    assert _steps(StopScanner(stops), pieces) == _steps(_WholeTextScanner(stops), pieces)
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_stops_cut_exactly_where_the_whole_text_scanner_does(stops: list[str], p
 
 def test_a_stop_after_a_long_generation_is_found_and_cut_before_it() -> None:
     pieces = ["ab"] * 5000 + ["<|e", "nd|>tail"]
-    steps = _steps(_StopScanner(["<|end|>"]), pieces)
+    steps = _steps(StopScanner(["<|end|>"]), pieces)
     emitted = "".join(token.text for ready, _ in steps[:-1] for token in ready)  # type: ignore[misc]
     last_ready, cut = steps[-1]  # type: ignore[misc]
     assert cut is True
@@ -126,7 +126,7 @@ def test_a_long_generation_with_stop_strings_is_linear() -> None:
     # stop string (so it is held, then released): the whole-text scanner copies
     # the text on every token (about a minute here), this one a few hundred
     # characters. The bound only catches the quadratic version.
-    scanner = _StopScanner(["<|end|>", "\n\nUser:"])
+    scanner = StopScanner(["<|end|>", "\n\nUser:"])
     piece = "x" * 99 + "<"
     began = time.perf_counter()
     released = 0

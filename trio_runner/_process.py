@@ -232,6 +232,29 @@ def forkserver_preload(preload: Sequence[str]) -> list[str]:
     return [CHILD_MODULE, *preload] if preload else ["__main__", CHILD_MODULE]
 
 
+def ensure_forkserver(name: str, preload: tuple[str, ...]) -> None:
+    """Start the forkserver with ``preload`` imported, or warn that it runs without them."""
+    from multiprocessing import forkserver
+
+    server: Any = getattr(forkserver, "_forkserver", None)
+    running = server is not None and getattr(server, "_forkserver_pid", None) is not None
+    preloaded = set(getattr(server, "_preload_modules", ()) or ())
+    missing = set(preload) - preloaded
+    if running and missing:
+        # The forkserver is one per process and its preload list is fixed
+        # when it starts: say so rather than silently restart slowly.
+        logging.getLogger("trio_runner").warning(
+            "runner %r asked the forkserver to preload %s, but it is already running without "
+            "them; every restart imports them again. Start supervisors that need different "
+            "preloads in separate processes, or give them all the same preload list",
+            name,
+            ", ".join(sorted(missing)),
+        )
+    elif not running:
+        multiprocessing.get_context("forkserver").set_forkserver_preload(forkserver_preload(preload))
+    forkserver.ensure_running()
+
+
 class ProcessWorker:
     """A real runner process started through ``multiprocessing``."""
 
@@ -260,7 +283,7 @@ class ProcessWorker:
     async def start(self) -> None:
         spec = self._spec
         # The forkserver's preload list is not set here: it is process-wide,
-        # fixed when the forkserver launches (Supervisor._ensure_forkserver).
+        # fixed when the forkserver launches (ensure_forkserver, above).
         ctx = multiprocessing.get_context(spec.start_method)
         parent_sock, child_sock = socket.socketpair()
         for sock in (parent_sock, child_sock):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import multiprocessing
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, Generic, NoReturn, TypeVar, Unpack
@@ -40,7 +39,7 @@ from ._policy import RestartTracker
 from ._process import (
     SpawnSpec,
     WorkerFactory,
-    forkserver_preload,
+    ensure_forkserver,
     private_limiter,
     process_worker,
 )
@@ -72,29 +71,6 @@ _LOG_FLUSH_BOUND = 1.0
 # default one, which the application may have saturated.
 _PAYLOAD_THREADS = 2
 _TERMINAL = (RunnerState.STOPPING, RunnerState.STOPPED, RunnerState.FAILED)
-
-
-def _ensure_forkserver(name: str, preload: tuple[str, ...]) -> None:
-    """Start the forkserver with ``preload`` imported, or warn that it runs without them."""
-    from multiprocessing import forkserver
-
-    server: Any = getattr(forkserver, "_forkserver", None)
-    running = server is not None and getattr(server, "_forkserver_pid", None) is not None
-    preloaded = set(getattr(server, "_preload_modules", ()) or ())
-    missing = set(preload) - preloaded
-    if running and missing:
-        # The forkserver is one per process and its preload list is fixed
-        # when it starts: say so rather than silently restart slowly.
-        logger.warning(
-            "runner %r asked the forkserver to preload %s, but it is already running without "
-            "them; every restart imports them again. Start supervisors that need different "
-            "preloads in separate processes, or give them all the same preload list",
-            name,
-            ", ".join(sorted(missing)),
-        )
-    elif not running:
-        multiprocessing.get_context("forkserver").set_forkserver_preload(forkserver_preload(preload))
-    forkserver.ensure_running()
 
 
 class NoPublicConstructor(type):
@@ -401,7 +377,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         try:
             if self._spec.start_method == "forkserver":
                 await trio.to_thread.run_sync(
-                    _ensure_forkserver, self.name, self._spec.preload, abandon_on_cancel=True
+                    ensure_forkserver, self.name, self._spec.preload, abandon_on_cancel=True
                 )
             while not self._stop_requested:
                 self._incarnations += 1

@@ -14,7 +14,7 @@ from typing import Any
 from ._types import Choice, FinishReason, Token, TopLogprob
 
 
-class _StopScanner:
+class StopScanner:
     """Holds back tokens that might begin a stop string, and cuts the text where one appears.
 
     Without stop strings every token passes straight through. Linear in the
@@ -107,7 +107,7 @@ class ChoiceText:
         self, index: int, stops: Sequence[str], top_n: int | None, piece: Callable[[int], str]
     ) -> None:
         self.index = index
-        self.scanner = _StopScanner(stops)
+        self.scanner = StopScanner(stops)
         self.top_n = top_n
         self.piece = piece
         self.pieces: list[str] = []

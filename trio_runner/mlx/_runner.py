@@ -19,11 +19,11 @@ if TYPE_CHECKING:
     from ._batch import BatchEngine
 
 from .._runner import Runner, TaskContext
-from ._batch_text import ChoiceText, _StopScanner  # pyright: ignore[reportPrivateUsage]
+from ._batch_text import ChoiceText
 from ._prompt_cache import DEFAULT_PROMPT_CACHE_BYTES, PromptCache
 from ._types import Completion, Generate, Token
 
-__all__ = ["MlxLmRunner", "_StopScanner", "check_model_argument", "start_options", "warm_up_once"]
+__all__ = ["MlxLmRunner", "check_model_argument", "start_options", "warm_up_once"]
 
 _PRELOAD_MODULE = "trio_runner.mlx._preload"
 # What a Hugging Face repo id looks like; anything else that does not exist is a missing path.

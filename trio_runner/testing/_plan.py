@@ -294,7 +294,7 @@ class HostileFault(InjectedFault):
         return (type(self), (self.args[0] if self.args else "", self.str_raises))
 
 
-def _allowed(kind: FaultKind, trigger: Trigger) -> str | None:
+def fault_not_allowed(kind: FaultKind, trigger: Trigger) -> str | None:
     """Why ``kind`` cannot fire at ``trigger``, or None if it can."""
     if isinstance(kind, SlowStartup) and not isinstance(trigger, InSetup):
         return "SlowStartup only fires InSetup()"
@@ -332,7 +332,7 @@ class Fault:
             raise TypeError(
                 f"Fault(trigger={self.trigger!r}) must be one of {', '.join(t.__name__ for t in TRIGGERS)}"
             )
-        why = _allowed(self.kind, self.trigger)
+        why = fault_not_allowed(self.kind, self.trigger)
         if why is not None:
             raise ValueError(f"{self!r} cannot fire: {why}")
         inc = self.incarnation

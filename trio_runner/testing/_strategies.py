@@ -41,8 +41,8 @@ from ._plan import (
     Stop,
     StopHeartbeats,
     Trigger,
-    _allowed,  # pyright: ignore[reportPrivateUsage]
     fatal_signals,
+    fault_not_allowed,
 )
 from ._sequence import RequestSequence, Submission
 
@@ -138,7 +138,7 @@ def faults(
     @st.composite
     def build(draw: st.DrawFn) -> Fault:
         kind = draw(fault_kinds(kinds, max_slow_startup=max_slow_startup, native_faults=native_faults))
-        usable = [t for t in trigger_kinds if _allowed(kind, _example(t)) is None]
+        usable = [t for t in trigger_kinds if fault_not_allowed(kind, _example(t)) is None]
         if not usable:
             from hypothesis import reject
 
