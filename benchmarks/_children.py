@@ -16,7 +16,7 @@ import sys
 import time
 from typing import Any
 
-from trio_runner import Runner, TaskContext
+from trio_runner import Runner, TaskContext, _child
 
 HEADER = struct.Struct("!I")
 PAYLOAD_SIZE = 100
@@ -67,7 +67,9 @@ class BenchRunner(Runner[Any, Any, Any]):
             return len(request[1])
         if command == "stall_reader":
             # Fault injection (as in the test suite): the reader thread stops reading the control socket.
-            ctx._child.reader_stalled.set()  # pyright: ignore[reportPrivateUsage]
+            child = _child.current
+            assert child is not None, "not in a runner process"
+            child.reader_stalled.set()
             return "stalled"
         if command == "hang_ignoring_sigterm":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
