@@ -67,8 +67,25 @@ PANELS = [
 ]
 
 
+def _plot_scaling(axis: Any, table: dict[str, list[dict[str, float]]]) -> None:
+    """Aggregate tokens/s against the number of streaming clients, one line per server."""
+    for position, (name, levels) in enumerate(table.items()):
+        clients = [level["clients"] for level in levels]
+        tokens = [level["tokens_per_s"] for level in levels]
+        axis.plot(clients, tokens, "-o" if position == 0 else "--s", label=name)
+    axis.set_xscale("log", base=2)
+    levels_seen = sorted({level["clients"] for levels in table.values() for level in levels})
+    axis.set_xticks(levels_seen, [f"{c:g}" for c in levels_seen])
+    axis.set_title("serve: aggregate tokens/s by streaming clients")
+    axis.set_xlabel("concurrent streaming clients (log scale)")
+    axis.set_ylabel("tokens/s (median of rounds)")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, loc="upper left")
+
+
 def write_plot(path: str, raw: dict[str, Any]) -> str:
-    """ECDFs of each latency distribution, ours and its baselines on one chart. Returns a note, or ''."""
+    """ECDFs of each latency distribution, ours and its baselines on one chart, and the serve
+    scaling (tokens/s by clients, ours against mlx_lm.server). Returns a note, or ''."""
     try:
         import matplotlib
 
@@ -77,10 +94,12 @@ def write_plot(path: str, raw: dict[str, Any]) -> str:
     except ImportError:
         return "latency.png not written: matplotlib is not installed (pip install matplotlib)."
     panels = [panel for panel in PANELS if panel[0] in raw]
-    if not panels:
+    serving: dict[str, list[dict[str, float]]] = (raw.get("serve") or {}).get("throughput") or {}
+    count = len(panels) + (1 if serving else 0)
+    if not count:
         return ""
-    columns = 2 if len(panels) > 1 else 1
-    rows = math.ceil(len(panels) / columns)
+    columns = 2 if count > 1 else 1
+    rows = math.ceil(count / columns)
     figure, axes = plt.subplots(rows, columns, figsize=(6.5 * columns, 4.2 * rows), squeeze=False)
     for axis, (key, title, scale, unit) in zip(axes.flat, panels, strict=False):
         series: dict[str, list[float]] = raw[key]
@@ -99,7 +118,9 @@ def write_plot(path: str, raw: dict[str, Any]) -> str:
         axis.set_ylabel("fraction of samples ≤ x")
         axis.grid(True, which="both", alpha=0.3)
         axis.legend(fontsize=7, loc="lower right")
-    for axis in list(axes.flat)[len(panels) :]:
+    if serving:
+        _plot_scaling(list(axes.flat)[len(panels)], serving)
+    for axis in list(axes.flat)[count:]:
         axis.set_visible(False)
     figure.suptitle("trio-runner (solid) against its baselines (dashed)")
     figure.tight_layout()
