@@ -190,7 +190,7 @@ class FakeWorker:
         self._to_child.put_data(data)
         return len(data)
 
-    async def receive_some(self) -> bytes:
+    async def receive_some(self, *, hand_over: bool = False) -> bytes:
         try:
             return bytes(await self._to_parent.receive_some())
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -298,7 +298,7 @@ class Incarnation:
         big = _payloads.LARGE
         try:
             while True:
-                data = await self.worker.receive_some()
+                data = await self.worker.receive_some(hand_over=reader.in_big_frame)
                 if not data:
                     break
                 now = trio.current_time()

@@ -36,8 +36,8 @@ _READS_PER_YIELD = 8
 #: read into a fresh buffer costs 0.1-0.4 ms (page faults), so eight in a row
 #: held the loop 2-9 ms while a big payload streamed in.
 _BYTES_PER_YIELD = _RECEIVE_SIZE
-#: Reads of this many bytes or more are handed over in their own mapping;
-#: smaller ones are copied out of the one the next read reuses.
+#: Reads of this many bytes or more, of a big frame, are handed over in their
+#: own mapping; the others are copied out of the one the next read reuses.
 _HANDOVER = 64 * 1024
 _SOCKET_BUFFER = 1024 * 1024
 
@@ -172,8 +172,12 @@ class Worker(Protocol):
         The caller sends the rest with :meth:`send_all`."""
         ...
 
-    async def receive_some(self) -> bytes:
-        """The next bytes from the child, or ``b""`` at end of file."""
+    async def receive_some(self, *, hand_over: bool = False) -> bytes:
+        """The next bytes from the child, or ``b""`` at end of file.
+
+        ``hand_over``: the caller keeps what it gets (the rest of a big frame),
+        so a big read may come in a buffer of its own rather than as a copy.
+        """
         ...
 
     async def wait(self, reap_timeout: float) -> ExitStatus:
@@ -382,7 +386,7 @@ class ProcessWorker:
         except OSError:  # full (BlockingIOError), or the child is gone
             return 0
 
-    async def receive_some(self) -> bytes:
+    async def receive_some(self, *, hand_over: bool = False) -> bytes:
         # Straight on the non-blocking socket: SocketStream.receive_some adds a
         # schedule point after a read that succeeded at once, a whole loop pass
         # before each frame is routed. Reads that find data at once still
@@ -406,13 +410,15 @@ class ProcessWorker:
                 return b""
             else:
                 self._read_since_yield += count
-                if count < _HANDOVER:
+                if count < _HANDOVER or not hand_over:
                     return bytes(buffer[:count])
-                # A big read is handed over, not copied: a big frame keeps its
-                # reads as they are. Its own mapping, not the heap: glibc would
-                # put thousands of such reads on the heap top and give the
-                # pages back (milliseconds for tens of MiB) at a later free of
-                # ours, on the loop, wherever the trim happened to fall.
+                # A big read of a big frame is handed over, not copied: a big
+                # frame keeps its reads as they are. Its own mapping, not the
+                # heap: glibc would put thousands of such reads on the heap top
+                # and give the pages back (milliseconds for tens of MiB) at a
+                # later free of ours, on the loop, wherever the trim happened to
+                # fall. Only then: a mapping per read cost a stream of small
+                # events (frames under 1 MiB) a quarter of its events/s.
                 self._read_buffer = None
                 return cast(bytes, memoryview(buffer)[:count])
             self._reads_in_a_row = self._read_since_yield = 0

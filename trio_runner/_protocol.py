@@ -417,6 +417,11 @@ class FrameReader:
         """
         return cast("Iterator[list[Any]]", self._feed(data, None))
 
+    @property
+    def in_big_frame(self) -> bool:
+        """A big frame has begun and its reads are being kept as they come."""
+        return self._big_parts is not None
+
     def feed_big(self, data: bytes, big: int) -> Iterator[list[Any] | BigFrame]:
         """Like :meth:`feed`, but a frame of ``big`` bytes or more is not decoded here.
 
