@@ -56,15 +56,17 @@ async def main() -> None:
                 )
                 print(f"chat: finish_reason={chat.choices[0].finish_reason}, usage adds up: {adds_up}")
 
-                # Kill the runner mid-stream: the stream ends with an error event naming the exit.
+                # Kill the runner mid-stream, once a token has come (before that, the request
+                # may not have started in the runner, and it would be served by the next one):
+                # the stream ends with an error event naming the exit.
                 stream = await client.chat.completions.create(
                     model=DEMO_MODEL_ID, messages=messages, max_tokens=1500, stream=True
                 )
                 pid = sup.statistics().pid
                 try:
                     async with stream:
-                        async for _chunk in stream:
-                            if pid is not None:
+                        async for chunk in stream:
+                            if pid is not None and chunk.choices and chunk.choices[0].delta.content:
                                 os.kill(pid, signal.SIGKILL)
                                 pid = None
                 except openai.APIError as exc:
