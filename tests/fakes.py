@@ -13,6 +13,7 @@ setup, never become ready, hang, ignore Shutdown or SIGTERM, survive SIGKILL,
 - ``("echo", x)``: result ``x`` at once;
 - ``("sleep", seconds, x)``: result ``x`` after ``seconds``; a cancel ends it;
 - ``("count", n)``: emits ``0 .. n-1``, result ``n``;
+- ``("tick", n, x)``: emits ``0 .. n-1``, one a second (``TICK``), then result ``x``; a cancel ends it;
 - ``("raise", message)``: fails with ``ValueError(message)``;
 - ``("busy",)``: acknowledged, then silent forever; ignores cancels (stall);
 - ``("corrupt", kind, delay)``: ``delay`` seconds after its ACK (0: in the same
@@ -44,6 +45,8 @@ from trio_runner._state import LifecycleChange
 from trio_runner._supervisor import Supervisor, _open, create_supervisor  # pyright: ignore[reportPrivateUsage]
 
 FAKE_PID_BASE = 40_000
+TICK = 1.0
+"""Seconds between the events of a ``("tick", n, x)`` request."""
 _UNBOUNDED = 1 << 30
 
 _CORRUPT_FRAMES = {
@@ -237,6 +240,10 @@ class FakeWorker:
     def alive(self) -> bool:
         return self.exit_status is None
 
+    def crash(self, status: ExitStatus) -> None:
+        """The process dies from outside the supervisor (the OOM killer, a segfault in native code)."""
+        self._die(status)
+
     def signals_while_alive(self) -> list[tuple[float, int]]:
         return [(s.time, s.signum) for s in self.signals if s.alive]
 
@@ -425,6 +432,12 @@ class FakeWorker:
             elif command == "sleep":
                 await trio.sleep(args[0])
                 outcome = _result(task_id, args[1])
+            elif command == "tick":
+                n, value = args
+                for i in range(n):
+                    await trio.sleep(TICK)
+                    self._send(_events(task_id, [i]))
+                outcome = _result(task_id, value)
             elif command == "count":
                 (n,) = args
                 for i in range(n):
