@@ -32,7 +32,7 @@ from typing import Any, Literal
 
 import trio
 import trio.testing
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from trio_runner import (
@@ -161,6 +161,7 @@ class ModelTask:
 class Model:
     policy: RestartPolicy
     raise_on_give_up: bool
+    notice_delay: float = 0.0  # the death watch wakes this long after the child died
     now: float = 0.0
     state: RunnerState = RunnerState.READY
     incarnation: int = 1
@@ -177,6 +178,8 @@ class Model:
     seen: dict[int, str | None] = field(default_factory=dict[int, str | None])  # consumer -> what it saw
     backoffs: list[tuple[float, float]] = field(default_factory=list[tuple[float, float]])
     spawns: list[float] = field(default_factory=lambda: [0.0])
+    # The child died and the supervisor has not noticed yet: (when, an exit 0, the task it ran, its events).
+    dead: tuple[float, bool, int | None, int] | None = None
 
     # -- tasks ------------------------------------------------------------
 
@@ -240,6 +243,11 @@ class Model:
     def settle(self) -> None:
         """Run the fake child and the restart loop up to ``now``."""
         while True:
+            if self.dead is not None:  # a dead child does nothing; the supervisor notices in time
+                if self.now < self.dead[0] + self.notice_delay:
+                    return
+                self.exit_noticed()
+                continue
             if self.state is RunnerState.BACKING_OFF:
                 if self.next_spawn > self.now:
                     return
@@ -250,6 +258,7 @@ class Model:
             head = self.tasks[self.child[0]]
             if head.cancel_sent:  # the child cancels it at once, or never starts it
                 self.child.pop(0)
+                self.head_start = self.now  # the next one starts now
                 self.finish(head, "TaskCancelled")
                 continue
             end = self.head_start + head.job.duration()
@@ -278,6 +287,8 @@ class Model:
                 return
 
     def next_event(self) -> float:
+        if self.dead is not None:
+            return self.dead[0] + self.notice_delay
         if self.state is RunnerState.BACKING_OFF:
             return self.next_spawn
         if self.state is RunnerState.READY and self.child:
@@ -300,18 +311,26 @@ class Model:
             self.deliver(ids)
 
     def crash(self, clean: bool) -> None:
-        if self.state is not RunnerState.READY:
-            return
+        """The child dies now; the supervisor notices ``notice_delay`` later."""
+        assert self.state is RunnerState.READY and self.dead is None
+        running = self.child[0] if self.child else None
+        self.dead = (self.now, clean, running, int((self.now - self.head_start) / TICK))
+        self.settle()
+
+    def exit_noticed(self) -> None:
+        assert self.dead is not None
+        _, clean, running, delivered = self.dead
+        self.dead = None
         requeued: list[int] = []
-        for position, task_id in enumerate(self.child):
+        for task_id in self.child:
             task = self.tasks[task_id]
             if task.cancel_sent:
                 self.finish(task, "TaskCancelled")
-            elif position > 0:  # delivered, never started: delivered again
+            elif task_id != running:  # delivered, never started: delivered again
                 requeued.append(task_id)
             elif task.job.retry:
                 if task.job.kind == "stop":
-                    task.read += int((self.now - self.head_start) / TICK)
+                    task.read += delivered
                 task.crashed = True
                 requeued.append(task_id)
             else:
@@ -336,7 +355,6 @@ class Model:
             self.backoffs.append((self.now, delay))
             self.state = RunnerState.BACKING_OFF
             self.next_spawn = self.now + delay
-            self.settle()
 
     def fail_waiting(self) -> None:
         """The runner will not come back: a retry=True task waiting out a crash ends with that crash."""
@@ -407,9 +425,9 @@ class Consumer:
 
 
 class Driver:
-    def __init__(self, policy: RestartPolicy, raise_on_give_up: bool) -> None:
-        self.model = Model(policy, raise_on_give_up)
-        self.fake = FakeFactory()
+    def __init__(self, policy: RestartPolicy, raise_on_give_up: bool, fake: FakeFactory) -> None:
+        self.model = Model(policy, raise_on_give_up, fake.notice_delay)
+        self.fake = fake
         self.consumers: list[Consumer] = []
         self.sup: Any = None
         self.close = trio.Event()
@@ -437,6 +455,11 @@ class Driver:
             for cmd in cmds:
                 await self.apply(nursery, cmd)
                 await trio.testing.wait_all_tasks_blocked()
+                if self.model.gave_up_raising and not self.closed.is_set():
+                    # Tasks still waiting fail after RestartLimitExceeded has left the
+                    # block, behind the child-log thread's flush: wait for both.
+                    await self.closed.wait()
+                    await trio.testing.wait_all_tasks_blocked()
                 self.check()
             # Leave the block mid-flight: every task still waiting gets RunnerUnavailable.
             self.close.set()
@@ -449,9 +472,16 @@ class Driver:
                 if self.model.seen[consumer.index] is None:
                     self.model.seen[consumer.index] = "cancelled"
         self.check_end()
+        # What the examples covered: shown by pytest --hypothesis-show-statistics.
+        for consumer in self.consumers:
+            retry = " (retry=True)" if consumer.job.retry else ""
+            event(f"a {consumer.job.kind} consumer saw {consumer.seen[0]}{retry}")
+        event(f"the supervisor ended {self.model.state.value}")
 
     async def apply(self, nursery: trio.Nursery, cmd: Command) -> None:
         model = self.model
+        if model.dead is not None:
+            event(f"{type(cmd).__name__} while a death is unnoticed")
         match cmd:
             case Submit(jobs):
                 for job in jobs:
@@ -463,7 +493,7 @@ class Driver:
                 await trio.sleep(seconds)
                 model.advance(seconds)
             case Crash(signum, code):
-                if model.state is RunnerState.READY:
+                if model.state is RunnerState.READY and model.dead is None:
                     worker = self.fake.workers[-1]
                     assert worker.alive
                     worker.crash(killed_by(signum) if signum is not None else exited(code or 0))
@@ -538,10 +568,19 @@ class Driver:
 @given(
     policy=policies(),
     raise_on_give_up=st.booleans(),
+    notice_delay=st.sampled_from([0.0, 0.5]),
+    refuse_nowait=st.booleans(),
     cmds=st.lists(commands, max_size=25),
 )
 def test_the_supervisor_agrees_with_its_model_after_every_command(
-    policy: RestartPolicy, raise_on_give_up: bool, cmds: list[Command]
+    policy: RestartPolicy,
+    raise_on_give_up: bool,
+    notice_delay: float,
+    refuse_nowait: bool,
+    cmds: list[Command],
 ) -> None:
-    driver = Driver(policy, raise_on_give_up)
+    # notice_delay: sends race a death the supervisor has not seen yet.
+    # refuse_nowait: every task frame takes the sender task's path, not the fast one.
+    fake = FakeFactory(notice_delay=notice_delay, refuse_nowait=refuse_nowait)
+    driver = Driver(policy, raise_on_give_up, fake)
     trio.run(driver.main, cmds, clock=trio.testing.MockClock(autojump_threshold=0))
