@@ -171,6 +171,7 @@ class Model:
     next_spawn: float = 0.0
     completed: int = 0
     gave_up_raising: bool = False
+    gave_up_at: float | None = None
     tasks: dict[int, ModelTask] = field(default_factory=dict[int, ModelTask])
     pending: list[int] = field(default_factory=list[int])  # task ids, in the order they will be sent
     child: list[int] = field(default_factory=list[int])  # delivered to the child; the first one runs
@@ -346,6 +347,7 @@ class Model:
         elif self.failures >= self.policy.max_restarts:
             self.state = RunnerState.FAILED
             self.gave_up_raising = self.raise_on_give_up
+            self.gave_up_at = self.now
             self.fail_waiting()
         else:
             self.failures += 1
@@ -555,9 +557,20 @@ class Driver:
         stats = self.sup.statistics()
         assert (stats.in_flight, stats.pending, stats.tasks_completed) == (0, 0, len(self.model.tasks))
         assert isinstance(self.fake.timeline[-1][1], Stopped)
-        gave_up = [change for _, change in self.fake.timeline if isinstance(change, GaveUp)]
-        assert len(gave_up) == (self.model.state is RunnerState.FAILED)
-        assert (self.raised is not None) == self.model.gave_up_raising
+        gave_up = [
+            (when, change.restarts) for when, change in self.fake.timeline if isinstance(change, GaveUp)
+        ]
+        model = self.model
+        if model.gave_up_at is None:
+            assert gave_up == []
+        else:
+            # Exactly max_restarts restarts in a row, then the failure after the last one gives up.
+            assert gave_up == [(model.gave_up_at, model.failures)]
+            assert model.failures == model.policy.max_restarts
+        assert (self.raised is not None) == model.gave_up_raising
+        if isinstance(self.raised, RestartLimitExceeded):
+            assert self.raised.restarts == model.failures
+            assert self.raised.last_exit.incarnation == model.incarnation
 
 
 @settings(
