@@ -13,7 +13,10 @@ setup, never become ready, hang, ignore Shutdown or SIGTERM, survive SIGKILL,
 - ``("echo", x)``: result ``x`` at once;
 - ``("sleep", seconds, x)``: result ``x`` after ``seconds``; a cancel ends it;
 - ``("count", n)``: emits ``0 .. n-1``, result ``n``;
-- ``("tick", n, x)``: emits ``0 .. n-1``, one a second (``TICK``), then result ``x``; a cancel ends it;
+- ``("tick", n, x)``: emits ``0 .. n-1``, one a second (``TICK``), then result ``x``; a cancel ends it.
+  With ``FakeFactory(honour_window=True)`` it keeps to the task's flow-control
+  window, as the real ``ctx.emit`` does: it waits for credits once ``window``
+  events are unreturned (the other requests never wait);
 - ``("raise", message)``: fails with ``ValueError(message)``;
 - ``("busy",)``: acknowledged, then silent forever; ignores cancels (stall);
 - ``("corrupt", kind, delay)``: ``delay`` seconds after its ACK (0: in the same
@@ -148,6 +151,8 @@ class FakeWorker:
         self._known: set[int] = set()  # tasks received and not finished
         self._cancelled: set[int] = set()
         self._running: tuple[int, trio.CancelScope | None] | None = None
+        self._credits: dict[int, int] = {}  # events each task may still emit
+        self._credit_wake = trio.Event()
         self._pid: int | None = None
         # What happened, with trio.current_time() stamps.
         self.spawned_at: float | None = None
@@ -369,13 +374,16 @@ class FakeWorker:
 
     def _dispatch(self, message: proto.ToChild) -> None:
         match message:
-            case proto.Task(task_id, request):
+            case proto.Task(task_id, request, window):
                 self._known.add(task_id)
+                self._credits[task_id] = window
                 self._tasks_send.send_nowait((task_id, request))
             case proto.Cancel(task_id):
                 self._cancel(task_id)
-            case proto.Credit():
-                pass  # the fake never blocks on its window
+            case proto.Credit(task_id, credits):
+                if task_id in self._credits:
+                    self._credits[task_id] += credits
+                    self._credit_wake.set()
             case proto.Shutdown():
                 if self.script.ignore_shutdown:
                     return
@@ -404,6 +412,7 @@ class FakeWorker:
                 await self._handle(task_id, request)
                 self._running = None
             self._known.discard(task_id)
+            self._credits.pop(task_id, None)
 
     async def _handle(self, task_id: int, request: Any) -> None:
         command, *args = request
@@ -436,6 +445,7 @@ class FakeWorker:
                 n, value = args
                 for i in range(n):
                     await trio.sleep(TICK)
+                    await self._take_credit(task_id)
                     self._send(_events(task_id, [i]))
                 outcome = _result(task_id, value)
             elif command == "count":
@@ -456,6 +466,14 @@ class FakeWorker:
             outcome = proto.Cancelled(task_id)
         assert outcome is not None
         self._send(outcome)
+
+    async def _take_credit(self, task_id: int) -> None:
+        if not self.factory.honour_window:
+            return
+        while self._credits[task_id] <= 0:
+            self._credit_wake = trio.Event()
+            await self._credit_wake.wait()
+        self._credits[task_id] -= 1
 
 
 def _events(task_id: int, events: list[Any]) -> proto.Events:
@@ -485,6 +503,8 @@ class FakeFactory:
             (a real kernel takes a while to tear a process down), so the
             supervisor can still send to a child that is already dead.
         start_error: every ``start`` raises this instead of starting.
+        honour_window: ``("tick", ...)`` requests keep to their flow-control
+            window, waiting for credits like the real ``ctx.emit``.
     """
 
     scripts: Sequence[Script] = (SERVE,)
@@ -493,6 +513,7 @@ class FakeFactory:
     refuse_nowait: bool = False
     notice_delay: float = 0.0
     start_error: Exception | None = None
+    honour_window: bool = False
     workers: list[FakeWorker] = field(default_factory=list[FakeWorker])
     errors: list[Exception] = field(default_factory=list[Exception])
     timeline: list[tuple[float, LifecycleChange]] = field(default_factory=list[tuple[float, LifecycleChange]])

@@ -71,7 +71,10 @@ class Job:
             return ("sleep", float(self.length), index) if self.length else ("echo", index)
         return ("tick", self.length, index)
 
-    def duration(self) -> float:
+    def duration(self, window: int) -> float:
+        """How long the fake child runs it; for ever if its consumer never reads and its window fills."""
+        if self.kind == "idle" and self.length > window:
+            return float("inf")
         return self.length * (1.0 if self.kind == "run" else TICK)
 
 
@@ -162,6 +165,7 @@ class Model:
     policy: RestartPolicy
     raise_on_give_up: bool
     notice_delay: float = 0.0  # the death watch wakes this long after the child died
+    window: int = 8192  # events in flight per task
     now: float = 0.0
     state: RunnerState = RunnerState.READY
     incarnation: int = 1
@@ -262,7 +266,7 @@ class Model:
                 self.head_start = self.now  # the next one starts now
                 self.finish(head, "TaskCancelled")
                 continue
-            end = self.head_start + head.job.duration()
+            end = self.head_start + head.job.duration(self.window)
             leave = None
             if head.job.kind == "stop" and not head.released:
                 leave = self.head_start + (head.job.k - head.read) * TICK
@@ -294,7 +298,7 @@ class Model:
             return self.next_spawn
         if self.state is RunnerState.READY and self.child:
             head = self.tasks[self.child[0]]
-            end = self.head_start + head.job.duration()
+            end = self.head_start + head.job.duration(self.window)
             if head.job.kind == "stop" and not head.released:
                 end = min(end, self.head_start + (head.job.k - head.read) * TICK)
             return max(end, self.now)
@@ -427,8 +431,8 @@ class Consumer:
 
 
 class Driver:
-    def __init__(self, policy: RestartPolicy, raise_on_give_up: bool, fake: FakeFactory) -> None:
-        self.model = Model(policy, raise_on_give_up, fake.notice_delay)
+    def __init__(self, policy: RestartPolicy, raise_on_give_up: bool, fake: FakeFactory, window: int) -> None:
+        self.model = Model(policy, raise_on_give_up, fake.notice_delay, window)
         self.fake = fake
         self.consumers: list[Consumer] = []
         self.sup: Any = None
@@ -439,7 +443,10 @@ class Driver:
     async def owner(self, task_status: trio.TaskStatus[None]) -> None:
         try:
             async with open_fake_supervisor(
-                self.fake, policy=self.model.policy, raise_on_give_up=self.model.raise_on_give_up
+                self.fake,
+                policy=self.model.policy,
+                raise_on_give_up=self.model.raise_on_give_up,
+                window=self.model.window,
             ) as sup:
                 self.sup = sup
                 await sup.wait_ready()
@@ -583,6 +590,7 @@ class Driver:
     raise_on_give_up=st.booleans(),
     notice_delay=st.sampled_from([0.0, 0.5]),
     refuse_nowait=st.booleans(),
+    window=st.sampled_from([2, 3, 8192]),
     cmds=st.lists(commands, max_size=25),
 )
 def test_the_supervisor_agrees_with_its_model_after_every_command(
@@ -590,10 +598,13 @@ def test_the_supervisor_agrees_with_its_model_after_every_command(
     raise_on_give_up: bool,
     notice_delay: float,
     refuse_nowait: bool,
+    window: int,
     cmds: list[Command],
 ) -> None:
     # notice_delay: sends race a death the supervisor has not seen yet.
     # refuse_nowait: every task frame takes the sender task's path, not the fast one.
-    fake = FakeFactory(notice_delay=notice_delay, refuse_nowait=refuse_nowait)
-    driver = Driver(policy, raise_on_give_up, fake)
+    # window: a consumer that never reads stalls its task (and the fake child,
+    # which serves one task at a time) until it is cancelled.
+    fake = FakeFactory(notice_delay=notice_delay, refuse_nowait=refuse_nowait, honour_window=True)
+    driver = Driver(policy, raise_on_give_up, fake, window)
     trio.run(driver.main, cmds, clock=trio.testing.MockClock(autojump_threshold=0))
