@@ -47,7 +47,7 @@ from trio_runner import (
 from trio_runner._state import BackingOff, GaveUp, Stopped
 from trio_runner._tasks import TaskHandle
 
-from .fakes import TICK, FakeFactory, exited, killed_by, open_fake_supervisor
+from .fakes import TICK, FakeFactory, Script, exited, killed_by, open_fake_supervisor
 
 EXAMPLES = int(os.environ.get("TRIO_RUNNER_FAKE_STATEFUL_EXAMPLES", "1000"))
 
@@ -171,7 +171,9 @@ class Model:
     incarnation: int = 1
     restarts: int = 0
     failures: int = 0
-    ready_at: float = 0.0
+    ready_at: float | None = 0.0  # when the current runner became READY
+    setup_time: float = 0.0  # spawn -> READY
+    ready_due: float = 0.0  # when a STARTING runner becomes READY
     next_spawn: float = 0.0
     completed: int = 0
     gave_up_raising: bool = False
@@ -258,6 +260,15 @@ class Model:
                     return
                 self.spawn()
                 continue
+            if self.state is RunnerState.STARTING:
+                if self.ready_due > self.now:
+                    return
+                self.state = RunnerState.READY
+                self.ready_at = self.ready_due
+                ids, self.pending = self.pending, []
+                if ids:
+                    self.deliver(ids)
+                continue
             if self.state is not RunnerState.READY or not self.child:
                 return
             head = self.tasks[self.child[0]]
@@ -296,6 +307,8 @@ class Model:
             return self.dead[0] + self.notice_delay
         if self.state is RunnerState.BACKING_OFF:
             return self.next_spawn
+        if self.state is RunnerState.STARTING:
+            return self.ready_due
         if self.state is RunnerState.READY and self.child:
             head = self.tasks[self.child[0]]
             end = self.head_start + head.job.duration(self.window)
@@ -308,18 +321,17 @@ class Model:
         self.now = max(self.now, self.next_spawn)
         self.incarnation += 1
         self.spawns.append(self.next_spawn)
-        self.state = RunnerState.READY
-        self.ready_at = self.next_spawn
-        ids, self.pending = self.pending, []
+        self.state = RunnerState.STARTING
+        self.ready_due = self.next_spawn + self.setup_time
         self.child = []
-        if ids:
-            self.deliver(ids)
 
     def crash(self, clean: bool) -> None:
         """The child dies now; the supervisor notices ``notice_delay`` later."""
-        assert self.state is RunnerState.READY and self.dead is None
+        assert self.state in (RunnerState.READY, RunnerState.STARTING) and self.dead is None
+        ready = self.state is RunnerState.READY
         running = self.child[0] if self.child else None
-        self.dead = (self.now, clean, running, int((self.now - self.head_start) / TICK))
+        # An exit before READY is a startup failure, whatever its code.
+        self.dead = (self.now, clean and ready, running, int((self.now - self.head_start) / TICK))
         self.settle()
 
     def exit_noticed(self) -> None:
@@ -342,8 +354,9 @@ class Model:
                 self.finish(task, "RunnerCrashed")
         self.child = []
         self.pending = sorted(requeued) + self.pending
-        if self.now - self.ready_at >= self.policy.reset_after:
+        if self.ready_at is not None and self.now - self.ready_at >= self.policy.reset_after:
             self.failures = 0
+        self.ready_at = None
         mode = self.policy.mode
         if mode == "temporary" or (mode == "transient" and clean):
             self.state = RunnerState.STOPPED
@@ -370,7 +383,7 @@ class Model:
         self.pending.clear()
 
     def close(self) -> None:
-        if self.state in (RunnerState.READY, RunnerState.BACKING_OFF):
+        if self.state in (RunnerState.READY, RunnerState.STARTING, RunnerState.BACKING_OFF):
             for task in self.tasks.values():
                 if task.outcome is None:
                     self.finish(task, "RunnerUnavailable")
@@ -432,7 +445,18 @@ class Consumer:
 
 class Driver:
     def __init__(self, policy: RestartPolicy, raise_on_give_up: bool, fake: FakeFactory, window: int) -> None:
-        self.model = Model(policy, raise_on_give_up, fake.notice_delay, window)
+        setup = fake.scripts[0].setup_time
+        # The driver starts once the first runner is READY.
+        self.model = Model(
+            policy,
+            raise_on_give_up,
+            fake.notice_delay,
+            window,
+            now=setup,
+            ready_at=setup,
+            setup_time=setup,
+            ready_due=setup,
+        )
         self.fake = fake
         self.consumers: list[Consumer] = []
         self.sup: Any = None
@@ -489,8 +513,8 @@ class Driver:
 
     async def apply(self, nursery: trio.Nursery, cmd: Command) -> None:
         model = self.model
-        if model.dead is not None:
-            event(f"{type(cmd).__name__} while a death is unnoticed")
+        unnoticed = " (a death unnoticed)" if model.dead is not None else ""
+        event(f"{type(cmd).__name__} while {model.state.value}{unnoticed}")
         match cmd:
             case Submit(jobs):
                 for job in jobs:
@@ -502,7 +526,7 @@ class Driver:
                 await trio.sleep(seconds)
                 model.advance(seconds)
             case Crash(signum, code):
-                if model.state is RunnerState.READY and model.dead is None:
+                if model.state in (RunnerState.READY, RunnerState.STARTING) and model.dead is None:
                     worker = self.fake.workers[-1]
                     assert worker.alive
                     worker.crash(killed_by(signum) if signum is not None else exited(code or 0))
@@ -591,6 +615,7 @@ class Driver:
     notice_delay=st.sampled_from([0.0, 0.5]),
     refuse_nowait=st.booleans(),
     window=st.sampled_from([2, 3, 8192]),
+    setup_time=st.sampled_from([0.0, 1.0, 2.5]),
     cmds=st.lists(commands, max_size=25),
 )
 def test_the_supervisor_agrees_with_its_model_after_every_command(
@@ -599,12 +624,19 @@ def test_the_supervisor_agrees_with_its_model_after_every_command(
     notice_delay: float,
     refuse_nowait: bool,
     window: int,
+    setup_time: float,
     cmds: list[Command],
 ) -> None:
     # notice_delay: sends race a death the supervisor has not seen yet.
     # refuse_nowait: every task frame takes the sender task's path, not the fast one.
     # window: a consumer that never reads stalls its task (and the fake child,
     # which serves one task at a time) until it is cancelled.
-    fake = FakeFactory(notice_delay=notice_delay, refuse_nowait=refuse_nowait, honour_window=True)
+    # setup_time: tasks submitted, cancelled or crashed while the runner is STARTING.
+    fake = FakeFactory(
+        [Script(setup_time=setup_time)],
+        notice_delay=notice_delay,
+        refuse_nowait=refuse_nowait,
+        honour_window=True,
+    )
     driver = Driver(policy, raise_on_give_up, fake, window)
     trio.run(driver.main, cmds, clock=trio.testing.MockClock(autojump_threshold=0))
