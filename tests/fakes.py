@@ -160,6 +160,8 @@ class FakeWorker:
         self.died_at: float | None = None
         self.exit_status: ExitStatus | None = None
         self.beats: list[float] = []
+        self.last_sent_at: float | None = None
+        """When the child last wrote a frame (heartbeats included): the parent's watchdog counts from it."""
         self.received: list[tuple[float, Any]] = []
         self.signals: list[Signal] = []
         self.tasks: list[tuple[float, int, Any]] = []
@@ -279,6 +281,7 @@ class FakeWorker:
             return
         try:
             self._to_parent.put_data(proto.encode([message]))
+            self.last_sent_at = trio.current_time()
         except trio.ClosedResourceError:
             self._orphaned()
 

@@ -43,12 +43,14 @@ from trio_runner import (
     RunnerUnavailable,
     TaskCancelled,
     TaskFailed,
+    Timeouts,
 )
 from trio_runner._state import BackingOff, GaveUp, Stopped
 from trio_runner._tasks import TaskHandle
 
 from .fakes import TICK, FakeFactory, Script, exited, killed_by, open_fake_supervisor
 
+HEARTBEAT = Timeouts().heartbeat
 EXAMPLES = int(os.environ.get("TRIO_RUNNER_FAKE_STATEFUL_EXAMPLES", "1000"))
 
 Kind = Literal["run", "stream", "stop", "idle"]
@@ -97,6 +99,11 @@ class Crash:
 
 
 @dataclass(frozen=True)
+class Freeze:
+    """The runner freezes (SIGSTOP from outside): no heartbeat, no work, until the watchdog kills it."""
+
+
+@dataclass(frozen=True)
 class Cancel:
     """Cancel the ``which``-th consumer still running (modulo their number)."""
 
@@ -109,7 +116,7 @@ class CancelAll:
     pass
 
 
-Command = Submit | Advance | Crash | Cancel | CancelAll
+Command = Submit | Advance | Crash | Freeze | Cancel | CancelAll
 
 jobs = st.one_of(
     st.builds(Job, kind=st.just("run"), length=st.integers(0, 3), retry=st.booleans()),
@@ -122,13 +129,14 @@ jobs = st.one_of(
 )
 commands: st.SearchStrategy[Command] = st.one_of(
     st.builds(Submit, st.lists(jobs, min_size=1, max_size=4).map(tuple)),
-    st.builds(Advance, st.sampled_from([0.5, 1.0, 2.0, 3.0, 7.0])),
+    st.builds(Advance, st.sampled_from([0.5, 1.0, 2.0, 3.0, 7.0, 12.0])),
     st.one_of(
         st.builds(Crash, signum=st.sampled_from([signal.SIGKILL, signal.SIGSEGV])),
         st.builds(Crash, signum=st.none(), code=st.sampled_from([0, 3])),
     ),
     st.builds(Cancel, st.integers(0, 7), st.sampled_from(["scope", "handle"])),
     st.just(CancelAll()),
+    st.just(Freeze()),
 )
 
 
@@ -187,6 +195,8 @@ class Model:
     spawns: list[float] = field(default_factory=lambda: [0.0])
     # The child died and the supervisor has not noticed yet: (when, an exit 0, the task it ran, its events).
     dead: tuple[float, bool, int | None, int] | None = None
+    # The child froze: (when the watchdog kills it, the task it ran, its events).
+    frozen: tuple[float, int | None, int] | None = None
 
     # -- tasks ------------------------------------------------------------
 
@@ -250,6 +260,14 @@ class Model:
     def settle(self) -> None:
         """Run the fake child and the restart loop up to ``now``."""
         while True:
+            if self.frozen is not None:
+                kill_at, running, delivered = self.frozen
+                if self.now < kill_at:
+                    return
+                self.frozen = None
+                self.dead = (kill_at, False, running, delivered)  # HUNG: killed
+                event("the watchdog killed a frozen runner")
+                continue
             if self.dead is not None:  # a dead child does nothing; the supervisor notices in time
                 if self.now < self.dead[0] + self.notice_delay:
                     return
@@ -303,6 +321,8 @@ class Model:
                 return
 
     def next_event(self) -> float:
+        if self.frozen is not None:
+            return self.frozen[0]
         if self.dead is not None:
             return self.dead[0] + self.notice_delay
         if self.state is RunnerState.BACKING_OFF:
@@ -332,6 +352,19 @@ class Model:
         running = self.child[0] if self.child else None
         # An exit before READY is a startup failure, whatever its code.
         self.dead = (self.now, clean and ready, running, int((self.now - self.head_start) / TICK))
+        self.settle()
+
+    def alive(self) -> bool:
+        """Whether a runner process runs and works (so it can crash or freeze)."""
+        running = self.state in (RunnerState.READY, RunnerState.STARTING)
+        return running and self.dead is None and self.frozen is None
+
+    def freeze(self, last_frame: float) -> None:
+        """The child stops doing anything; the watchdog kills it ``heartbeat`` after its last frame."""
+        assert self.state in (RunnerState.READY, RunnerState.STARTING) and self.dead is None
+        running = self.child[0] if self.child else None
+        delivered = int((self.now - self.head_start) / TICK)
+        self.frozen = (last_frame + HEARTBEAT, running, delivered)
         self.settle()
 
     def exit_noticed(self) -> None:
@@ -514,6 +547,7 @@ class Driver:
     async def apply(self, nursery: trio.Nursery, cmd: Command) -> None:
         model = self.model
         unnoticed = " (a death unnoticed)" if model.dead is not None else ""
+        unnoticed = " (frozen)" if model.frozen is not None else unnoticed
         event(f"{type(cmd).__name__} while {model.state.value}{unnoticed}")
         match cmd:
             case Submit(jobs):
@@ -526,11 +560,17 @@ class Driver:
                 await trio.sleep(seconds)
                 model.advance(seconds)
             case Crash(signum, code):
-                if model.state in (RunnerState.READY, RunnerState.STARTING) and model.dead is None:
+                if model.alive():
                     worker = self.fake.workers[-1]
                     assert worker.alive
                     worker.crash(killed_by(signum) if signum is not None else exited(code or 0))
                     model.crash(clean=code == 0)
+            case Freeze():
+                if model.alive():
+                    worker = self.fake.workers[-1]
+                    assert worker.alive and worker.last_sent_at is not None
+                    worker.signal(signal.SIGSTOP)
+                    model.freeze(worker.last_sent_at)
             case Cancel(which, how):
                 live = model.live_consumers()
                 if not live:
