@@ -56,6 +56,7 @@ from trio_runner._tasks import TaskHandle
 from .fakes import TICK, FakeFactory, Script, exited, killed_by, open_fake_supervisor
 
 HEARTBEAT = Timeouts().heartbeat
+SHUTDOWN_ESCALATION = Timeouts().graceful + Timeouts().terminate
 EXAMPLES = int(os.environ.get("TRIO_RUNNER_FAKE_STATEFUL_EXAMPLES", "1000"))
 
 Kind = Literal["run", "stream", "stop", "idle"]
@@ -191,6 +192,7 @@ class Model:
     completed: int = 0
     gave_up_raising: bool = False
     gave_up_at: float | None = None
+    stopped_at: float | None = None  # when the lifecycle says Stopped
     tasks: dict[int, ModelTask] = field(default_factory=dict[int, ModelTask])
     pending: list[int] = field(default_factory=list[int])  # task ids, in the order they will be sent
     child: list[int] = field(default_factory=list[int])  # delivered to the child; the first one runs
@@ -398,11 +400,12 @@ class Model:
         mode = self.policy.mode
         if mode == "temporary" or (mode == "transient" and clean):
             self.state = RunnerState.STOPPED
+            self.stopped_at = self.now
             self.fail_waiting()
         elif self.failures >= self.policy.max_restarts:
             self.state = RunnerState.FAILED
             self.gave_up_raising = self.raise_on_give_up
-            self.gave_up_at = self.now
+            self.gave_up_at = self.stopped_at = self.now
             self.fail_waiting()
         else:
             self.failures += 1
@@ -421,13 +424,26 @@ class Model:
         self.pending.clear()
 
     def close(self) -> None:
-        if self.state in (RunnerState.READY, RunnerState.STARTING, RunnerState.BACKING_OFF):
-            for task in self.tasks.values():
-                if task.outcome is None:
-                    self.finish(task, "RunnerUnavailable")
-            self.pending.clear()
-            self.child.clear()
-            self.state = RunnerState.STOPPED
+        """Leave the block now: every task still waiting ends with RunnerUnavailable, and the runner stops."""
+        if self.state not in (RunnerState.READY, RunnerState.STARTING, RunnerState.BACKING_OFF):
+            return
+        for task in self.tasks.values():
+            if task.outcome is None:
+                self.finish(task, "RunnerUnavailable")
+        self.pending.clear()
+        self.child.clear()
+        if self.frozen is not None:
+            # Shutdown and SIGTERM go unheeded; SIGKILL follows graceful + terminate.
+            self.stopped_at = self.now + SHUTDOWN_ESCALATION + self.notice_delay
+        elif self.dead is not None:
+            self.stopped_at = max(self.now, self.dead[0] + self.notice_delay)
+        elif self.state is RunnerState.STARTING:
+            self.stopped_at = self.ready_due + self.notice_delay  # the fake finishes setup, then obeys
+        elif self.state is RunnerState.READY:
+            self.stopped_at = self.now + self.notice_delay  # it obeys Shutdown at once
+        else:
+            self.stopped_at = self.now
+        self.state = RunnerState.STOPPED
 
     @property
     def in_flight(self) -> int:
@@ -632,7 +648,9 @@ class Driver:
         assert all(task.outcome is not None for task in self.model.tasks.values())
         stats = self.sup.statistics()
         assert (stats.in_flight, stats.pending, stats.tasks_completed) == (0, 0, len(self.model.tasks))
-        assert isinstance(self.fake.timeline[-1][1], Stopped)
+        when, last = self.fake.timeline[-1]
+        assert isinstance(last, Stopped)
+        assert when == self.model.stopped_at  # a shutdown mid-flight takes exactly as long as it must
         gave_up = [
             (when, change.restarts) for when, change in self.fake.timeline if isinstance(change, GaveUp)
         ]
