@@ -53,7 +53,7 @@ from trio_runner import (
 from trio_runner._state import BackingOff, GaveUp, Stopped
 from trio_runner._tasks import TaskHandle
 
-from .fakes import TICK, FakeFactory, Script, exited, killed_by, open_fake_supervisor
+from .fakes import FAKE_PID_BASE, TICK, FakeFactory, Script, exited, killed_by, open_fake_supervisor
 
 HEARTBEAT = Timeouts().heartbeat
 SHUTDOWN_ESCALATION = Timeouts().graceful + Timeouts().terminate
@@ -628,6 +628,13 @@ class Driver:
         )
         assert (stats.in_flight, stats.pending) == (model.in_flight, len(model.pending))
         assert stats.tasks_completed == model.completed
+        if model.state in (RunnerState.READY, RunnerState.STARTING):
+            assert stats.pid == FAKE_PID_BASE + model.incarnation
+        else:
+            assert stats.pid is None  # between incarnations, or done
+        if model.state is RunnerState.READY:
+            assert model.ready_at is not None
+            assert stats.uptime == model.now - model.ready_at
         backoffs = [
             (when, change.delay) for when, change in self.fake.timeline if isinstance(change, BackingOff)
         ]
