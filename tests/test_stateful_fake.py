@@ -21,8 +21,8 @@ event), ``stop`` (leaves its ``stream`` block after ``k`` events) and ``idle``
 (never reads). Each records what it saw; every task gets exactly one outcome.
 
 Nothing here touches a real process, so thousands of examples are affordable:
-``TRIO_RUNNER_FAKE_STATEFUL_EXAMPLES`` sets how many (default 1,000, which took
-6 to 16 s on a shared 2-core machine; 10,000 took about 90 s). Trio's
+``TRIO_RUNNER_FAKE_STATEFUL_EXAMPLES`` sets how many (default 1,000: 6 to 30 s
+on a shared 2-core machine under a load of 2 to 4; 20,000 took under 6 minutes). Trio's
 Hypothesis plugin makes the scheduler deterministic, so a failure replays.
 Each example runs in a ``trio.run`` of its own with a fresh
 ``MockClock(autojump_threshold=0)``, so every example starts at time 0.
