@@ -37,7 +37,7 @@ from typing import Any, Literal
 
 import trio
 import trio.testing
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, event, example, given, settings
 from hypothesis import strategies as st
 
 from trio_runner import (
@@ -687,6 +687,40 @@ class Driver:
     window=st.sampled_from([2, 3, 8192]),
     setup_time=st.sampled_from([0.0, 1.0, 2.5]),
     cmds=st.lists(commands, max_size=25),
+)
+# Sequences worth running every time, whatever Hypothesis draws.
+@example(  # giving up while a task submitted after an unnoticed death waits: it gets RunnerUnavailable
+    policy=RestartPolicy(max_restarts=0),
+    raise_on_give_up=True,
+    notice_delay=0.5,
+    refuse_nowait=False,
+    window=8192,
+    setup_time=0.0,
+    cmds=[Crash(), Submit((Job("run", 0),)), Advance(0.5)],
+)
+@example(  # the running task cancelled: the one queued behind it starts at once, in the runner
+    policy=RestartPolicy(),
+    raise_on_give_up=True,
+    notice_delay=0.0,
+    refuse_nowait=False,
+    window=8192,
+    setup_time=0.0,
+    cmds=[Submit((Job("idle", 0), Job("run", 2), Job("run", 1))), Advance(1.0), Cancel(1), Advance(1.0)],
+)
+@example(  # a retry=True stream on a runner that freezes: killed as HUNG, re-run from its first event
+    policy=RestartPolicy(initial_delay=0.5),
+    raise_on_give_up=True,
+    notice_delay=0.5,
+    refuse_nowait=True,
+    window=2,
+    setup_time=1.0,
+    cmds=[
+        Submit((Job("stream", 3, retry=True), Job("idle", 4))),
+        Advance(1.0),
+        Freeze(),
+        Advance(12.0),
+        Advance(7.0),
+    ],
 )
 def test_the_supervisor_agrees_with_its_model_after_every_command(
     policy: RestartPolicy,
