@@ -674,6 +674,19 @@ class Driver:
             assert self.raised.last_exit.incarnation == model.incarnation
 
 
+def always(cmds: list[Command], **options: Any) -> Any:
+    """An ``@example`` of ``cmds``: the default policy and fake, but for ``options``."""
+    defaults: dict[str, Any] = {
+        "policy": RestartPolicy(),
+        "raise_on_give_up": True,
+        "notice_delay": 0.0,
+        "refuse_nowait": False,
+        "window": 8192,
+        "setup_time": 0.0,
+    }
+    return example(**{**defaults, **options}, cmds=cmds)
+
+
 @settings(
     max_examples=EXAMPLES,
     deadline=None,
@@ -689,38 +702,27 @@ class Driver:
     cmds=st.lists(commands, max_size=25),
 )
 # Sequences worth running every time, whatever Hypothesis draws.
-@example(  # giving up while a task submitted after an unnoticed death waits: it gets RunnerUnavailable
+@always(  # giving up while a task submitted after an unnoticed death waits: it gets RunnerUnavailable
+    [Crash(), Submit((Job("run", 0),)), Advance(0.5)],
     policy=RestartPolicy(max_restarts=0),
-    raise_on_give_up=True,
     notice_delay=0.5,
-    refuse_nowait=False,
-    window=8192,
-    setup_time=0.0,
-    cmds=[Crash(), Submit((Job("run", 0),)), Advance(0.5)],
 )
-@example(  # the running task cancelled: the one queued behind it starts at once, in the runner
-    policy=RestartPolicy(),
-    raise_on_give_up=True,
-    notice_delay=0.0,
-    refuse_nowait=False,
-    window=8192,
-    setup_time=0.0,
-    cmds=[Submit((Job("idle", 0), Job("run", 2), Job("run", 1))), Advance(1.0), Cancel(1), Advance(1.0)],
+@always(  # the running task cancelled: the one queued behind it starts at once, in the runner
+    [Submit((Job("idle", 0), Job("run", 2), Job("run", 1))), Advance(1.0), Cancel(1), Advance(1.0)],
 )
-@example(  # a retry=True stream on a runner that freezes: killed as HUNG, re-run from its first event
-    policy=RestartPolicy(initial_delay=0.5),
-    raise_on_give_up=True,
-    notice_delay=0.5,
-    refuse_nowait=True,
-    window=2,
-    setup_time=1.0,
-    cmds=[
+@always(  # a retry=True stream on a runner that freezes: killed as HUNG, re-run from its first event
+    [
         Submit((Job("stream", 3, retry=True), Job("idle", 4))),
         Advance(1.0),
         Freeze(),
         Advance(12.0),
         Advance(7.0),
     ],
+    policy=RestartPolicy(initial_delay=0.5),
+    notice_delay=0.5,
+    refuse_nowait=True,
+    window=2,
+    setup_time=1.0,
 )
 def test_the_supervisor_agrees_with_its_model_after_every_command(
     policy: RestartPolicy,
