@@ -13,7 +13,8 @@ incarnation, restarts, consecutive failures, in flight, pending, completed),
 every backoff with its exact time, and every spawn time. The fake's options are
 drawn too: a late death watch (sends race an unnoticed death), a full socket
 (every task frame takes the sender task's path), a small flow-control window
-that the fake keeps to, a setup time. The example ends by leaving the
+that the fake keeps to, a setup time, a stall limit (a task that outlasts it
+gets its runner killed as HUNG). The example ends by leaving the
 supervisor's block with tasks still in flight.
 
 Consumers come in four kinds: ``run`` (``sup.run``), ``stream`` (reads every
@@ -56,6 +57,8 @@ from trio_runner._tasks import TaskHandle
 from .fakes import FAKE_PID_BASE, TICK, FakeFactory, Script, exited, killed_by, open_fake_supervisor
 
 HEARTBEAT = Timeouts().heartbeat
+# Every other time here is a multiple of 1/16 s; a 1/64 makes a stall never tie with a task's end.
+STALL = 2.5 + 1 / 64
 SHUTDOWN_ESCALATION = Timeouts().graceful + Timeouts().terminate
 EXAMPLES = int(os.environ.get("TRIO_RUNNER_FAKE_STATEFUL_EXAMPLES", "1000"))
 
@@ -125,7 +128,7 @@ class CancelAll:
 Command = Submit | Advance | Crash | Freeze | Cancel | CancelAll
 
 jobs = st.one_of(
-    st.builds(Job, kind=st.just("run"), length=st.integers(0, 3), retry=st.booleans()),
+    st.builds(Job, kind=st.just("run"), length=st.integers(0, 4), retry=st.booleans()),
     st.builds(Job, kind=st.sampled_from(["stream", "idle"]), length=st.integers(0, 4), retry=st.booleans()),
     st.integers(2, 4).flatmap(
         lambda n: st.builds(
@@ -180,6 +183,8 @@ class Model:
     raise_on_give_up: bool
     notice_delay: float = 0.0  # the death watch wakes this long after the child died
     window: int = 8192  # events in flight per task
+    stall: float | None = None  # Timeouts.stall
+    progress: float = 0.0  # the supervisor's last sign of progress: a task sent, an event, an outcome
     now: float = 0.0
     state: RunnerState = RunnerState.READY
     incarnation: int = 1
@@ -203,7 +208,7 @@ class Model:
     # The child died and the supervisor has not noticed yet: (when, an exit 0, the task it ran, its events).
     dead: tuple[float, bool, int | None, int] | None = None
     # The child froze: (when the watchdog kills it, the task it ran, its events).
-    frozen: tuple[float, int | None, int] | None = None
+    frozen: tuple[float, int | None, int, float] | None = None
 
     # -- tasks ------------------------------------------------------------
 
@@ -220,6 +225,7 @@ class Model:
             self.pending.append(task.id)
 
     def deliver(self, ids: list[int]) -> None:
+        self.progress = self.now
         if not self.child:
             self.head_start = self.now
         self.child.extend(ids)
@@ -268,7 +274,8 @@ class Model:
         """Run the fake child and the restart loop up to ``now``."""
         while True:
             if self.frozen is not None:
-                kill_at, running, delivered = self.frozen
+                hung_at, running, delivered, _ = self.frozen
+                kill_at = min(hung_at, self.stall_at())
                 if self.now < kill_at:
                     return
                 self.frozen = None
@@ -289,7 +296,7 @@ class Model:
                 if self.ready_due > self.now:
                     return
                 self.state = RunnerState.READY
-                self.ready_at = self.ready_due
+                self.ready_at = self.progress = self.ready_due
                 ids, self.pending = self.pending, []
                 if ids:
                     self.deliver(ids)
@@ -299,7 +306,7 @@ class Model:
             head = self.tasks[self.child[0]]
             if head.cancel_sent:  # the child cancels it at once, or never starts it
                 self.child.pop(0)
-                self.head_start = self.now  # the next one starts now
+                self.head_start = self.progress = self.now  # the next one starts now
                 self.finish(head, "TaskCancelled")
                 continue
             end = self.head_start + head.job.duration(self.window)
@@ -307,10 +314,16 @@ class Model:
             if head.job.kind == "stop" and not head.released:
                 leave = self.head_start + (head.job.k - head.read) * TICK
             when = end if leave is None else min(end, leave)
+            stall_at = self.stall_at()
+            if stall_at < when and stall_at <= self.now:
+                # No progress for Timeouts.stall: the watchdog kills the runner (HUNG).
+                self.dead = (stall_at, False, head.id, int((stall_at - self.head_start) / TICK))
+                event("the watchdog killed a stalled runner")
+                continue
             if when > self.now:
                 return
             self.child.pop(0)
-            self.head_start = when
+            self.head_start = self.progress = when
             if leave is not None and leave < end:
                 self.seen[head.index] = "left"
                 head.released = True
@@ -327,9 +340,32 @@ class Model:
             if self.now >= target:
                 return
 
+    def stall_at(self) -> float:
+        """When the watchdog kills a runner that makes no progress (inf: never, or not busy)."""
+        if (
+            self.stall is None
+            or self.state is not RunnerState.READY
+            or not self.child
+            or self.dead is not None
+        ):
+            return float("inf")
+        if self.frozen is None:
+            running, cutoff = self.child[0], self.now
+        else:
+            _, running, _, cutoff = self.frozen  # it emitted nothing since it froze
+        last = self.progress
+        if running is not None and self.tasks[running].job.kind != "run":
+            job = self.tasks[running].job
+            emitted = min(job.length, int((cutoff - self.head_start) / TICK))
+            if job.kind == "idle" and emitted >= self.window:
+                return float("inf")  # its window is full: it waits for its consumer, not for the runner
+            if emitted:
+                last = max(last, self.head_start + emitted * TICK)
+        return last + self.stall
+
     def next_event(self) -> float:
         if self.frozen is not None:
-            return self.frozen[0]
+            return min(self.frozen[0], self.stall_at())
         if self.dead is not None:
             return self.dead[0] + self.notice_delay
         if self.state is RunnerState.BACKING_OFF:
@@ -341,7 +377,7 @@ class Model:
             end = self.head_start + head.job.duration(self.window)
             if head.job.kind == "stop" and not head.released:
                 end = min(end, self.head_start + (head.job.k - head.read) * TICK)
-            return max(end, self.now)
+            return max(min(end, self.stall_at()), self.now)
         return float("inf")
 
     def spawn(self) -> None:
@@ -371,7 +407,7 @@ class Model:
         assert self.state in (RunnerState.READY, RunnerState.STARTING) and self.dead is None
         running = self.child[0] if self.child else None
         delivered = int((self.now - self.head_start) / TICK)
-        self.frozen = (last_frame + HEARTBEAT, running, delivered)
+        self.frozen = (last_frame + HEARTBEAT, running, delivered, self.now)
         self.settle()
 
     def exit_noticed(self) -> None:
@@ -498,7 +534,14 @@ class Consumer:
 
 
 class Driver:
-    def __init__(self, policy: RestartPolicy, raise_on_give_up: bool, fake: FakeFactory, window: int) -> None:
+    def __init__(
+        self,
+        policy: RestartPolicy,
+        raise_on_give_up: bool,
+        fake: FakeFactory,
+        window: int,
+        stall: float | None,
+    ) -> None:
         setup = fake.scripts[0].setup_time
         # The driver starts once the first runner is READY.
         self.model = Model(
@@ -506,6 +549,8 @@ class Driver:
             raise_on_give_up,
             fake.notice_delay,
             window,
+            stall,
+            progress=setup,
             now=setup,
             ready_at=setup,
             setup_time=setup,
@@ -525,6 +570,7 @@ class Driver:
                 policy=self.model.policy,
                 raise_on_give_up=self.model.raise_on_give_up,
                 window=self.model.window,
+                timeouts=Timeouts(stall=self.model.stall),
             ) as sup:
                 self.sup = sup
                 await sup.wait_ready()
@@ -679,7 +725,7 @@ def always(cmds: list[Command], **options: Any) -> Any:
     defaults: dict[str, Any] = {
         "policy": RestartPolicy(),
         "raise_on_give_up": True,
-        "notice_delay": 0.0,
+        "notice_and_stall": (0.0, None),
         "refuse_nowait": False,
         "window": 8192,
         "setup_time": 0.0,
@@ -695,7 +741,8 @@ def always(cmds: list[Command], **options: Any) -> Any:
 @given(
     policy=policies(),
     raise_on_give_up=st.booleans(),
-    notice_delay=st.sampled_from([0.0, 0.5]),
+    # A late death watch with a stall limit would let the limit fire on a dead runner: one at a time.
+    notice_and_stall=st.sampled_from([(0.0, None), (0.5, None), (0.0, STALL), (0.0, STALL)]),
     refuse_nowait=st.booleans(),
     window=st.sampled_from([2, 3, 8192]),
     setup_time=st.sampled_from([0.0, 1.0, 2.5]),
@@ -705,7 +752,7 @@ def always(cmds: list[Command], **options: Any) -> Any:
 @always(  # giving up while a task submitted after an unnoticed death waits: it gets RunnerUnavailable
     [Crash(), Submit((Job("run", 0),)), Advance(0.5)],
     policy=RestartPolicy(max_restarts=0),
-    notice_delay=0.5,
+    notice_and_stall=(0.5, None),
 )
 @always(  # the running task cancelled: the one queued behind it starts at once, in the runner
     [Submit((Job("idle", 0), Job("run", 2), Job("run", 1))), Advance(1.0), Cancel(1), Advance(1.0)],
@@ -719,20 +766,25 @@ def always(cmds: list[Command], **options: Any) -> Any:
         Advance(7.0),
     ],
     policy=RestartPolicy(initial_delay=0.5),
-    notice_delay=0.5,
+    notice_and_stall=(0.5, None),
     refuse_nowait=True,
     window=2,
     setup_time=1.0,
 )
+@always(  # a task that runs longer than Timeouts.stall without a sign of life: the runner is killed as HUNG
+    [Submit((Job("run", 3), Job("run", 1, retry=True))), Advance(3.0), Advance(3.0)],
+    notice_and_stall=(0.0, STALL),
+)
 def test_the_supervisor_agrees_with_its_model_after_every_command(
     policy: RestartPolicy,
     raise_on_give_up: bool,
-    notice_delay: float,
+    notice_and_stall: tuple[float, float | None],
     refuse_nowait: bool,
     window: int,
     setup_time: float,
     cmds: list[Command],
 ) -> None:
+    notice_delay, stall = notice_and_stall
     # notice_delay: sends race a death the supervisor has not seen yet.
     # refuse_nowait: every task frame takes the sender task's path, not the fast one.
     # window: a consumer that never reads stalls its task (and the fake child,
@@ -744,5 +796,5 @@ def test_the_supervisor_agrees_with_its_model_after_every_command(
         refuse_nowait=refuse_nowait,
         honour_window=True,
     )
-    driver = Driver(policy, raise_on_give_up, fake, window)
+    driver = Driver(policy, raise_on_give_up, fake, window, stall)
     trio.run(driver.main, cmds, clock=trio.testing.MockClock(autojump_threshold=0))
