@@ -13,6 +13,10 @@ setup, never become ready, hang, ignore Shutdown or SIGTERM, survive SIGKILL,
 - ``("echo", x)``: result ``x`` at once;
 - ``("sleep", seconds, x)``: result ``x`` after ``seconds``; a cancel ends it;
 - ``("count", n)``: emits ``0 .. n-1``, result ``n``;
+- ``("tick", n, x)``: emits ``0 .. n-1``, one a second (``TICK``), then result ``x``; a cancel ends it.
+  With ``FakeFactory(honour_window=True)`` it keeps to the task's flow-control
+  window, as the real ``ctx.emit`` does: it waits for credits once ``window``
+  events are unreturned (the other requests never wait);
 - ``("raise", message)``: fails with ``ValueError(message)``;
 - ``("busy",)``: acknowledged, then silent forever; ignores cancels (stall);
 - ``("corrupt", kind, delay)``: ``delay`` seconds after its ACK (0: in the same
@@ -44,6 +48,8 @@ from trio_runner._state import LifecycleChange
 from trio_runner._supervisor import Supervisor, _open, create_supervisor  # pyright: ignore[reportPrivateUsage]
 
 FAKE_PID_BASE = 40_000
+TICK = 1.0
+"""Seconds between the events of a ``("tick", n, x)`` request."""
 _UNBOUNDED = 1 << 30
 
 _CORRUPT_FRAMES = {
@@ -145,6 +151,8 @@ class FakeWorker:
         self._known: set[int] = set()  # tasks received and not finished
         self._cancelled: set[int] = set()
         self._running: tuple[int, trio.CancelScope | None] | None = None
+        self._credits: dict[int, int] = {}  # events each task may still emit
+        self._credit_wake = trio.Event()
         self._pid: int | None = None
         # What happened, with trio.current_time() stamps.
         self.spawned_at: float | None = None
@@ -152,6 +160,8 @@ class FakeWorker:
         self.died_at: float | None = None
         self.exit_status: ExitStatus | None = None
         self.beats: list[float] = []
+        self.last_sent_at: float | None = None
+        """When the child last wrote a frame (heartbeats included): the parent's watchdog counts from it."""
         self.received: list[tuple[float, Any]] = []
         self.signals: list[Signal] = []
         self.tasks: list[tuple[float, int, Any]] = []
@@ -237,6 +247,10 @@ class FakeWorker:
     def alive(self) -> bool:
         return self.exit_status is None
 
+    def crash(self, status: ExitStatus) -> None:
+        """The process dies from outside the supervisor (the OOM killer, a segfault in native code)."""
+        self._die(status)
+
     def signals_while_alive(self) -> list[tuple[float, int]]:
         return [(s.time, s.signum) for s in self.signals if s.alive]
 
@@ -267,6 +281,7 @@ class FakeWorker:
             return
         try:
             self._to_parent.put_data(proto.encode([message]))
+            self.last_sent_at = trio.current_time()
         except trio.ClosedResourceError:
             self._orphaned()
 
@@ -362,13 +377,16 @@ class FakeWorker:
 
     def _dispatch(self, message: proto.ToChild) -> None:
         match message:
-            case proto.Task(task_id, request):
+            case proto.Task(task_id, request, window):
                 self._known.add(task_id)
+                self._credits[task_id] = window
                 self._tasks_send.send_nowait((task_id, request))
             case proto.Cancel(task_id):
                 self._cancel(task_id)
-            case proto.Credit():
-                pass  # the fake never blocks on its window
+            case proto.Credit(task_id, credits):
+                if task_id in self._credits:
+                    self._credits[task_id] += credits
+                    self._credit_wake.set()
             case proto.Shutdown():
                 if self.script.ignore_shutdown:
                     return
@@ -397,6 +415,7 @@ class FakeWorker:
                 await self._handle(task_id, request)
                 self._running = None
             self._known.discard(task_id)
+            self._credits.pop(task_id, None)
 
     async def _handle(self, task_id: int, request: Any) -> None:
         command, *args = request
@@ -425,6 +444,13 @@ class FakeWorker:
             elif command == "sleep":
                 await trio.sleep(args[0])
                 outcome = _result(task_id, args[1])
+            elif command == "tick":
+                n, value = args
+                for i in range(n):
+                    await trio.sleep(TICK)
+                    await self._take_credit(task_id)
+                    self._send(_events(task_id, [i]))
+                outcome = _result(task_id, value)
             elif command == "count":
                 (n,) = args
                 for i in range(n):
@@ -443,6 +469,14 @@ class FakeWorker:
             outcome = proto.Cancelled(task_id)
         assert outcome is not None
         self._send(outcome)
+
+    async def _take_credit(self, task_id: int) -> None:
+        if not self.factory.honour_window:
+            return
+        while self._credits[task_id] <= 0:
+            self._credit_wake = trio.Event()
+            await self._credit_wake.wait()
+        self._credits[task_id] -= 1
 
 
 def _events(task_id: int, events: list[Any]) -> proto.Events:
@@ -472,6 +506,8 @@ class FakeFactory:
             (a real kernel takes a while to tear a process down), so the
             supervisor can still send to a child that is already dead.
         start_error: every ``start`` raises this instead of starting.
+        honour_window: ``("tick", ...)`` requests keep to their flow-control
+            window, waiting for credits like the real ``ctx.emit``.
     """
 
     scripts: Sequence[Script] = (SERVE,)
@@ -480,6 +516,7 @@ class FakeFactory:
     refuse_nowait: bool = False
     notice_delay: float = 0.0
     start_error: Exception | None = None
+    honour_window: bool = False
     workers: list[FakeWorker] = field(default_factory=list[FakeWorker])
     errors: list[Exception] = field(default_factory=list[Exception])
     timeline: list[tuple[float, LifecycleChange]] = field(default_factory=list[tuple[float, LifecycleChange]])
