@@ -164,10 +164,9 @@ async def _serve(args: argparse.Namespace) -> None:
 
     try:
         from .serve import serve_mlx
-    except ImportError as exc:
-        raise CommandError(
-            f"serve needs the serve extra ({exc.name} is missing): pip install 'trio-runner[serve,mlx]'"
-        ) from None
+    except ImportError as exc:  # found by _missing_extras, yet it does not import (a broken install)
+        fix = install_command(*_EXTRAS_OF_COMMAND["serve"])
+        raise CommandError(f"serve needs the serve extra ({exc.name} is missing): {fix}") from None
     from ._policy import RestartPolicy
 
     stop: trio.Event = args.stop
