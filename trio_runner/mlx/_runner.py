@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 from .._runner import Runner, TaskContext
 from ._batch_text import ChoiceText
 from ._prompt_cache import DEFAULT_PROMPT_CACHE_BYTES, PromptCache
-from ._types import Completion, Generate, Token
+from ._types import Completion, Generate, Token, check_int
 
 __all__ = ["MlxLmRunner", "check_model_argument", "start_options", "warm_up_once"]
 
@@ -379,13 +379,6 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         held = getattr(state[0], "offset", None) if state else None
         if isinstance(held, int) and 0 < held <= len(tokens):
             self.prompt_cache.insert(tokens[:held], state)
-
-
-def check_int(name: str, value: object, minimum: int) -> int:
-    """``value``, or a ValueError naming ``name`` unless it is an int >= ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
-    return value
 
 
 class _WarmUpContext:

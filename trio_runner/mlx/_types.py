@@ -27,7 +27,8 @@ def _check_number(name: str, value: object) -> float:
     return float(value)
 
 
-def _check_int(name: str, value: object, low: int, high: int | None, hint: str) -> int:
+def check_int(name: str, value: object, low: int, high: int | None = None, hint: str = "") -> int:
+    """``value``, or a ValueError naming ``name`` unless it is an int in bounds (``hint``: how to fix it)."""
     if (
         isinstance(value, bool)
         or not isinstance(value, int)
@@ -35,7 +36,7 @@ def _check_int(name: str, value: object, low: int, high: int | None, hint: str) 
         or (high is not None and value > high)
     ):
         bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be an int {bound}: {hint}")
+        raise ValueError(f"{name}={value!r} must be an int {bound}" + (f": {hint}" if hint else ""))
     return value
 
 
@@ -128,8 +129,7 @@ class Generate:
             raise ValueError(f"prompt must be a string, not {type(self.prompt).__name__}")
         if self.messages is not None:
             object.__setattr__(self, "messages", _check_messages(self.messages))
-        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 1:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"max_tokens={self.max_tokens!r} must be an int >= 1")
+        check_int("max_tokens", self.max_tokens, 1)
         temperature = _check_number("temperature", self.temperature)
         if temperature < 0:
             raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 picks the most likely token)")
@@ -149,7 +149,7 @@ class Generate:
         self._check_sampling()
 
     def _check_sampling(self) -> None:
-        _check_int("top_k", self.top_k, 0, None, "give 0 to disable top-k sampling")
+        check_int("top_k", self.top_k, 0, None, "give 0 to disable top-k sampling")
         min_p = _check_number("min_p", self.min_p)
         if not 0 <= min_p <= 1:
             raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]; use 0 to disable min-p sampling")
@@ -160,7 +160,7 @@ class Generate:
                     f"repetition_penalty={self.repetition_penalty!r} must be > 0 (above 1 discourages "
                     "repeats); use None to disable it"
                 )
-        _check_int("repetition_context_size", self.repetition_context_size, 1, None, "how many latest tokens")
+        check_int("repetition_context_size", self.repetition_context_size, 1, None, "how many latest tokens")
         for name in ("presence_penalty", "frequency_penalty"):
             value = _check_number(name, getattr(self, name))
             if not -2 <= value <= 2:
@@ -169,14 +169,14 @@ class Generate:
                 )
         object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
         if self.logprobs is not None:
-            _check_int(
+            check_int(
                 "logprobs",
                 self.logprobs,
                 0,
                 MAX_LOGPROBS,
                 f"the number of top alternatives per token, at most {MAX_LOGPROBS}",
             )
-        _check_int(
+        check_int(
             "n", self.n, 1, MAX_N, f"the number of choices, at most {MAX_N}; send more requests for more"
         )
 
