@@ -320,17 +320,22 @@ def _readable(fds: tuple[int, ...], timeout: float | None) -> bool:
 
 def _proc_start(pid: int) -> str | None:
     """The start time of ``pid`` from /proc (None without /proc, or if it is gone)."""
+    data = _read_stat(pid)
+    return None if data is None else _parse_stat(data).start
+
+
+def _read_stat(pid: int | str) -> bytes | None:
+    """``/proc/<pid>/stat``, or None if it cannot be read (no /proc, or the process is gone)."""
     try:
         fd = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
     except OSError:
         return None
     try:
-        data = os.read(fd, 4096)
+        return os.read(fd, 4096)
     except OSError:
         return None
     finally:
         os.close(fd)
-    return _parse_stat(data).start
 
 
 def _parse_stat(data: bytes) -> Proc:
@@ -358,15 +363,9 @@ def _proc_table() -> dict[int, Proc] | None:
     for name in names:
         if not name.isdigit():
             continue
-        try:
-            fd = os.open(f"/proc/{name}/stat", os.O_RDONLY)
-            try:
-                data = os.read(fd, 4096)
-            finally:
-                os.close(fd)
-        except OSError:  # gone meanwhile
-            continue
-        table[int(name)] = _parse_stat(data)
+        data = _read_stat(name)
+        if data is not None:  # else gone meanwhile
+            table[int(name)] = _parse_stat(data)
     return table
 
 
