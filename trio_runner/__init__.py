@@ -20,6 +20,7 @@ from ._errors import TaskError as TaskError
 from ._errors import TaskFailed as TaskFailed
 from ._errors import TrioRunnerError as TrioRunnerError
 from ._policy import RestartPolicy as RestartPolicy
+from ._runner import GroupInfo as GroupInfo
 from ._runner import Runner as Runner
 from ._runner import TaskContext as TaskContext
 from ._state import BackingOff as BackingOff

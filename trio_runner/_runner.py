@@ -8,6 +8,7 @@ the standard library.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Generic, TypeVar
 
 from . import _validate as check
@@ -79,6 +80,30 @@ class TaskContext(Generic[EventT]):
             raise TaskCancelled(f"task {self._slot.task_id} was cancelled")
 
 
+@dataclass(frozen=True)
+class GroupInfo:
+    """A runner's place in a group of ranks (``open_supervisor(..., ranks=N)``).
+
+    Every rank runs the same runner class; the supervisor gives each its place
+    before ``setup()``. ``addresses`` holds one ``"host:port"`` per rank, in rank
+    order: the ports are fresh for every generation (every restart of the
+    group), so a rank left from an earlier generation can never answer on them.
+
+    Attributes:
+        rank: this runner's rank, from 0 to ``size - 1``. Rank 0's events and
+            result are what the caller sees.
+        size: how many ranks the group has.
+        generation: the group's incarnation number, 1 for the first start.
+        addresses: one loopback ``"127.0.0.1:port"`` per rank, for the
+            distributed engine to connect the ranks (MLX's ``ring`` hostfile).
+    """
+
+    rank: int
+    size: int
+    generation: int
+    addresses: tuple[str, ...]
+
+
 class Runner(Generic[RequestT, EventT, ResultT]):
     """Subclass this to define the work that runs in the child process.
 
@@ -103,10 +128,14 @@ class Runner(Generic[RequestT, EventT, ResultT]):
             it pauses, 2 ms after ``linger``). The default of 5 ms costs a
             fast stream one frame (and one wake-up of the parent) per 5 ms
             instead of one per event; 0 sends every event at once.
+        group: the runner's :class:`GroupInfo` when it is one rank of a
+            group, set before ``setup()`` (not yet in ``__init__``); None for a
+            runner on its own.
     """
 
     concurrency: int = 1
     linger: float = 0.005
+    group: GroupInfo | None = None
 
     def setup(self) -> None:
         """Load the model, warm up. Raising here is a startup failure."""
