@@ -463,7 +463,7 @@ def _build(
     include_usage = _stream_options(body, stream)
     try:
         generate = request(**fields)
-    except ValueError as exc:  # Generate's own checks: the last word on what the runner accepts
+    except (TypeError, ValueError) as exc:  # Generate's own checks: the last word on what the runner accepts
         raise _invalid(str(exc), None) from None
     return ParsedRequest(kind, generate, stream, include_usage, model)
 
