@@ -15,7 +15,6 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
@@ -24,6 +23,7 @@ from hypercorn.utils import wrap_app  # pyright: ignore[reportUnknownVariableTyp
 
 from .. import _validate as check
 from .._errors import ExitReason
+from .._options import ForwardedOptions
 from .._policy import RestartPolicy
 from .._state import Exited, Ready
 from .._supervisor import Supervisor
@@ -271,9 +271,8 @@ async def serve_mlx(
     )
     config = _config(host, port, grace)
     sockets = listen(config)  # before the runner starts: an address in use fails at once
-    supervisor_options: dict[str, Any] = {"raise_on_give_up": False}
-    if policy is not None:
-        supervisor_options["policy"] = policy
+    # None keeps the default policy. The server answers 503 after a give-up instead of ending.
+    supervisor_options: ForwardedOptions = {"policy": policy, "raise_on_give_up": False}
     try:
         async with open_mlx_supervisor(
             model, start_method=start_method, name="serve", runner=ToolMlxLmRunner, **supervisor_options
