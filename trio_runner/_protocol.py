@@ -400,14 +400,13 @@ class BigFrame:
 class FrameReader:
     """Splits a byte stream into message lists. Used by both ends."""
 
-    __slots__ = ("_big_have", "_big_missing", "_big_parts", "_buffer", "_max_frame")
+    __slots__ = ("_big_missing", "_big_parts", "_buffer", "_max_frame")
 
     def __init__(self, max_frame: int) -> None:
         self._buffer = bytearray()
         self._max_frame = max_frame
         self._big_parts: list[Buffer] | None = None
         self._big_missing = 0
-        self._big_have = 0
 
     def feed(self, data: bytes | bytearray | memoryview) -> Iterator[list[Any]]:
         """Yield each whole frame's messages in turn.
@@ -440,12 +439,10 @@ class FrameReader:
             if len(data) < missing:
                 parts.append(data)
                 self._big_missing = missing - len(data)
-                self._big_have += len(data)
                 return
             view = memoryview(data)
             parts.append(view[:missing])
             self._big_parts = None
-            self._big_have = 0
             data = view[missing:]
             yield BigFrame(parts)
         buffer = self._buffer
@@ -462,7 +459,6 @@ class FrameReader:
                         # What has come of it (less than one read) is copied out;
                         # the rest is kept read by read.
                         self._big_parts = [bytes(buffer[body:size])]
-                        self._big_have = size - body
                         self._big_missing = end - size
                         start = size
                         break
@@ -484,8 +480,3 @@ class FrameReader:
         finally:
             if start:
                 del buffer[:start]
-
-    @property
-    def pending(self) -> int:
-        """Bytes received that do not yet form a whole frame."""
-        return len(self._buffer) + self._big_have

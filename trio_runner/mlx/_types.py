@@ -21,6 +21,8 @@ MAX_LOGPROBS = 20
 """The most top alternatives a :class:`Generate` may ask for per token (OpenAI's limit)."""
 MAX_N = 16
 """The most choices one :class:`Generate` may ask for (each is a sequence in the batch)."""
+MAX_PENALTY = 2.0
+"""The bound on presence and frequency penalties either way (OpenAI's range)."""
 
 
 def _check_logit_bias(value: object) -> dict[int, float] | None:
@@ -146,7 +148,11 @@ class Generate:
         )
         for name in ("presence_penalty", "frequency_penalty"):
             check.number(
-                name, getattr(self, name), minimum=-2, maximum=2, fix="as in OpenAI's API; 0 disables it"
+                name,
+                getattr(self, name),
+                minimum=-MAX_PENALTY,
+                maximum=MAX_PENALTY,
+                fix="as in OpenAI's API; 0 disables it",
             )
         object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
         if self.logprobs is not None:
