@@ -144,6 +144,20 @@ def test_feed_big_hands_over_big_frames_whole_and_in_order_however_the_bytes_are
     _assert_nothing_left(reader)
 
 
+def test_in_big_frame_is_true_exactly_while_a_big_frame_is_partly_received() -> None:
+    big = 1000
+    stream = proto.encode([proto.Result(1, b"x" * 5000)]) + proto.encode([proto.Heartbeat()])
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    assert not reader.in_big_frame
+    assert list(reader.feed_big(stream[:100], big)) == []
+    assert reader.in_big_frame
+    assert list(reader.feed_big(stream[100:3000], big)) == []
+    assert reader.in_big_frame
+    items = list(reader.feed_big(stream[3000:], big))
+    assert [type(item) for item in items] == [proto.BigFrame, list]
+    assert not reader.in_big_frame
+
+
 # -- max_frame_size validation (issue 11, finding 11) -------------------------------------
 
 
