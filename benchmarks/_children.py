@@ -19,7 +19,6 @@ from typing import Any
 from trio_runner import Runner, TaskContext, _child
 
 HEADER = struct.Struct("!I")
-PAYLOAD_SIZE = 100
 BIG_MB = 200
 
 

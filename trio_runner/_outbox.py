@@ -426,16 +426,12 @@ class Outbox:
                     return
 
     def _send_batch(self, batch: list[proto.FromChild]) -> bool:
-        """Write one batch; called with the send lock held. False if the socket is gone."""
-        try:
-            self.sock.sendall(self._encode(batch))
-        except OSError:
-            return False
-        self._last_sent = time.monotonic()
-        return True
+        """Write one batch; called with the send lock held. False if the socket is gone.
 
-    def _encode(self, batch: list[proto.FromChild]) -> bytes:
-        """Frames for ``batch``: events pickled one message at a time, frames kept under the size limit."""
+        Events are pickled here one message at a time (an Error instead if they
+        cannot be sent), error reports cut to fit, and the frames kept under the
+        size limit. One method, not two: it runs twice per round trip.
+        """
         messages: list[proto.FromChild] = []
         for message in batch:
             kind = type(message)
@@ -445,7 +441,12 @@ class Outbox:
             if kind is proto.Error or kind is proto.Fatal:
                 message = self._fit_error(cast(_Report, message))
             messages.append(message)
-        return proto.encode_frames(messages, self.max_frame)
+        try:
+            self.sock.sendall(proto.encode_frames(messages, self.max_frame))
+        except OSError:
+            return False
+        self._last_sent = time.monotonic()
+        return True
 
     def _fit_error(self, message: _Report) -> _Report:
         """An Error or Fatal message with its texts cut so that it fits a frame of its own.
