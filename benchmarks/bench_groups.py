@@ -150,7 +150,8 @@ async def run(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
             "group_restart",
             f"group of {RANKS} restart to ready after a rank's SIGKILL (median / p99)",
             fmt_ms(stats["ours"]),
-            f"bare start of {RANKS} children + ready handshake {fmt_ms(stats['bare start of the same ranks'])}",
+            f"bare start of {RANKS} children + ready handshake "
+            f"{fmt_ms(stats['bare start of the same ranks'])}",
             f"{ratio:.2f}x bare",
             "reported (no goal: includes the survivor's graceful stop)",
             None,
