@@ -5,6 +5,9 @@ Contract tests against real child processes (pure-Python ranks from
 the outcome rank 0 brings back, and one_for_all: whichever rank dies or hangs,
 the whole group is stopped, reaped, and started again on fresh ports. Timing
 bounds are generous: only a hang breaks them.
+
+At the end, a collaboration test of the one_for_all decision: the in-memory
+fake per rank (``tests/fakes.py``) under a MockClock, with exact times.
 """
 
 from __future__ import annotations
@@ -39,7 +42,12 @@ from trio_runner import (
     Timeouts,
     open_supervisor,
 )
+from trio_runner import _protocol as proto
+from trio_runner._options import Options
+from trio_runner._process import SpawnSpec
+from trio_runner._supervisor import _open, create_supervisor  # pyright: ignore[reportPrivateUsage]
 
+from .fakes import SERVE, FakeFactory, FakeRunner, FakeWorker, crash_after_ready, lifecycle, wait_for_change
 from .group_runners import GroupRunner
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2, max_restarts=100)
@@ -276,3 +284,50 @@ async def test_parent_sigkill_with_one_rank_holding_the_gil_leaves_no_rank() -> 
                 break
             await trio.sleep(0.02)
         assert [pid for pid in pids if _running(pid)] == []
+
+
+# -- collaboration: one_for_all under a MockClock, with the in-memory fake per rank ---------------
+
+
+class _RankFakes:
+    """A worker factory for a group: rank r's workers come from ``fakes[r]``, a FakeFactory of its own."""
+
+    def __init__(self, *fakes: FakeFactory) -> None:
+        self.fakes = fakes
+
+    def __call__(self, spec: SpawnSpec, incarnation: int) -> FakeWorker:
+        assert spec.group is not None
+        return self.fakes[spec.group.rank](spec, incarnation)
+
+
+async def test_one_for_all_a_crash_fails_the_task_at_once_stops_the_others_and_restarts_all_after_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    survivor, crasher = (
+        FakeFactory([SERVE]),
+        FakeFactory([crash_after_ready(signal.SIGSEGV, after=5.0), SERVE]),
+    )
+    options = Options.from_keywords("test", {"ranks": 2})
+    sup: GroupSupervisor = create_supervisor(FakeRunner, (), None, options, _RankFakes(survivor, crasher))
+    async with _open(sup):
+        await sup.wait_ready()
+        with pytest.raises(RunnerCrashed) as caught:
+            await sup.run(("sleep", 100.0, "never"))
+        assert trio.current_time() == 5.0
+        assert caught.value.exit.rank == 1
+        assert caught.value.exit.signal == signal.SIGSEGV
+        await wait_for_change(sup, Ready, count=4)  # both ranks of generation 2
+        assert trio.current_time() == 5.0 + 2.0  # the policy's first backoff, then both spawn at once
+        assert await sup.run(("echo", "served")) == "served"
+    # The survivor was asked to stop the moment the crash was seen, and went.
+    first = survivor.workers[0]
+    assert [when for when, _ in first.frames(proto.Shutdown)] == [5.0]
+    assert first.died_at == 5.0
+    assert survivor.spawn_times == crasher.spawn_times == [0.0, 7.0]
+    changes = await lifecycle(sup)
+    exits = [change.exit for change in changes if isinstance(change, Exited)]
+    assert [record.reason for record in exits] == [ExitReason.SIGNALED, ExitReason.REQUESTED]
+    assert exits[0].rank == 1
+    assert exits[1].rank in (0, 1)  # leaving the block: every rank was asked; whichever went first
+    survivor.check()
+    crasher.check()
