@@ -149,6 +149,27 @@ async def test_sigkill_of_either_rank_mid_task_fails_it_with_runner_crashed_nami
     assert not set(after[0]["addresses"]) & set(before[0]["addresses"])  # fresh ports
 
 
+async def test_a_retry_task_in_flight_when_a_rank_dies_runs_again_on_the_next_generation() -> None:
+    async with open_supervisor(GroupRunner, ranks=2, policy=FAST, timeouts=QUICK) as sup:
+        pids = await _pids(sup)
+        async with sup.stream(("wait_in_generation_1",), retry=True) as task:
+            async for _ in task:
+                if task.attempt == 1:
+                    os.kill(pids[1], signal.SIGKILL)
+            assert task.attempt == 2
+            assert task.result == 2
+
+
+async def test_ranks_other_than_0_that_emit_count_as_progress_for_the_stall_timeout() -> None:
+    # Their events are not sent, but a sign of progress is: a long task that
+    # emits on every rank is not taken for a stalled one.
+    timeouts = Timeouts(stall=0.5, heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
+    async with open_supervisor(GroupRunner, ranks=2, policy=FAST, timeouts=timeouts) as sup:
+        await sup.wait_ready()
+        assert await sup.run(("slow_count", 40, 0.05)) == 40
+        assert sup.statistics().incarnation == 1
+
+
 async def test_the_surviving_ranks_are_stopped_by_the_supervisor_and_watch_names_each_rank() -> None:
     changes: list[LifecycleChange] = []
     async with open_supervisor(GroupRunner, ranks=2, policy=FAST, timeouts=QUICK) as sup:
