@@ -45,7 +45,8 @@ from trio_runner import (
 from trio_runner import _protocol as proto
 from trio_runner._options import Options
 from trio_runner._process import SpawnSpec
-from trio_runner._supervisor import _open, create_supervisor  # pyright: ignore[reportPrivateUsage]
+from trio_runner._supervisor import _open, create_supervisor
+from trio_runner.testing import BeforeEvent, Fault, FaultPlan, FaultyRunner, Signal  # pyright: ignore[reportPrivateUsage]
 
 from .fakes import SERVE, FakeFactory, FakeRunner, FakeWorker, crash_after_ready, lifecycle, wait_for_change
 from .group_runners import GroupRunner
@@ -243,6 +244,24 @@ async def test_a_rank_that_never_gets_ready_is_a_startup_failure_within_the_star
     assert last.reason is ExitReason.STARTUP_FAILED
     assert last.rank == 1
     assert "Timeouts(startup=2" in last.detail
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+async def test_a_fault_plan_can_target_one_rank_of_a_group(rank: int) -> None:
+    plan = FaultPlan((Fault(Signal("SIGKILL"), BeforeEvent(task=1, event=1), rank=rank),))
+    async with open_supervisor(FaultyRunner, GroupRunner, plan, ranks=2, policy=FAST, timeouts=QUICK) as sup:
+        with pytest.raises(RunnerCrashed) as caught:
+            await sup.run(("count", 3))
+        assert caught.value.exit.rank == rank
+        assert caught.value.exit.signal == signal.SIGKILL
+        places = await sup.run(("places",))  # the wrapped runner got its place too
+        assert [place["generation"] for place in places] == [2, 2]
+
+
+@pytest.mark.parametrize("rank", [-1, True, 1.0])
+def test_a_fault_rank_must_be_an_int_from_0(rank: object) -> None:
+    with pytest.raises(ValueError, match="rank"):
+        Fault(Signal("SIGKILL"), BeforeEvent(), rank=rank)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("ranks", [0, -1])
