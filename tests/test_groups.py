@@ -25,6 +25,7 @@ from typing import Any
 import psutil
 import pytest
 import trio
+from hypothesis import given
 
 from trio_runner import (
     Exited,
@@ -46,10 +47,22 @@ from trio_runner import _protocol as proto
 from trio_runner._options import Options
 from trio_runner._process import SpawnSpec
 from trio_runner._supervisor import _open, create_supervisor
-from trio_runner.testing import BeforeEvent, Fault, FaultPlan, FaultyRunner, Signal  # pyright: ignore[reportPrivateUsage]
+from trio_runner.testing import (
+    AfterEvent,
+    BeforeEvent,
+    Exit,
+    Fault,
+    FaultPlan,
+    FaultyRunner,
+    Raise,
+    Signal,
+    faults,
+    wait_no_leftover_processes,
+)  # pyright: ignore[reportPrivateUsage]
 
 from .fakes import SERVE, FakeFactory, FakeRunner, FakeWorker, crash_after_ready, lifecycle, wait_for_change
 from .group_runners import GroupRunner
+from .test_property_support import examples, real_process_settings
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2, max_restarts=100)
 QUICK = Timeouts(heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
@@ -256,6 +269,37 @@ async def test_a_fault_plan_can_target_one_rank_of_a_group(rank: int) -> None:
         assert caught.value.exit.signal == signal.SIGKILL
         places = await sup.run(("places",))  # the wrapped runner got its place too
         assert [place["generation"] for place in places] == [2, 2]
+
+
+@real_process_settings(examples("TRIO_RUNNER_GROUP_FAULT_EXAMPLES", 6))
+@given(
+    fault=faults(
+        kinds=(Signal, Exit, Raise),
+        trigger_kinds=(BeforeEvent, AfterEvent),
+        max_task=1,
+        max_event=2,
+        native_faults=False,
+        ranks=(0, 1, None),
+    )
+)
+async def test_a_drawn_fault_on_any_rank_ends_the_task_once_and_the_group_serves_again(fault: Fault) -> None:
+    plan = FaultPlan((fault,))
+    async with open_supervisor(FaultyRunner, GroupRunner, plan, ranks=2, policy=FAST, timeouts=QUICK) as sup:
+        try:
+            await sup.run(("count", 3))  # emits events 0, 1, 2 on every rank: the fault fires
+        except TaskFailed:
+            assert isinstance(fault.kind, Raise)
+            assert sup.statistics().incarnation == 1  # a handler's failure is not the group's
+        except RunnerCrashed as crashed:
+            assert not isinstance(fault.kind, Raise)
+            record = crashed.exit
+            assert record.rank in ((0, 1) if fault.rank is None else (fault.rank,))
+            assert record.reason in fault.exit_reasons()
+        else:
+            raise AssertionError(f"{fault!r} fired and the task succeeded")
+        assert await sup.run(("count", 1)) == ("rank", 0, 1)  # served again (a new generation after a crash)
+    spawned = [change.pid for change in await lifecycle(sup) if isinstance(change, Spawned)]
+    await wait_no_leftover_processes([pid for pid in spawned if pid is not None])
 
 
 @pytest.mark.parametrize("rank", [-1, True, 1.0])
