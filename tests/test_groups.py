@@ -12,14 +12,8 @@ fake per rank (``tests/fakes.py``) under a MockClock, with exact times.
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import psutil
@@ -30,6 +24,7 @@ from hypothesis import given
 from trio_runner import (
     Exited,
     ExitReason,
+    ExitRecord,
     LifecycleChange,
     Ready,
     RestartPolicy,
@@ -66,7 +61,6 @@ from .test_property_support import examples, real_process_settings
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2, max_restarts=100)
 QUICK = Timeouts(heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
-SCRIPTS = Path(__file__).parent / "scripts"
 BOUND = 60
 
 GroupSupervisor = Supervisor[Any, Any, Any]
@@ -232,29 +226,26 @@ async def test_twenty_kill_restart_cycles_leave_no_process_behind() -> None:
     # The autouse fixture checks that no child or zombie is left.
 
 
-async def test_a_rank_that_fails_setup_is_a_startup_failure_naming_it_with_its_stderr() -> None:
+async def _startup_failure(kwargs: dict[str, Any], timeouts: Timeouts) -> ExitRecord:
+    """The exit record of a group that cannot start, under a policy that does not restart."""
     policy = RestartPolicy(mode="temporary")
-    async with open_supervisor(
-        GroupRunner, kwargs={"fail_setup_rank": 1}, ranks=2, policy=policy, timeouts=QUICK
-    ) as sup:
+    async with open_supervisor(GroupRunner, kwargs=kwargs, ranks=2, policy=policy, timeouts=timeouts) as sup:
         await _until_stopped(sup)
         last = sup.statistics().last_exit
     assert last is not None
     assert last.reason is ExitReason.STARTUP_FAILED
+    return last
+
+
+async def test_a_rank_that_fails_setup_is_a_startup_failure_naming_it_with_its_stderr() -> None:
+    last = await _startup_failure({"fail_setup_rank": 1}, QUICK)
     assert last.rank == 1
     assert any("rank 1 failed its setup on purpose" in line for line in last.stderr_tail)
 
 
 async def test_a_rank_that_never_gets_ready_is_a_startup_failure_within_the_startup_timeout() -> None:
-    policy = RestartPolicy(mode="temporary")
     timeouts = Timeouts(startup=2, heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
-    async with open_supervisor(
-        GroupRunner, kwargs={"hang_setup_rank": 1}, ranks=2, policy=policy, timeouts=timeouts
-    ) as sup:
-        await _until_stopped(sup)
-        last = sup.statistics().last_exit
-    assert last is not None
-    assert last.reason is ExitReason.STARTUP_FAILED
+    last = await _startup_failure({"hang_setup_rank": 1}, timeouts)
     assert last.rank == 1
     assert "Timeouts(startup=2" in last.detail
 
@@ -312,62 +303,6 @@ def test_a_fault_rank_must_be_an_int_from_0(rank: object) -> None:
 def test_ranks_below_one_are_refused_at_the_call(ranks: int) -> None:
     with pytest.raises(ValueError, match="ranks"):
         open_supervisor(GroupRunner, ranks=ranks)
-
-
-@contextlib.asynccontextmanager
-async def _group_parent() -> AsyncIterator[tuple[trio.Process, list[int]]]:
-    """Run tests/scripts/group_parent_for_orphan_test.py; yield it and its ranks' pids.
-
-    On the way out, kills whatever is left: once the parent is dead the ranks
-    are no longer our descendants, so the autouse fixture cannot see them.
-    """
-    script = SCRIPTS / "group_parent_for_orphan_test.py"
-    proc = await trio.lowlevel.open_process([sys.executable, str(script)], stdout=subprocess.PIPE)
-    pids: list[int] = []
-    try:
-        assert proc.stdout is not None
-        line = b""
-        with trio.fail_after(BOUND):
-            while not line.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some(4096)
-                assert chunk, "the parent script exited before printing its pids"
-                line += chunk
-        pids.extend(json.loads(line))
-        yield proc, pids
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        if proc.stdout is not None:
-            await proc.stdout.aclose()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-
-
-def _running(pid: int) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return not (proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() != os.getpid())
-    except psutil.NoSuchProcess:
-        return False
-
-
-async def test_parent_sigkill_with_one_rank_holding_the_gil_leaves_no_rank() -> None:
-    async with _group_parent() as (proc, pids):
-        assert len(pids) == 2 and all(_running(pid) for pid in pids)
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-        assert proc.stdout is not None
-        with trio.fail_after(10):
-            while await proc.stdout.receive_some(4096):  # held open by whatever outlives the parent
-                pass
-        # Polling: the death of a process that is not our child has no event to wait on.
-        for _ in range(500):
-            if not any(_running(pid) for pid in pids):
-                break
-            await trio.sleep(0.02)
-        assert [pid for pid in pids if _running(pid)] == []
 
 
 # -- collaboration: one_for_all under a MockClock, with the in-memory fake per rank ---------------
