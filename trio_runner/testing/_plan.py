@@ -306,11 +306,14 @@ class Fault:
         trigger: where it fires, e.g. ``BeforeEvent(task=2, event=0)``.
         incarnation: the incarnation (1 = the first process, 2 = the first restart ...)
             in which the fault fires, or None for every incarnation.
+        rank: in a group (``ranks=N``), the rank in which the fault fires, or None
+            for every rank. A lone runner is rank 0.
     """
 
     kind: FaultKind
     trigger: Trigger
     incarnation: int | None = 1
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, FAULT_KINDS):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -328,9 +331,14 @@ class Fault:
             check.integer(
                 "Fault.incarnation", self.incarnation, minimum=1, fix="they count from 1; None is every one"
             )
+        if self.rank is not None:
+            check.integer("Fault.rank", self.rank, minimum=0, fix="ranks count from 0; None is every rank")
 
     def applies_to(self, incarnation: int) -> bool:
         return self.incarnation is None or self.incarnation == incarnation
+
+    def applies_to_rank(self, rank: int) -> bool:
+        return self.rank is None or self.rank == rank
 
     def exit_reasons(self) -> frozenset[ExitReason]:
         """How an incarnation this fault fires in may end (besides REQUESTED, always possible)."""
