@@ -293,9 +293,9 @@ async def test_a_drawn_fault_on_any_rank_ends_the_task_once_and_the_group_serves
     await wait_no_leftover_processes([pid for pid in spawned if pid is not None])
 
 
-@pytest.mark.parametrize("rank", [-1, True, 1.0])
-def test_a_fault_rank_must_be_an_int_from_0(rank: object) -> None:
-    with pytest.raises(ValueError, match="rank"):
+@pytest.mark.parametrize(("rank", "error"), [(-1, ValueError), (True, TypeError), (1.0, TypeError)])
+def test_a_fault_rank_must_be_an_int_from_0(rank: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="Fault.rank"):
         Fault(Signal("SIGKILL"), BeforeEvent(), rank=rank)  # type: ignore[arg-type]
 
 
