@@ -37,6 +37,7 @@ from typing import Any, TypeAlias, cast
 
 from . import _protocol as proto
 from ._errors import TaskCancelled
+from ._pieces import split_list
 
 #: Bounds on an error report's message and traceback (each) and its type name,
 #: in bytes of UTF-8; ``_fit_error`` lowers them for a smaller ``max_frame_size``.
@@ -463,7 +464,10 @@ class Outbox:
     def _pack_events(self, message: proto.Events) -> proto.Events | proto.Error:
         """Events with their payload pickled; events that cannot be sent fail their task instead."""
         task_id = message.task_id
-        data = self._pickle(task_id, message.payload, "events")
+        batch = message.payload
+        if len(batch) == 1:  # an event emitted alone may be a big list; checking each of many costs events/s
+            batch = [split_list(batch[0])]
+        data = self._pickle(task_id, batch, "events")
         if isinstance(data, proto.Error):
             slot = self._find_slot(task_id)
             if slot is not None:
@@ -473,7 +477,7 @@ class Outbox:
 
     def pack_result(self, task_id: int, value: Any) -> proto.Result | proto.Error:
         """A task's Result, its value pickled (by the task's own thread); an Error if it cannot be sent."""
-        data = self._pickle(task_id, value, "the result")
+        data = self._pickle(task_id, split_list(value), "the result")
         return data if isinstance(data, proto.Error) else proto.Result(task_id, data)
 
     def _pickle(self, task_id: int, payload: Any, what: str) -> bytes | proto.Error:

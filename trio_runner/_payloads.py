@@ -18,13 +18,13 @@ which copies without the GIL.
 from __future__ import annotations
 
 import pickle
-import time
 from collections.abc import Callable
 from typing import Any, Final, cast
 
 import trio
 
 from . import _protocol as proto
+from ._pieces import Pacer
 
 #: Frames and payloads (pickled) of this many bytes or more are unpickled in a
 #: thread. Below it, a stream's event batches: a full default window of
@@ -39,25 +39,6 @@ LARGE_REQUEST: Final = 128 * 1024
 #: Bytes copied between two releases of the GIL: a fraction of a millisecond
 #: even into fresh pages.
 _CHUNK: Final = 256 * 1024
-#: Work between two releases of the GIL. Each release lets a waiting trio
-#: thread in at once, instead of after the interpreter's 5 ms switch interval;
-#: releasing more often only costs this thread time when the loop is busy.
-_YIELD_EVERY: Final = 0.0005
-
-
-class _Pacer:
-    """Releases the GIL (``time.sleep(0)``) once per ``_YIELD_EVERY`` of work."""
-
-    __slots__ = ("_last",)
-
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        if now - self._last >= _YIELD_EVERY:
-            time.sleep(0)
-            self._last = time.perf_counter()
 
 
 class _ChunkedReader:
@@ -67,7 +48,7 @@ class _ChunkedReader:
         self._parts = [memoryview(part).cast("B") for part in parts]
         self._index = 0
         self._offset = 0
-        self._pacer = _Pacer()
+        self._pacer = Pacer()
 
     def _take(self, size: int) -> list[memoryview]:
         """Views of the next ``size`` bytes (fewer at the end), one per part they span."""
@@ -131,7 +112,7 @@ class _ChunkedWriter:
     def __init__(self) -> None:
         self.parts: list[Any] = []
         self.size = 0
-        self._pacer = _Pacer()
+        self._pacer = Pacer()
 
     def write(self, data: Any) -> int:
         # The pickler hands over a finished 64 KiB frame, or a big bytes-like
@@ -226,7 +207,7 @@ def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
         # list, and tens of MiB of buffers must be freed here, not on the loop;
         # one at a time, letting the loop in (each is a munmap).
         parts = frame.parts
-        pacer = _Pacer()
+        pacer = Pacer()
         while parts:
             parts.pop()
             pacer.tick()
