@@ -11,12 +11,13 @@ them at least once per 64 KiB pickle frame, and they hand over views of the
 received buffers (or copy at most :data:`_CHUNK` bytes at a time) and release
 the GIL (``time.sleep(0)``) every half millisecond of work, so the trio thread
 gets in that often. What the thread unpickled from is freed in the thread too
-(see :func:`decode_in_thread`), and a big pickle is joined by ``bytes.join``,
-which copies without the GIL.
+(see :func:`decode_in_thread`), and a big request's pickle is held in pieces
+(:class:`RequestPickle`) that are freed in a thread when the task drops it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections.abc import Callable
 from typing import Any, Final, cast
@@ -24,7 +25,7 @@ from typing import Any, Final, cast
 import trio
 
 from . import _protocol as proto
-from ._pieces import Pacer
+from ._pieces import PIECE, Pacer, Pieces
 
 #: Frames and payloads (pickled) of this many bytes or more are unpickled in a
 #: thread. Below it, a stream's event batches: a full default window of
@@ -50,7 +51,7 @@ class _ChunkedReader:
         self._offset = 0
         self._pacer = Pacer()
 
-    def _take(self, size: int) -> list[memoryview]:
+    def take(self, size: int) -> list[memoryview]:
         """Views of the next ``size`` bytes (fewer at the end), one per part they span."""
         pieces: list[memoryview] = []
         parts = self._parts
@@ -75,7 +76,7 @@ class _ChunkedReader:
         # takes any buffer, and a fresh 64 KiB block per frame would sit in the
         # heap after the list being built, so that each time the list grows
         # its realloc could not extend it in place and would copy it whole.
-        pieces = self._take(size)
+        pieces = self.take(size)
         # (typeshed says bytes; the C unpickler takes any contiguous buffer.)
         chunk = cast(bytes, pieces[0]) if len(pieces) == 1 else b"".join(pieces)
         self._pacer.tick()
@@ -86,7 +87,7 @@ class _ChunkedReader:
         done = 0
         with memoryview(buffer) as raw, raw.cast("B") as target:
             while done < len(target):
-                pieces = self._take(min(_CHUNK, len(target) - done))
+                pieces = self.take(min(_CHUNK, len(target) - done))
                 if not pieces:
                     break
                 for piece in pieces:
@@ -117,19 +118,60 @@ class _ChunkedWriter:
     def write(self, data: Any) -> int:
         # The pickler hands over a finished 64 KiB frame, or a big bytes-like
         # payload of the caller's own: kept as it is (the caller's object is not
-        # copied here), joined in chunks in ``join``.
+        # copied here), copied into pieces by ``pieces``.
         self.parts.append(data)
         size = memoryview(data).nbytes
         self.size += size
         self._pacer.tick()
         return size
 
-    def join(self) -> bytes:
-        # One allocation of the final size, and a copy that bytes.join makes
-        # without the GIL (it releases it for joins of 1 MiB or more). Growing
-        # a bytearray instead reallocates it as it grows: a realloc that cannot
-        # grow in place copies everything so far in one C call, GIL held.
-        return b"".join(self.parts)
+    def pieces(self) -> bytes | RequestPickle:
+        """The pickle: bytes up to :data:`~trio_runner._pieces.PIECE`, else copied into pieces of that size.
+
+        Copies, so that the pickle shares no buffer with the request (the
+        caller may change a bytearray it sent) and is made only of pieces
+        that are cheap to free; one piece at a time, letting the loop in.
+        """
+        if self.size <= PIECE:
+            return b"".join(self.parts)
+        reader = _ChunkedReader(self.parts)
+        self.parts = []
+        pieces: list[bytes] = []
+        while views := reader.take(PIECE):
+            pieces.append(b"".join(views))
+            self._pacer.tick()
+        return RequestPickle(pieces)
+
+
+class RequestPickle(Pieces):
+    """A big request's pickle, whose pieces are freed in a worker thread, one at a time.
+
+    The task holds it until the runner acknowledges the task (until the
+    task settles, with retry=True), and drops it on the loop: freeing 60 MiB
+    there took about 5 ms in one go. Being freed, it hands its list of pieces
+    to a thread instead. What writes the pieces to the runner holds them only
+    while it writes.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        pieces = self.pieces
+        self.pieces = []
+        # At interpreter shutdown no thread can start: then they are freed here.
+        with contextlib.suppress(RuntimeError):
+            trio.lowlevel.start_thread_soon(lambda: _free(pieces), _ignore)
+
+
+def _free(pieces: list[bytes]) -> None:
+    pacer = Pacer()
+    while pieces:
+        pieces.pop()
+        pacer.tick()
+
+
+def _ignore(outcome: object) -> None:
+    pass
 
 
 class _TooBig(Exception):
@@ -187,10 +229,10 @@ class LoopPickler:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _dumps_chunked(obj: Any) -> bytes:
+def _dumps_chunked(obj: Any) -> bytes | RequestPickle:
     writer = _ChunkedWriter()
     pickle.Pickler(writer, protocol=proto.PICKLE_PROTOCOL).dump(obj)
-    return writer.join()
+    return writer.pieces()
 
 
 def _loads_chunked(data: bytes | bytearray | memoryview) -> Any:
@@ -245,8 +287,8 @@ def _load_or_error(data: bytes | bytearray | memoryview) -> Loaded:
         return Loaded(error=exc)
 
 
-async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytes:
-    """Pickle ``obj`` in a worker thread. Raises what pickling raises.
+async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytes | RequestPickle:
+    """Pickle ``obj`` in a worker thread (a big pickle in pieces). Raises what pickling raises.
 
     **Cancellation:** abandons the thread, which finishes pickling into the void.
     """

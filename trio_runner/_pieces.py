@@ -145,3 +145,32 @@ class _Joining:
         while parts:
             yield parts.pop()  # each run is freed once the list holds its items
             pacer.tick()
+
+
+# -- bytes ------------------------------------------------------------------------
+
+
+class Pieces:
+    """Bytes held as pieces of at most :data:`PIECE` bytes; pickles as the bytes they join to.
+
+    The parent holds a big request pickle this way: each piece is written to
+    the runner by reference, the runner gets plain bytes (it joins them), and
+    freeing the pickle is one short free per piece. ``len()`` is the size in bytes.
+    """
+
+    __slots__ = ("pieces", "size")
+
+    def __init__(self, pieces: list[bytes]) -> None:
+        self.pieces: list[bytes] = pieces
+        self.size = sum(map(len, pieces))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (join_bytes, (self.pieces,))
+
+
+def join_bytes(pieces: list[bytes]) -> bytes:
+    """The bytes ``pieces`` make (``bytes.join`` copies 1 MiB or more without the GIL)."""
+    return b"".join(pieces)

@@ -19,6 +19,8 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, NamedTuple, TypeAlias, cast
 
+from ._pieces import Pieces
+
 #: What a frame is written from: bytes, or a bytearray or memoryview of a payload.
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
 
@@ -343,7 +345,7 @@ def _estimate(message: tuple[Any, ...]) -> int:
     """About what ``message`` adds to a frame: its bytes and strings, and a little for the rest."""
     size = 16
     for item in message:
-        if isinstance(item, (bytes, bytearray, str)):
+        if isinstance(item, (bytes, bytearray, str, Pieces)):
             size += len(item) + 9
         else:
             size += 10
