@@ -8,12 +8,15 @@ overhead, however many tiny messages a batch holds; and the smallest allowed
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import math
 import pickle
 import sys
 import threading
 import time
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,6 +256,16 @@ class _LongestStretch:
         self._last.value = now
 
 
+@contextlib.contextmanager
+def quiet_gc() -> Iterator[None]:
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def _raise_the_mmap_threshold() -> None:
     # glibc raises its mmap threshold to the size of a freed mapping (up to 32
     # MiB): from then on blocks below it come from the heap, and a list growing
@@ -266,21 +279,22 @@ async def test_a_5m_int_list_result_is_unpickled_without_one_long_hold_of_the_gi
 ) -> None:
     # The unpickler grew the list by realloc, one copy of up to 32 MiB holding
     # the GIL for 15-18 ms (measured); now the list is allocated once and filled
-    # a run at a time (about 0.7 ms between two releases). The bound is generous:
-    # thread CPU time does not grow with the machine's load.
+    # a run at a time (about 1 ms between two releases; 5 ms seen once under a
+    # load of 10 on 2 cores). Thread CPU time does not grow with the machine's
+    # load as wall time does.
     stretches = _LongestStretch()
     monkeypatch.setattr(_pieces.Pacer, "tick", lambda pacer: stretches.tick(pacer))  # pyright: ignore[reportUnknownLambdaType]
     _raise_the_mmap_threshold()
     async with open_supervisor(PayloadRunner) as sup:
         await sup.wait_ready()
-        with trio.fail_after(60):
+        with trio.fail_after(60), quiet_gc():  # a collection walks the 5M items: the application's cost
             result = await sup.run(("ints", 5_000_000))
     assert type(result) is list
     assert result == list(range(5_000_000))
     main = threading.main_thread().name
     workers = {name: stretch for name, stretch in stretches.longest.items() if name != main}
     assert workers, "the result was not unpickled in a worker thread"
-    assert max(workers.values()) < 0.005
+    assert max(workers.values()) < 0.010
 
 
 def test_a_big_list_crosses_the_wire_in_runs_and_arrives_as_an_equal_list() -> None:
@@ -324,6 +338,30 @@ async def test_a_50_mib_event_between_small_ones_arrives_intact_and_in_order_wit
         assert worst < LATENESS_BOUND
 
 
+async def test_a_50_mib_event_comes_in_pieces_freed_one_at_a_time_in_a_worker_thread(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Its pickle came as one 50 MiB bytes object, freed by the worker thread
+    # in one call holding the GIL (about 5 ms, measured); the runner now sends
+    # a big pickle in 1 MiB pieces, which the thread frees one at a time.
+    freed: list[tuple[str, int]] = []
+    free = _payloads._free  # pyright: ignore[reportPrivateUsage]
+
+    def spy(pieces: list[bytes]) -> None:
+        freed.append((threading.current_thread().name, len(pieces)))
+        free(pieces)
+
+    monkeypatch.setattr(_payloads, "_free", spy)
+    size = 50 << 20
+    async with open_supervisor(PayloadRunner) as sup:
+        with trio.fail_after(60):
+            async with sup.stream(("emit_blob", size)) as task:
+                events = [event async for event in task]
+    assert events == [blob(size)]
+    assert threading.main_thread().name not in {name for name, _ in freed}
+    assert [count for _, count in freed] == [51]  # 50 MiB and pickle's few bytes
+
+
 async def test_a_60_mib_request_arrives_intact_without_stalling_the_loop() -> None:
     request = blob(60 << 20)
     async with open_supervisor(PayloadRunner) as sup:
@@ -351,11 +389,21 @@ class _LongestStep(trio.abc.Instrument):
         self.longest = max(self.longest, time.thread_time() - self._started)
 
 
-async def test_a_60_mib_request_is_freed_off_the_loop() -> None:
+async def test_a_60_mib_request_is_freed_off_the_loop_piece_by_piece(monkeypatch: pytest.MonkeyPatch) -> None:
     # Its pickle was one 60 MiB bytes object, dropped on the loop when the
     # runner acknowledged the task: one free of 5-8 ms in a single loop step
-    # (measured). Now it is held in 1 MiB pieces, freed in a thread. The bound
-    # is generous: thread CPU time does not grow with the machine's load.
+    # (measured). Now it is held in 1 MiB pieces, freed in a worker thread.
+    # The loop's longest step (its own CPU time) was 0.2-0.5 ms after the fix;
+    # the bound is looser than the 5 ms before it, so the thread check is what
+    # tells them apart on a loaded machine.
+    freed: list[tuple[str, int]] = []
+    free = _payloads._free  # pyright: ignore[reportPrivateUsage]
+
+    def spy(pieces: list[bytes]) -> None:
+        freed.append((threading.current_thread().name, len(pieces)))
+        free(pieces)
+
+    monkeypatch.setattr(_payloads, "_free", spy)
     request = blob(60 << 20)
     async with open_supervisor(PayloadRunner) as sup:
         await sup.wait_ready()
@@ -369,7 +417,9 @@ async def test_a_60_mib_request_is_freed_off_the_loop() -> None:
         finally:
             trio.lowlevel.remove_instrument(steps)
     assert (size, checksum) == (len(request), zlib.crc32(request))
-    assert steps.longest < 0.003
+    assert threading.main_thread().name not in {name for name, _ in freed}
+    assert max(count for _, count in freed) == 61  # 60 MiB and pickle's few bytes, in 1 MiB pieces
+    assert steps.longest < 0.010
 
 
 async def test_a_60_mib_retry_request_is_delivered_whole_again_after_a_crash(tmp_path: Path) -> None:

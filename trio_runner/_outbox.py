@@ -37,7 +37,7 @@ from typing import Any, TypeAlias, cast
 
 from . import _protocol as proto
 from ._errors import TaskCancelled
-from ._pieces import split_list
+from ._pieces import cut, split_list, wire_size
 
 #: Bounds on an error report's message and traceback (each) and its type name,
 #: in bytes of UTF-8; ``_fit_error`` lowers them for a smaller ``max_frame_size``.
@@ -53,6 +53,8 @@ _HURRY_EVENTS = 256
 _BACKSTOP_SLACK = 0.002
 
 _Report: TypeAlias = "proto.Error | proto.Fatal"
+#: A pickled payload: bytes, or views of it in pieces if it is big (``_pieces.cut``).
+_Pickled: TypeAlias = "bytes | list[pickle.PickleBuffer]"
 
 
 class TaskSlot:
@@ -480,17 +482,21 @@ class Outbox:
         data = self._pickle(task_id, split_list(value), "the result")
         return data if isinstance(data, proto.Error) else proto.Result(task_id, data)
 
-    def _pickle(self, task_id: int, payload: Any, what: str) -> bytes | proto.Error:
-        """``payload`` pickled, or the Error that fails the task if it cannot be sent."""
+    def _pickle(self, task_id: int, payload: Any, what: str) -> _Pickled | proto.Error:
+        """``payload`` pickled (a big one in pieces), or the Error that fails its task if it cannot go."""
+        limit = self.max_frame - proto.MESSAGE_OVERHEAD
         try:
             data = pickle.dumps(payload, protocol=proto.PICKLE_PROTOCOL)
-            if len(data) > self.max_frame - proto.MESSAGE_OVERHEAD:
+            if len(data) > limit:
                 raise ValueError(
                     f"{what} pickled to {len(data)} bytes, "
-                    f"more than the {self.max_frame - proto.MESSAGE_OVERHEAD} that "
-                    f"max_frame_size={self.max_frame} allows"
+                    f"more than the {limit} that max_frame_size={self.max_frame} allows"
                 )
         except Exception as exc:
             name, text, tb = format_exception(exc)
             return proto.Error(task_id, name, f"could not send to the parent: {text}", tb)
-        return data
+        # In pieces, which the parent frees one at a time (one free of tens of
+        # MiB holds its GIL for milliseconds); whole if the pieces' own
+        # overhead would not fit the frame.
+        pieces = cut(data)
+        return pieces if wire_size(pieces) <= limit else data

@@ -174,6 +174,12 @@ def _ignore(outcome: object) -> None:
     pass
 
 
+def _dropped(pieces: list[bytes]) -> Loaded:
+    # For a task that no longer wants it: nothing reads it, but it is freed here.
+    _free(pieces)
+    return Loaded()
+
+
 class _TooBig(Exception):
     """The pickle passed :data:`LARGE_REQUEST` bytes: it is done again in a thread."""
 
@@ -235,8 +241,9 @@ def _dumps_chunked(obj: Any) -> bytes | RequestPickle:
     return writer.pieces()
 
 
-def _loads_chunked(data: bytes | bytearray | memoryview) -> Any:
-    return pickle.Unpickler(_ChunkedReader([data])).load()
+def _loads_chunked(payload: bytes | bytearray | memoryview | list[bytes]) -> Any:
+    parts: list[Any] = payload if isinstance(payload, list) else [payload]
+    return pickle.Unpickler(_ChunkedReader(parts)).load()
 
 
 def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
@@ -280,11 +287,15 @@ class Loaded:
         return value
 
 
-def _load_or_error(data: bytes | bytearray | memoryview) -> Loaded:
+def _load_or_error(payload: bytes | list[bytes]) -> Loaded:
+    """The payload unpickled; its pieces, if it came in pieces, freed one at a time."""
     try:
-        return Loaded(_loads_chunked(data))
+        return Loaded(_loads_chunked(payload))
     except Exception as exc:  # the payload's own classes run here: anything goes
         return Loaded(error=exc)
+    finally:
+        if isinstance(payload, list):
+            _free(payload)
 
 
 async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytes | RequestPickle:
@@ -320,12 +331,16 @@ def _decode_and_load(frame: proto.BigFrame, wants: Callable[[int], bool]) -> lis
     for index, wire in enumerate(messages):
         message = messages[index] = proto.check_from_child(wire)
         del wire
-        if (
-            isinstance(message, proto.Events | proto.Result)
-            and len(message.payload) >= LARGE
-            and wants(message.task_id)
-        ):
-            # The message holding the bytes goes here, and the bytes with it.
-            messages[index] = message._replace(payload=_load_or_error(message.payload))
+        if isinstance(message, proto.Events | proto.Result):
+            payload: Any = message.payload
+            if isinstance(payload, list):  # pieces: a big pickle, freed here in any case
+                pieces = cast("list[bytes]", payload)
+                loaded = _load_or_error(pieces) if wants(message.task_id) else _dropped(pieces)
+                del pieces
+                messages[index] = message._replace(payload=loaded)
+            elif len(payload) >= LARGE and wants(message.task_id):
+                # The message holding the bytes goes here, and the bytes with it.
+                messages[index] = message._replace(payload=_load_or_error(payload))
+            del payload
         del message
     return messages

@@ -93,7 +93,11 @@ class Started(NamedTuple):
 
 
 class Events(NamedTuple):
-    """Child -> parent: a batch of events; a list in the child's outbox, its pickle on the wire."""
+    """Child -> parent: a batch of events; a list in the child's outbox, its pickle on the wire.
+
+    On the wire the pickle is bytes, or a list of bytes pieces if it is big
+    (``_pieces.cut``); likewise a Result's.
+    """
 
     task_id: int
     payload: Any
