@@ -7,9 +7,10 @@ Scenarios, each against the idle ticker measured in the same run:
 - **50 MiB event**: one ``bytes`` event of 50 MiB (copying is the cost);
 - **60 MiB request**: a ``bytes`` request of 60 MiB (pickling and writing it).
 
-Above ``trio_runner._payloads.LARGE`` (128 KiB) the parent (un)pickles in a
-worker thread that hands the GIL back between chunks; the goal is that none
-of these adds more than 1 ms to the idle ticker's worst lateness. The runner
+Above ``trio_runner._payloads.LARGE`` (1 MiB; requests above 128 KiB) the
+parent (un)pickles in a worker thread that hands the GIL back between chunks;
+the goal is that none of these adds more than 1 ms to the idle ticker's worst
+lateness. The runner
 is warmed up first and ``gc`` is quiet (frozen and disabled) throughout, as in
 bench_lateness.py.
 
@@ -17,11 +18,15 @@ On a shared, loaded machine the idle ticker's own worst is milliseconds, so a
 second figure is kept for each scenario that preemption does not inflate: the
 trio thread's longest task step in its own CPU time (``time.thread_time``),
 the work the library did on the loop in one go. It does not see the loop
-waiting for the GIL while a worker thread holds it in one C call.
+waiting for the GIL while a worker thread holds it in one C call; a third
+figure does: the longest CPU time a payload thread spent between two of its
+releases of the GIL (the pacer's ticks), which is how long it can keep the
+loop waiting, load aside.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -30,7 +35,7 @@ import trio
 import trio.abc
 from _common import MS, Config, quiet_gc, row, summary, ticking
 
-from trio_runner import open_supervisor
+from trio_runner import _pieces, open_supervisor
 
 
 async def idle(cfg: Config) -> list[float]:
@@ -89,15 +94,50 @@ class LongestStep(trio.abc.Instrument):
             self.longest = max(self.longest, time.thread_time() - self._started)
 
 
-async def scenario(cfg: Config, job: Any) -> tuple[list[float], float]:
+class LongestHold:
+    """The longest CPU time a thread other than the trio thread ran between two pacer ticks.
+
+    Patches ``Pacer.tick``, through which every payload thread releases the
+    GIL; the time between two ticks of one thread bounds how long it held the
+    GIL in one go (it may release it inside, e.g. in ``bytes.join``).
+    """
+
+    def __init__(self) -> None:
+        self.longest = 0.0
+        self._last = threading.local()  # each thread's last tick while this is entered
+        self._tick = _pieces.Pacer.tick
+
+    def __enter__(self) -> LongestHold:
+        hold = self
+
+        def tick(pacer: _pieces.Pacer) -> None:
+            hold._tick(pacer)
+            hold.mark()
+
+        _pieces.Pacer.tick = tick  # type: ignore[method-assign]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        _pieces.Pacer.tick = self._tick  # type: ignore[method-assign]
+
+    def mark(self) -> None:
+        now = time.thread_time()
+        last: float | None = getattr(self._last, "value", None)
+        if last is not None and threading.current_thread() is not threading.main_thread():
+            self.longest = max(self.longest, now - last)
+        self._last.value = now
+
+
+async def scenario(cfg: Config, job: Any) -> tuple[list[float], float, float]:
     samples: list[float] = []
     steps = LongestStep()
     trio.lowlevel.add_instrument(steps)
     try:
-        await _scenario(cfg, job, samples, steps)
+        with LongestHold() as hold:
+            await _scenario(cfg, job, samples, steps)
     finally:
         trio.lowlevel.remove_instrument(steps)
-    return samples, steps.longest
+    return samples, steps.longest, hold.longest
 
 
 async def _scenario(cfg: Config, job: Any, samples: list[float], steps: LongestStep) -> None:
@@ -120,8 +160,9 @@ async def _scenario(cfg: Config, job: Any, samples: list[float], steps: LongestS
 async def run(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     raw: dict[str, list[float]] = {"idle": await idle(cfg)}
     longest_step: dict[str, float] = {}
+    longest_hold: dict[str, float] = {}
     for name, _, job in SCENARIOS:
-        raw[f"payload: {name}"], longest_step[name] = await scenario(cfg, job)
+        raw[f"payload: {name}"], longest_step[name], longest_hold[name] = await scenario(cfg, job)
     raw["idle (again)"] = await idle(cfg)
     idle_stats = summary(raw["idle"] + raw["idle (again)"], MS)
     rows: list[dict[str, Any]] = []
@@ -154,7 +195,20 @@ async def run(cfg: Config) -> tuple[list[dict[str, Any]], dict[str, Any]]:
                 longest_step_ms=longest_step[name] * MS,
             )
         )
+        rows.append(
+            row(
+                f"payload_{key}_hold",
+                f"longest GIL hold by a payload thread during a {name} (its CPU time between two releases)",
+                f"{longest_hold[name] * MS:.2f} ms",
+                "—",
+                "—",
+                "—",
+                None,
+                longest_hold_ms=longest_hold[name] * MS,
+            )
+        )
     return rows, {
         "payload_lateness": raw,
         "payload_longest_step_ms": {k: v * MS for k, v in longest_step.items()},
+        "payload_longest_hold_ms": {k: v * MS for k, v in longest_hold.items()},
     }
