@@ -338,20 +338,26 @@ async def test_a_50_mib_event_between_small_ones_arrives_intact_and_in_order_wit
         assert worst < LATENESS_BOUND
 
 
+@pytest.fixture
+def freed(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, int]]:
+    """Each freeing of a payload's pieces: the thread's name and how many pieces."""
+    calls: list[tuple[str, int]] = []
+    free = _payloads._free  # pyright: ignore[reportPrivateUsage]
+
+    def spy(pieces: list[bytes]) -> None:
+        calls.append((threading.current_thread().name, len(pieces)))
+        free(pieces)
+
+    monkeypatch.setattr(_payloads, "_free", spy)
+    return calls
+
+
 async def test_a_50_mib_event_comes_in_pieces_freed_one_at_a_time_in_a_worker_thread(
-    monkeypatch: pytest.MonkeyPatch,
+    freed: list[tuple[str, int]],
 ) -> None:
     # Its pickle came as one 50 MiB bytes object, freed by the worker thread
     # in one call holding the GIL (about 5 ms, measured); the runner now sends
     # a big pickle in 1 MiB pieces, which the thread frees one at a time.
-    freed: list[tuple[str, int]] = []
-    free = _payloads._free  # pyright: ignore[reportPrivateUsage]
-
-    def spy(pieces: list[bytes]) -> None:
-        freed.append((threading.current_thread().name, len(pieces)))
-        free(pieces)
-
-    monkeypatch.setattr(_payloads, "_free", spy)
     size = 50 << 20
     async with open_supervisor(PayloadRunner) as sup:
         with trio.fail_after(60):
@@ -389,21 +395,13 @@ class _LongestStep(trio.abc.Instrument):
         self.longest = max(self.longest, time.thread_time() - self._started)
 
 
-async def test_a_60_mib_request_is_freed_off_the_loop_piece_by_piece(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_60_mib_request_is_freed_off_the_loop_piece_by_piece(freed: list[tuple[str, int]]) -> None:
     # Its pickle was one 60 MiB bytes object, dropped on the loop when the
     # runner acknowledged the task: one free of 5-8 ms in a single loop step
     # (measured). Now it is held in 1 MiB pieces, freed in a worker thread.
     # The loop's longest step (its own CPU time) was 0.2-0.5 ms after the fix;
     # the bound is looser than the 5 ms before it, so the thread check is what
     # tells them apart on a loaded machine.
-    freed: list[tuple[str, int]] = []
-    free = _payloads._free  # pyright: ignore[reportPrivateUsage]
-
-    def spy(pieces: list[bytes]) -> None:
-        freed.append((threading.current_thread().name, len(pieces)))
-        free(pieces)
-
-    monkeypatch.setattr(_payloads, "_free", spy)
     request = blob(60 << 20)
     async with open_supervisor(PayloadRunner) as sup:
         await sup.wait_ready()
