@@ -431,6 +431,19 @@ async def test_a_60_mib_retry_request_is_delivered_whole_again_after_a_crash(tmp
     assert (size, checksum) == (len(request), zlib.crc32(request))
 
 
+async def test_a_request_that_pickles_to_the_limit_is_sent_though_pieces_would_not_fit() -> None:
+    # In 1 MiB pieces its frame would pass the limit by their overhead (a few
+    # hundred bytes at 64 MiB), and the supervisor broke on a FrameError.
+    limit = proto.DEFAULT_MAX_FRAME - proto.MESSAGE_OVERHEAD
+    around = len(pickle.dumps(("checksum", bytes(1 << 20)), protocol=proto.PICKLE_PROTOCOL)) - (1 << 20)
+    data = blob(limit - around)
+    assert len(pickle.dumps(("checksum", data), protocol=proto.PICKLE_PROTOCOL)) == limit
+    async with open_supervisor(PayloadRunner) as sup:
+        with trio.fail_after(60):
+            assert await sup.run(("checksum", data)) == (len(data), zlib.crc32(data))
+            assert await sup.run(("echo", "serving")) == "serving"
+
+
 async def test_big_payloads_are_unpickled_on_the_supervisors_own_threads() -> None:
     # Not on the trio thread, and not on trio's default limiter.
     seen: list[str] = []

@@ -25,7 +25,7 @@ from typing import Any, Final, cast
 import trio
 
 from . import _protocol as proto
-from ._pieces import PIECE, Pacer, Pieces
+from ._pieces import PIECE, Pacer, Pieces, framed_size
 
 #: Frames and payloads (pickled) of this many bytes or more are unpickled in a
 #: thread. Below it, a stream's event batches: a full default window of
@@ -125,14 +125,17 @@ class _ChunkedWriter:
         self._pacer.tick()
         return size
 
-    def pieces(self) -> bytes | RequestPickle:
+    def pieces(self, limit: int) -> bytes | RequestPickle:
         """The pickle: bytes up to :data:`~trio_runner._pieces.PIECE`, else copied into pieces of that size.
 
         Copies, so that the pickle shares no buffer with the request (the
         caller may change a bytearray it sent) and is made only of pieces
         that are cheap to free; one piece at a time, letting the loop in.
+        Whole if the pieces' own overhead would pass ``limit`` (the most a
+        frame can carry) where the bytes alone would not: such a request,
+        within a few hundred bytes of the limit, is freed on the loop.
         """
-        if self.size <= PIECE:
+        if self.size <= PIECE or self.size <= limit < framed_size(self.size):
             return b"".join(self.parts)
         reader = _ChunkedReader(self.parts)
         self.parts = []
@@ -235,10 +238,10 @@ class LoopPickler:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _dumps_chunked(obj: Any) -> bytes | RequestPickle:
+def _dumps_chunked(obj: Any, limit: int) -> bytes | RequestPickle:
     writer = _ChunkedWriter()
     pickle.Pickler(writer, protocol=proto.PICKLE_PROTOCOL).dump(obj)
-    return writer.pieces()
+    return writer.pieces(limit)
 
 
 def _loads_chunked(payload: bytes | bytearray | memoryview | list[bytes]) -> Any:
@@ -298,12 +301,14 @@ def _load_or_error(payload: bytes | list[bytes]) -> Loaded:
             _free(payload)
 
 
-async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytes | RequestPickle:
+async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter, limit: int) -> bytes | RequestPickle:
     """Pickle ``obj`` in a worker thread (a big pickle in pieces). Raises what pickling raises.
+
+    ``limit``: the most a frame carries beside the message; pieces only if they fit it.
 
     **Cancellation:** abandons the thread, which finishes pickling into the void.
     """
-    return await trio.to_thread.run_sync(_dumps_chunked, obj, abandon_on_cancel=True, limiter=limiter)
+    return await trio.to_thread.run_sync(_dumps_chunked, obj, limit, abandon_on_cancel=True, limiter=limiter)
 
 
 async def decode_in_thread(

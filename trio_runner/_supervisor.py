@@ -306,7 +306,9 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
 
     async def _pickle_in_thread(self, request: Any) -> bytes | proto.Pieces:
         try:
-            return await _payloads.dumps_in_thread(request, self._payload_limiter)
+            return await _payloads.dumps_in_thread(
+                request, self._payload_limiter, self._max_frame - proto.MESSAGE_OVERHEAD
+            )
         except Exception as exc:  # the request's own classes run there: anything goes
             raise unpicklable("the request", exc) from exc
 
