@@ -108,7 +108,7 @@ class _ChunkedReader:
 
 
 class _ChunkedWriter:
-    """A write-only file for ``pickle.Pickler``: big bytes objects are kept by reference, not copied."""
+    """A write-only file for ``pickle.Pickler``: keeps what it is given; :meth:`pieces` copies it out once."""
 
     def __init__(self) -> None:
         self.parts: list[Any] = []
@@ -117,8 +117,7 @@ class _ChunkedWriter:
 
     def write(self, data: Any) -> int:
         # The pickler hands over a finished 64 KiB frame, or a big bytes-like
-        # payload of the caller's own: kept as it is (the caller's object is not
-        # copied here), copied into pieces by ``pieces``.
+        # payload of the caller's own: kept as it is until ``pieces`` copies it.
         self.parts.append(data)
         size = memoryview(data).nbytes
         self.size += size
