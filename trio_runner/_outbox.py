@@ -467,8 +467,9 @@ class Outbox:
         """Events with their payload pickled; events that cannot be sent fail their task instead."""
         task_id = message.task_id
         batch = message.payload
-        if len(batch) == 1:  # an event emitted alone may be a big list; checking each of many costs events/s
-            batch = [split_list(batch[0])]
+        # An event emitted alone may be a big list (checking each of many would cost events/s).
+        if len(batch) == 1 and (alone := split_list(batch[0])) is not batch[0]:
+            batch = [alone]
         data = self._pickle(task_id, batch, "events")
         if isinstance(data, proto.Error):
             slot = self._find_slot(task_id)
