@@ -19,7 +19,6 @@ from typing import Any
 from trio_runner import Runner, TaskContext, _child
 
 HEADER = struct.Struct("!I")
-PAYLOAD_SIZE = 100
 BIG_MB = 200
 
 
@@ -71,6 +70,12 @@ class BenchRunner(Runner[Any, Any, Any]):
             assert child is not None, "not in a runner process"
             child.reader_stalled.set()
             return "stalled"
+        if command == "until_cancelled":
+            # Every rank of a group runs it: one event, then a wait that a cancel (or Shutdown) ends.
+            ctx.emit("running")
+            while not ctx.cancelled:
+                time.sleep(0.001)
+            ctx.raise_if_cancelled()
         if command == "hang_ignoring_sigterm":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             ctx.emit("ignoring SIGTERM")

@@ -75,7 +75,6 @@ class Ticker:
         self.period = period
         self.samples: list[float] = []
         self.recording = False
-        self.worst_at: float = 0.0
 
     async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         task_status.started()
@@ -84,10 +83,7 @@ class Ticker:
             target = trio.current_time() + self.period
             await trio.sleep_until(target)
             if self.recording:
-                late = trio.current_time() - target
-                if not samples or late > max(samples):
-                    self.worst_at = target
-                samples.append(late)
+                samples.append(trio.current_time() - target)
 
 
 @contextlib.asynccontextmanager

@@ -187,9 +187,8 @@ class FakeWorker:
         if self._closed:
             raise trio.ClosedResourceError("the fake worker was closed")
         if self.exit_status is not None:
+            # Dropped without an error, as ProcessWorker.send_all does: the death watch reports it.
             self.sent_after_death.append(data)
-            if self.factory.broken_pipe_after_death:
-                raise trio.BrokenResourceError("[Errno 32] Broken pipe (the fake child is dead)")
         else:
             self._to_child.put_data(data)
         await trio.lowlevel.cancel_shielded_checkpoint()
@@ -496,10 +495,6 @@ class FakeFactory:
     if ``then`` is None.
 
     Attributes:
-        broken_pipe_after_death: ``send_all`` to a dead child raises
-            ``BrokenResourceError``, as a raw socket whose peer exited does
-            (EPIPE). By default the data is dropped quietly instead, as
-            ``ProcessWorker.send_all`` does: the death watch reports the death.
         refuse_nowait: ``send_nowait`` writes nothing, as a full socket does, so
             every task frame takes the sender task's ``send_all`` path.
         notice_delay: the death watch wakes this long after the child died
@@ -512,7 +507,6 @@ class FakeFactory:
 
     scripts: Sequence[Script] = (SERVE,)
     then: Script | None = None
-    broken_pipe_after_death: bool = False
     refuse_nowait: bool = False
     notice_delay: float = 0.0
     start_error: Exception | None = None

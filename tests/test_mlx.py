@@ -61,20 +61,43 @@ def test_importing_trio_runner_mlx_imports_neither_mlx_nor_trio() -> None:
         {},
         {"prompt": "a", "messages": [{"role": "user", "content": "b"}]},
         {"prompt": "a", "max_tokens": 0},
-        {"prompt": "a", "max_tokens": 1.5},
         {"prompt": "a", "temperature": -0.1},
         {"prompt": "a", "temperature": float("nan")},
         {"prompt": "a", "top_p": 0.0},
         {"prompt": "a", "top_p": 1.5},
         {"prompt": "a", "stop": [""]},
+        {"prompt": "a", "stop": ""},
         {"prompt": "a", "seed": -1},
         {"messages": []},
         {"messages": [{"role": "robot", "content": "hi"}]},
-        {"messages": "hello"},
     ],
 )
-def test_an_invalid_generate_raises_value_error_that_names_the_field(kwargs: dict[str, Any]) -> None:
+def test_an_invalid_generate_value_raises_value_error_that_names_the_field(kwargs: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match=r"prompt|messages|max_tokens|temperature|top_p|stop|seed"):
+        Generate(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"prompt": 3}, "prompt"),
+        ({"prompt": "a", "max_tokens": 1.5}, "max_tokens"),
+        ({"prompt": "a", "max_tokens": "8"}, "max_tokens"),
+        ({"prompt": "a", "temperature": "0.5"}, "temperature"),
+        ({"prompt": "a", "top_p": None}, "top_p"),
+        ({"prompt": "a", "stop": 5}, "stop"),
+        ({"prompt": "a", "stop": ["a", 5]}, r"stop\[1\]"),
+        ({"prompt": "a", "seed": 1.0}, "seed"),
+        ({"messages": "hello"}, "messages"),
+        ({"messages": ["hello"]}, r"messages\[0\]"),
+        ({"messages": [{"role": "user", "content": 3}]}, r"messages\[0\]\['content'\]"),
+        ({"messages": [{"content": "hi"}]}, r"messages\[0\]\['role'\]"),
+    ],
+)
+def test_a_generate_field_of_the_wrong_type_raises_type_error_that_names_it(
+    kwargs: dict[str, Any], field: str
+) -> None:
+    with pytest.raises(TypeError, match=rf"^{field}[= ].*must be"):
         Generate(**kwargs)
 
 
@@ -82,7 +105,6 @@ def test_an_invalid_generate_raises_value_error_that_names_the_field(kwargs: dic
     ("field", "value"),
     [
         ("top_k", -1),
-        ("top_k", 2.5),
         ("min_p", -0.1),
         ("min_p", 1.5),
         ("repetition_penalty", 0.0),
@@ -92,9 +114,7 @@ def test_an_invalid_generate_raises_value_error_that_names_the_field(kwargs: dic
         ("frequency_penalty", -3),
         ("frequency_penalty", float("nan")),
         ("logit_bias", {-1: 1.0}),
-        ("logit_bias", {"12": 1.0}),
         ("logit_bias", {12: float("nan")}),
-        ("logit_bias", [(12, 1.0)]),
         ("logprobs", 21),
         ("logprobs", -1),
         ("n", 0),
@@ -104,7 +124,26 @@ def test_an_invalid_generate_raises_value_error_that_names_the_field(kwargs: dic
 def test_an_invalid_sampling_value_raises_value_error_that_says_the_allowed_range(
     field: str, value: object
 ) -> None:
-    with pytest.raises(ValueError, match=rf"{field}.*must"):
+    with pytest.raises(ValueError, match=rf"{field}.*must|{field}.*pass"):
+        Generate(prompt="a", **{field: value})  # pyright: ignore[reportArgumentType]
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("top_k", 2.5),
+        ("min_p", "0.1"),
+        ("repetition_penalty", True),
+        ("presence_penalty", None),
+        ("logit_bias", {"12": 1.0}),
+        ("logit_bias", {12: "1"}),
+        ("logit_bias", [(12, 1.0)]),
+        ("logprobs", 2.0),
+        ("n", "2"),
+    ],
+)
+def test_a_sampling_field_of_the_wrong_type_raises_type_error(field: str, value: object) -> None:
+    with pytest.raises(TypeError, match=rf"^{field}.* must be"):
         Generate(prompt="a", **{field: value})  # pyright: ignore[reportArgumentType]
 
 

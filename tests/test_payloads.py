@@ -38,8 +38,17 @@ def _frames(data: bytes, max_frame: int) -> list[list[Any]]:
     """Decode ``data`` frame by frame, checking each against ``max_frame``."""
     reader = proto.FrameReader(max_frame)
     batches = list(reader.feed(data))
-    assert reader.pending == 0
+    _assert_nothing_left(reader)
     return batches
+
+
+def _assert_nothing_left(reader: proto.FrameReader) -> None:
+    """No part of a frame is left over: the next frame, fed alone, comes out whole and alone."""
+    after = [
+        [proto.check_from_child(wire) for wire in batch]
+        for batch in reader.feed(proto.encode([proto.Heartbeat()]))
+    ]
+    assert after == [[proto.Heartbeat()]]
 
 
 def _parsed(batches: list[list[Any]]) -> list[tuple[type[Any], Any]]:
@@ -137,7 +146,21 @@ def test_feed_big_hands_over_big_frames_whole_and_in_order_however_the_bytes_are
                 seen.extend(item)
         position += step
     assert [proto.check_from_child(wire) for wire in seen] == messages
-    assert reader.pending == 0
+    _assert_nothing_left(reader)
+
+
+def test_in_big_frame_is_true_exactly_while_a_big_frame_is_partly_received() -> None:
+    big = 1000
+    stream = proto.encode([proto.Result(1, b"x" * 5000)]) + proto.encode([proto.Heartbeat()])
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    assert not reader.in_big_frame
+    assert list(reader.feed_big(stream[:100], big)) == []
+    assert reader.in_big_frame
+    assert list(reader.feed_big(stream[100:3000], big)) == []
+    assert reader.in_big_frame
+    items = list(reader.feed_big(stream[3000:], big))
+    assert [type(item) for item in items] == [proto.BigFrame, list]
+    assert not reader.in_big_frame
 
 
 # -- max_frame_size validation (issue 11, finding 11) -------------------------------------

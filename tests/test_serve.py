@@ -19,7 +19,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
@@ -35,6 +35,7 @@ pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
 pytest.importorskip("hypercorn", reason="the serve extra is not installed")
 
 from trio_runner.serve import OpenAIServer, run_server
+from trio_runner.serve._openai import ApiError, Limits, parse_completion
 
 pytestmark = [
     pytest.mark.usefixtures("demo_dir"),
@@ -514,6 +515,53 @@ def test_serve_usage_errors_are_one_line_and_exit_2() -> None:
     )
     assert result.returncode == 2
     assert "must be a port number" in result.stderr and "Traceback" not in result.stderr
+
+
+# -- options are checked at the call, by the shared checks ---------------------------------
+
+
+@pytest.mark.parametrize(
+    ("option", "value", "error"),
+    [
+        ("grace", "5", TypeError),
+        ("grace", -1, ValueError),
+        ("ready_wait", None, TypeError),
+        ("ready_wait", float("nan"), ValueError),
+        ("max_body_size", 1.5, TypeError),
+        ("max_body_size", 0, ValueError),
+        ("port", "8000", TypeError),
+        ("port", 70_000, ValueError),
+        ("default_max_tokens", "512", TypeError),
+        ("default_max_tokens", 0, ValueError),
+        ("served_model_names", "gpt", TypeError),
+        ("served_model_names", [""], ValueError),
+        ("allow_origins", "https://a.example", TypeError),
+        ("allow_origins", [None], TypeError),
+        ("api_key", 5, TypeError),
+        ("api_key", "", ValueError),
+    ],
+)
+async def test_a_bad_server_option_raises_at_the_call_naming_it_wrong_type_type_error_wrong_value_value_error(
+    option: str, value: object, error: type[Exception]
+) -> None:
+    # Nothing is served: the checks come before the supervisor is used or a socket is bound.
+    with pytest.raises(error, match=rf"^{option}\b"):
+        await run_server(cast(Any, None), **{"model_id": MODEL, "port": 0, option: value})
+
+
+async def test_a_bad_api_key_is_refused_without_its_value_in_the_message() -> None:
+    with pytest.raises(ValueError, match=r"^api_key") as raised:
+        await run_server(cast(Any, None), model_id=MODEL, api_key="s3cret\n")
+    assert "s3cret" not in str(raised.value)
+
+
+def test_a_field_generate_refuses_for_its_type_is_a_400_naming_it_like_a_bad_value() -> None:
+    # The server checks each JSON field itself first; whatever still reaches Generate
+    # and fails its checks, TypeError or ValueError, is the client's 400, never a 500.
+    limits = Limits(MODEL, default_max_tokens=cast(Any, "9"))
+    with pytest.raises(ApiError) as raised:
+        parse_completion({"model": MODEL, "prompt": "Hi"}, limits)
+    assert raised.value.status == 400 and raised.value.message.startswith("max_tokens=")
 
 
 _ = Path

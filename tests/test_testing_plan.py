@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -27,6 +28,7 @@ from trio_runner.testing import (
     OnShutdown,
     OversizePayload,
     Raise,
+    RequestSequence,
     Signal,
     SlowStartup,
     StderrFlood,
@@ -85,6 +87,32 @@ def test_request_sequence_and_policy_reprs_are_python_that_rebuild_them(
 )
 def test_a_fault_that_cannot_fire_is_refused_with_value_error(build: object) -> None:
     with pytest.raises(ValueError):
+        build()  # type: ignore[operator]
+
+
+@pytest.mark.parametrize(
+    ("build", "argument"),
+    [
+        (lambda: BeforeEvent(task=1.0), "BeforeEvent.task"),
+        (lambda: AfterEvent(event="0"), "AfterEvent.event"),
+        (lambda: Signal(9), "Signal.name"),
+        (lambda: Exit("1"), "Exit.code"),
+        (lambda: HoldGil("1"), "HoldGil.seconds"),
+        (lambda: SlowStartup(None), "SlowStartup.seconds"),
+        (lambda: StderrFlood(1.5), "StderrFlood.lines"),
+        (lambda: OversizePayload(result=1), "OversizePayload.result"),
+        (lambda: HostileException(size="9"), "HostileException.size"),
+        (lambda: Fault(Hang(), BeforeEvent(), incarnation=1.0), "Fault.incarnation"),
+        (lambda: Submission("x", cancel_after=1.5), "Submission.cancel_after"),
+        (lambda: Submission("x", retry="yes"), "Submission.retry"),
+        (lambda: RequestSequence(concurrent=1), "RequestSequence.concurrent"),
+        (lambda: RequestSequence(shutdown_after="2"), "RequestSequence.shutdown_after"),
+    ],
+)
+def test_a_fault_or_sequence_field_of_the_wrong_type_raises_type_error_naming_it(
+    build: object, argument: str
+) -> None:
+    with pytest.raises(TypeError, match=rf"^{re.escape(argument)}="):
         build()  # type: ignore[operator]
 
 

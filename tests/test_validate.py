@@ -42,6 +42,13 @@ def test_integer_in_range_is_returned() -> None:
     assert check.integer("window", 2, minimum=2) == 2
 
 
+@pytest.mark.parametrize("value", [0, 17])
+def test_integer_outside_both_bounds_raises_value_error_saying_the_range(value: int) -> None:
+    assert check.integer("n", 16, minimum=1, maximum=16) == 16
+    with pytest.raises(ValueError, match=rf"^n={value} must be an int from 1 to 16; send more requests$"):
+        check.integer("n", value, minimum=1, maximum=16, fix="send more requests")
+
+
 @pytest.mark.parametrize("value", ["1", None, True, [1.0]])
 def test_number_of_the_wrong_type_raises_type_error(value: object) -> None:
     with pytest.raises(TypeError, match=r"^Timeouts\.kill=.* must be a number of seconds, not"):
@@ -67,6 +74,14 @@ def test_seconds_allows_zero_by_default_and_bounds_the_maximum() -> None:
         ValueError, match=r"^linger=1\.5 is out of range: pass a number of seconds from 0 to 1$"
     ):
         check.seconds("linger", 1.5, maximum=1)
+
+
+def test_number_with_no_lower_bound_takes_any_finite_value_and_still_refuses_nan() -> None:
+    assert check.number("bias", -1e300, minimum=None) == -1e300
+    with pytest.raises(ValueError, match=r"^bias=nan must be finite: pass a number$"):
+        check.number("bias", math.nan, minimum=None)
+    with pytest.raises(ValueError, match=r"^bias=3 is out of range: pass a number <= 2$"):
+        check.number("bias", 3, minimum=None, maximum=2)
 
 
 def test_optional_seconds_passes_none_through() -> None:
@@ -98,12 +113,20 @@ def test_text_refuses_an_empty_string_with_value_error_and_a_non_string_with_typ
         check.text("name", 3)
 
 
+def test_text_may_allow_the_empty_string_but_still_refuses_a_non_string() -> None:
+    assert check.text("prompt", "", empty=True) == ""
+    with pytest.raises(TypeError, match=r"^prompt=b'' must be a string, not bytes"):
+        check.text("prompt", b"", empty=True)
+
+
 def test_names_takes_any_sequence_of_strings_but_not_a_single_string() -> None:
     assert check.names("preload", ["json", "math"]) == ("json", "math")
     with pytest.raises(TypeError, match=r"^preload='json' must be a sequence of strings"):
         check.names("preload", "json")
     with pytest.raises(TypeError, match=r"^preload\[1\]=3 must be a string"):
         check.names("preload", ["json", 3])
+    with pytest.raises(TypeError, match=r"for example stop=\['END'\]$"):
+        check.names("stop", 5, example="['END']")
 
 
 @pytest.mark.parametrize("value", [math.nan, 65536.0, True, "65536", None])
@@ -134,12 +157,15 @@ def test_each_check_passes_a_value_through_or_raises_type_or_value_error_naming_
 ) -> None:
     checks: list[Callable[[object], object]] = [
         lambda v: check.integer("arg", v, minimum=1),
+        lambda v: check.integer("arg", v, minimum=-2, maximum=2),
         lambda v: check.number("arg", v, minimum=-1, maximum=1),
+        lambda v: check.number("arg", v, minimum=None),
         lambda v: check.seconds("arg", v, above_zero=True),
         lambda v: check.optional_seconds("arg", v),
         lambda v: check.one_of("arg", v, ("a", "b")),
         lambda v: check.boolean("arg", v),
         lambda v: check.text("arg", v),
+        lambda v: check.text("arg", v, empty=True),
         lambda v: check.frame_size(v, minimum=65536, maximum=2**32 - 1, default=2**26),
     ]
     for run in checks:

@@ -186,7 +186,13 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
             async with sup.stream(request, retry=True) as task:
                 pieces: list[str] = []
                 killed = False
+                attempt = task.attempt
                 async for token in task:
+                    if task.attempt != attempt:
+                        # The retry streams the request again from the start:
+                        # a token read after the attempt changed is the new one's.
+                        attempt = task.attempt
+                        pieces = []
                     pieces.append(token.text)
                     if not killed and len(pieces) == KILL_AFTER_TOKENS:
                         killed = True
@@ -194,7 +200,6 @@ async def run_demo(say: Callable[[str], None], *, bound: float = 120.0, start_me
                         shown = visible(before_crash)
                         say(f"streamed {len(pieces)} tokens (retry=True, seed {SEED}): {shown}")
                         await kill_and_watch_recovery(sup, changes)
-                        pieces = []  # the retry runs the request again from the start
                 completion = task.result
             text = "".join(pieces)
             say(

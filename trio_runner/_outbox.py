@@ -56,6 +56,13 @@ _Report: TypeAlias = "proto.Error | proto.Fatal"
 #: A pickled payload: bytes, or views of it in pieces if it is big (``_pieces.cut``).
 _Pickled: TypeAlias = "bytes | list[pickle.PickleBuffer]"
 
+#: What a rank other than 0 of a group sends for a result: only that it finished.
+#: The caller gets rank 0's result; the others' are never pickled.
+FOLLOWER_RESULT = pickle.dumps(None, protocol=proto.PICKLE_PROTOCOL)
+#: How often a rank other than 0 tells the parent that a task still emits
+#: (an empty batch of events), so that ``Timeouts.stall`` sees its progress.
+_FOLLOWER_PROGRESS = 0.1
+
 
 class TaskSlot:
     """One task's state in the child; its lock guards every field but ``task_id``.
@@ -429,16 +436,12 @@ class Outbox:
                     return
 
     def _send_batch(self, batch: list[proto.FromChild]) -> bool:
-        """Write one batch; called with the send lock held. False if the socket is gone."""
-        try:
-            self.sock.sendall(self._encode(batch))
-        except OSError:
-            return False
-        self._last_sent = time.monotonic()
-        return True
+        """Write one batch; called with the send lock held. False if the socket is gone.
 
-    def _encode(self, batch: list[proto.FromChild]) -> bytes:
-        """Frames for ``batch``: events pickled one message at a time, frames kept under the size limit."""
+        Events are pickled here one message at a time (an Error instead if they
+        cannot be sent), error reports cut to fit, and the frames kept under the
+        size limit. One method, not two: it runs twice per round trip.
+        """
         messages: list[proto.FromChild] = []
         for message in batch:
             kind = type(message)
@@ -448,7 +451,12 @@ class Outbox:
             if kind is proto.Error or kind is proto.Fatal:
                 message = self._fit_error(cast(_Report, message))
             messages.append(message)
-        return proto.encode_frames(messages, self.max_frame)
+        try:
+            self.sock.sendall(proto.encode_frames(messages, self.max_frame))
+        except OSError:
+            return False
+        self._last_sent = time.monotonic()
+        return True
 
     def _fit_error(self, message: _Report) -> _Report:
         """An Error or Fatal message with its texts cut so that it fits a frame of its own.
@@ -501,3 +509,31 @@ class Outbox:
         # overhead would not fit the frame.
         pieces = cut(data)
         return pieces if wire_size(pieces) <= limit else data
+
+
+class FollowerEmitter:
+    """``ctx.emit`` on a rank other than 0 of a group: its events go nowhere.
+
+    Only rank 0's events reach the caller, so the others' are neither pickled
+    nor sent, and an emit never waits for credits. A cancelled task still
+    raises TaskCancelled, as on rank 0, and an empty batch goes out every
+    ``_FOLLOWER_PROGRESS`` seconds at most, as a sign of progress for the
+    parent's stall check.
+    """
+
+    __slots__ = ("_outbox", "_progress_at")
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._progress_at = 0.0
+
+    def emit(self, slot: TaskSlot, event: Any) -> None:
+        if slot.cancelled:
+            raise TaskCancelled(f"task {slot.task_id} was cancelled")
+        now = time.monotonic()
+        if now >= self._progress_at:
+            self._progress_at = now + _FOLLOWER_PROGRESS
+            self._outbox.send(proto.Events(slot.task_id, []))
+
+    def emit_many(self, slot: TaskSlot, events: Iterable[Any]) -> None:
+        self.emit(slot, None)

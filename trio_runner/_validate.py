@@ -22,16 +22,27 @@ def _and(fix: str) -> str:
     return f"; {fix}" if fix else ""
 
 
-def integer(name: str, value: object, *, minimum: int, what: str = "an int", fix: str = "") -> int:
-    """``value`` if it is an int (not a bool) of at least ``minimum``.
+def integer(
+    name: str,
+    value: object,
+    *,
+    minimum: int,
+    maximum: int | None = None,
+    what: str = "an int",
+    fix: str = "",
+) -> int:
+    """``value`` if it is an int (not a bool) from ``minimum`` to ``maximum``.
 
     Args:
         name: the argument as the caller spells it, e.g. ``"window"``.
+        maximum: the largest value allowed, or None for no upper bound.
         what: what the argument is, e.g. ``"an int (events in flight per task)"``.
         fix: a hint appended to the message, e.g. ``"for example window=8192"``.
     """
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name}={value!r} must be {what}, not {type(value).__name__}{_and(fix)}")
+    if maximum is not None and not minimum <= value <= maximum:
+        raise ValueError(f"{name}={value!r} must be {what} from {minimum} to {maximum}{_and(fix)}")
     if value < minimum:
         raise ValueError(f"{name}={value!r} must be {what} >= {minimum}{_and(fix)}")
     return value
@@ -41,7 +52,7 @@ def number(
     name: str,
     value: object,
     *,
-    minimum: float = 0.0,
+    minimum: float | None = 0.0,
     above: bool = False,
     maximum: float | None = None,
     what: str = "a number",
@@ -50,24 +61,32 @@ def number(
     """``value`` if it is a finite real number (not a bool) within the bounds.
 
     Args:
-        minimum: the least value allowed; with ``above``, values must exceed it.
+        minimum: the least value allowed, or None for no lower bound; with
+            ``above``, values must exceed it.
         maximum: the largest value allowed, or None for no upper bound.
         what: what the argument is, e.g. ``"a number of seconds"``.
     """
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise TypeError(f"{name}={value!r} must be {what}, not {type(value).__name__}{_and(fix)}")
-    too_low = value <= minimum if above else value < minimum
+    too_low = minimum is not None and (value <= minimum if above else value < minimum)
     too_high = maximum is not None and value > maximum
     # NaN compares False with everything: it passes the bounds, so it is caught by name.
     finite = not (math.isnan(value) or math.isinf(value))
     if too_low or too_high or not finite:
-        if maximum is None:
-            bounds = f"> {minimum:g}" if above else f">= {minimum:g}"
-        else:
-            bounds = f"in ({minimum:g}, {maximum:g}]" if above else f"from {minimum:g} to {maximum:g}"
         problem = "is out of range" if finite else "must be finite"
-        raise ValueError(f"{name}={value!r} {problem}: pass {what} {bounds}{_and(fix)}")
+        raise ValueError(
+            f"{name}={value!r} {problem}: pass {what}{_bounds(minimum, above, maximum)}{_and(fix)}"
+        )
     return value
+
+
+def _bounds(minimum: float | None, above: bool, maximum: float | None) -> str:
+    """`` > 0``, `` from 0 to 1``, `` in (0, 1]``..., or nothing for a number with no bounds."""
+    if minimum is None:
+        return "" if maximum is None else f" <= {maximum:g}"
+    if maximum is None:
+        return f" > {minimum:g}" if above else f" >= {minimum:g}"
+    return f" in ({minimum:g}, {maximum:g}]" if above else f" from {minimum:g} to {maximum:g}"
 
 
 def seconds(name: str, value: object, *, above_zero: bool = False, maximum: float | None = None) -> float:
@@ -107,21 +126,21 @@ def boolean(name: str, value: object) -> bool:
     return value
 
 
-def text(name: str, value: object) -> str:
-    """``value`` if it is a non-empty string."""
+def text(name: str, value: object, *, empty: bool = False) -> str:
+    """``value`` if it is a string, and not an empty one unless ``empty``."""
     if not isinstance(value, str):
         raise TypeError(f"{name}={value!r} must be a string, not {type(value).__name__}")
-    if not value:
+    if not value and not empty:
         raise ValueError(f"{name}={value!r} must be a non-empty string")
     return value
 
 
-def names(name: str, value: object) -> tuple[str, ...]:
+def names(name: str, value: object, *, example: str = "['json']") -> tuple[str, ...]:
     """``value`` as a tuple of non-empty strings, from any sequence of them (but not from one string)."""
     if isinstance(value, str) or not isinstance(value, Sequence):
         raise TypeError(
             f"{name}={value!r} must be a sequence of strings, not {type(value).__name__}; "
-            f"for example {name}=['json']"
+            f"for example {name}={example}"
         )
     items: Sequence[object] = value  # pyright: ignore[reportUnknownVariableType]
     return tuple(text(f"{name}[{i}]", item) for i, item in enumerate(items))

@@ -31,5 +31,3 @@ for _name in ("transformers.models.llama", "transformers.image_utils", "transfor
         importlib.import_module(_name)
 
 import trio_runner.mlx._runner  # noqa: E402, F401  # pyright: ignore[reportUnusedImport]
-
-PRELOADED = True

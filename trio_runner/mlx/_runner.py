@@ -18,14 +18,16 @@ from typing import TYPE_CHECKING, Any, cast
 if TYPE_CHECKING:
     from ._batch import BatchEngine
 
+from .. import _validate as check
 from .._runner import Runner, TaskContext
 from ._batch_text import ChoiceText
 from ._prompt_cache import DEFAULT_PROMPT_CACHE_BYTES, PromptCache
-from ._types import Completion, Generate, Token, check_int
+from ._types import Completion, Generate, Token
 
 __all__ = ["MlxLmRunner", "check_model_argument", "start_options", "warm_up_once"]
 
 _PRELOAD_MODULE = "trio_runner.mlx._preload"
+_START_METHODS = ("auto", "forkserver", "spawn")
 # What a Hugging Face repo id looks like; anything else that does not exist is a missing path.
 _REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 _WARMUP_PROMPT = "Warm up"
@@ -51,13 +53,12 @@ def start_options(start_method: str = "auto") -> dict[str, Any]:
     evaluated) MLX is measured safe on the Linux CPU backend. On macOS, Metal
     has not been measured, so ``"auto"`` keeps to spawn there.
     """
+    check.one_of("start_method", start_method, _START_METHODS)
     if start_method == "auto":
         start_method = "forkserver" if sys.platform == "linux" else "spawn"
     if start_method == "forkserver":
         return {"start_method": "forkserver", "preload": (_PRELOAD_MODULE,)}
-    if start_method == "spawn":
-        return {"start_method": "spawn"}
-    raise ValueError(f"start_method={start_method!r} must be 'auto', 'forkserver' or 'spawn'")
+    return {"start_method": "spawn"}
 
 
 def warm_up_once(model: str) -> None:
@@ -156,9 +157,11 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         self.warmup = warmup
         self._missing_preload = preloaded and _PRELOAD_MODULE not in sys.modules
         if concurrency is not None:
-            self.concurrency = check_int("concurrency", concurrency, 1)
-        self.prefill_step_size = check_int("prefill_step_size", prefill_step_size, 1)
-        self.prompt_cache = PromptCache(check_int("prompt_cache_bytes", prompt_cache_bytes, 0))
+            self.concurrency = check.integer("concurrency", concurrency, minimum=1, fix="the batch size")
+        self.prefill_step_size = check.integer("prefill_step_size", prefill_step_size, minimum=1)
+        self.prompt_cache = PromptCache(
+            check.integer("prompt_cache_bytes", prompt_cache_bytes, minimum=0, what="an int number of bytes")
+        )
         self.model: Any = None
         self.tokenizer: Any = None
         self.context_length: int | None = None

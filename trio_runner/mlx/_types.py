@@ -2,58 +2,47 @@
 
 Plain frozen dataclasses with no third-party imports: the parent builds and
 validates them without importing mlx, and the child unpickles them cheaply.
-Validation happens at construction, so a bad request raises ``ValueError``
-where it is written, before anything reaches the runner.
+Validation happens at construction (through ``trio_runner._validate``), so a
+bad request raises where it is written, before anything reaches the runner: a
+field of the wrong type ``TypeError``, a bad value ``ValueError``.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, cast
 
+from .. import _validate as check
+
 FinishReason = Literal["stop", "length"]
-_ROLES = frozenset({"system", "user", "assistant", "tool"})
+_ROLES = ("system", "user", "assistant", "tool")
 MAX_LOGPROBS = 20
 """The most top alternatives a :class:`Generate` may ask for per token (OpenAI's limit)."""
 MAX_N = 16
 """The most choices one :class:`Generate` may ask for (each is a sequence in the batch)."""
-
-
-def _check_number(name: str, value: object) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name}={value!r} must be a finite number")
-    return float(value)
-
-
-def check_int(name: str, value: object, low: int, high: int | None = None, hint: str = "") -> int:
-    """``value``, or a ValueError naming ``name`` unless it is an int in bounds (``hint``: how to fix it)."""
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, int)
-        or value < low
-        or (high is not None and value > high)
-    ):
-        bound = f">= {low}" if high is None else f"in [{low}, {high}]"
-        raise ValueError(f"{name}={value!r} must be an int {bound}" + (f": {hint}" if hint else ""))
-    return value
+MAX_PENALTY = 2.0
+"""The bound on presence and frequency penalties either way (OpenAI's range)."""
 
 
 def _check_logit_bias(value: object) -> dict[int, float] | None:
     if value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ValueError(f"logit_bias={value!r} must be a mapping of token ids to biases, or None")  # noqa: TRY004
-    checked: dict[int, float] = {}
-    for key, bias in cast(Mapping[object, object], value).items():
-        if isinstance(key, bool) or not isinstance(key, int) or key < 0:
-            raise ValueError(
-                f"logit_bias key {key!r} must be a token id, an int >= 0 "
-                "(convert the string keys of an OpenAI request with int())"
-            )
-        checked[key] = _check_number(f"logit_bias[{key}]", bias)
-    return checked
+        raise TypeError(
+            f"logit_bias={value!r} must be a mapping of token ids to biases, or None, "
+            f"not {type(value).__name__}"
+        )
+    return {
+        check.integer(
+            "logit_bias key",
+            key,
+            minimum=0,
+            what="a token id (an int)",
+            fix="convert the string keys of an OpenAI request with int()",
+        ): check.number(f"logit_bias[{key}]", bias, minimum=None)
+        for key, bias in cast(Mapping[object, object], value).items()
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,7 +91,9 @@ class Generate:
             choice. With ``temperature=0`` every choice is the same text.
 
     Raises:
-        ValueError: an invalid field, with a sentence that says how to fix it.
+        TypeError: a field of the wrong type (a string ``max_tokens``, say).
+        ValueError: a field out of range, or neither or both of ``prompt`` and
+            ``messages``; each with a sentence that says how to fix it.
     """
 
     prompt: str | None = None
@@ -125,77 +116,72 @@ class Generate:
     def __post_init__(self) -> None:
         if (self.prompt is None) == (self.messages is None):
             raise ValueError("give exactly one of prompt= (a string) and messages= (chat messages)")
-        if self.prompt is not None and not isinstance(self.prompt, str):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"prompt must be a string, not {type(self.prompt).__name__}")
+        if self.prompt is not None:
+            check.text("prompt", self.prompt, empty=True)
         if self.messages is not None:
             object.__setattr__(self, "messages", _check_messages(self.messages))
-        check_int("max_tokens", self.max_tokens, 1)
-        temperature = _check_number("temperature", self.temperature)
-        if temperature < 0:
-            raise ValueError(f"temperature={self.temperature!r} must be >= 0 (0 picks the most likely token)")
-        top_p = _check_number("top_p", self.top_p)
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p={self.top_p!r} must be in (0, 1]; use 1 to disable nucleus sampling")
+        check.integer("max_tokens", self.max_tokens, minimum=1)
+        check.number("temperature", self.temperature, fix="0 picks the most likely token")
+        check.number("top_p", self.top_p, above=True, maximum=1, fix="use 1 to disable nucleus sampling")
         stop = cast(object, self.stop)
         if isinstance(stop, str):
-            stop = (stop,)
-        stops: tuple[object, ...] = tuple(cast(Sequence[object], stop)) if isinstance(stop, Sequence) else ()
-        if not isinstance(stop, Sequence) or not all(isinstance(s, str) and s for s in stops):
-            raise ValueError(f"stop={self.stop!r} must be a non-empty string or a sequence of them")
+            stops = (check.text("stop", stop),)
+        else:
+            stops = check.names("stop", stop, example="['\\n\\n']")
         object.__setattr__(self, "stop", stops)
-        seed = self.seed
-        if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"seed={seed!r} must be a non-negative int, or None")
+        if self.seed is not None:
+            check.integer("seed", self.seed, minimum=0, fix="None draws from the runner's random state")
         self._check_sampling()
 
     def _check_sampling(self) -> None:
-        check_int("top_k", self.top_k, 0, None, "give 0 to disable top-k sampling")
-        min_p = _check_number("min_p", self.min_p)
-        if not 0 <= min_p <= 1:
-            raise ValueError(f"min_p={self.min_p!r} must be in [0, 1]; use 0 to disable min-p sampling")
+        check.integer("top_k", self.top_k, minimum=0, fix="give 0 to disable top-k sampling")
+        check.number("min_p", self.min_p, maximum=1, fix="use 0 to disable min-p sampling")
         if self.repetition_penalty is not None:
-            penalty = _check_number("repetition_penalty", self.repetition_penalty)
-            if penalty <= 0:
-                raise ValueError(
-                    f"repetition_penalty={self.repetition_penalty!r} must be > 0 (above 1 discourages "
-                    "repeats); use None to disable it"
-                )
-        check_int("repetition_context_size", self.repetition_context_size, 1, None, "how many latest tokens")
+            check.number(
+                "repetition_penalty",
+                self.repetition_penalty,
+                above=True,
+                fix="above 1 discourages repeats; use None to disable it",
+            )
+        check.integer(
+            "repetition_context_size", self.repetition_context_size, minimum=1, fix="how many latest tokens"
+        )
         for name in ("presence_penalty", "frequency_penalty"):
-            value = _check_number(name, getattr(self, name))
-            if not -2 <= value <= 2:
-                raise ValueError(
-                    f"{name}={value!r} must be in [-2, 2], as in OpenAI's API; use 0 to disable it"
-                )
+            check.number(
+                name,
+                getattr(self, name),
+                minimum=-MAX_PENALTY,
+                maximum=MAX_PENALTY,
+                fix="as in OpenAI's API; 0 disables it",
+            )
         object.__setattr__(self, "logit_bias", _check_logit_bias(self.logit_bias))
         if self.logprobs is not None:
-            check_int(
+            check.integer(
                 "logprobs",
                 self.logprobs,
-                0,
-                MAX_LOGPROBS,
-                f"the number of top alternatives per token, at most {MAX_LOGPROBS}",
+                minimum=0,
+                maximum=MAX_LOGPROBS,
+                fix="the number of top alternatives per token, or None",
             )
-        check_int(
-            "n", self.n, 1, MAX_N, f"the number of choices, at most {MAX_N}; send more requests for more"
+        check.integer(
+            "n", self.n, minimum=1, maximum=MAX_N, fix="the number of choices; send more requests for more"
         )
 
 
 def _check_messages(messages: object) -> tuple[dict[str, str], ...]:
     if isinstance(messages, str | bytes | Mapping) or not isinstance(messages, Sequence):
-        raise ValueError("messages must be a list of {'role': ..., 'content': ...} mappings")  # noqa: TRY004
+        raise TypeError(
+            "messages must be a list of {'role': ..., 'content': ...} mappings, "
+            f"not {type(cast(object, messages)).__name__}"
+        )
     checked: list[dict[str, str]] = []
-    for i, message in enumerate(messages):  # pyright: ignore[reportUnknownVariableType, reportUnknownArgumentType]
+    for i, message in enumerate(cast(Sequence[object], messages)):
         if not isinstance(message, Mapping):
-            raise ValueError(f"messages[{i}] must be a mapping with 'role' and 'content', not {message!r}")  # noqa: TRY004
+            raise TypeError(f"messages[{i}] must be a mapping with 'role' and 'content', not {message!r}")
         entry = cast(Mapping[str, object], message)
-        role = entry.get("role")
-        content = entry.get("content")
-        if role not in _ROLES:
-            raise ValueError(f"messages[{i}]['role']={role!r} must be one of {sorted(_ROLES)}")
-        if not isinstance(content, str):
-            raise ValueError(f"messages[{i}]['content'] must be a string, not {type(content).__name__}")  # noqa: TRY004
-        checked.append({"role": str(role), "content": content})
+        role = check.one_of(f"messages[{i}]['role']", entry.get("role"), _ROLES)
+        content = check.text(f"messages[{i}]['content']", entry.get("content"), empty=True)
+        checked.append({"role": role, "content": content})
     if not checked:
         raise ValueError("messages is empty: give at least one message")
     return tuple(checked)

@@ -16,7 +16,7 @@ import hmac
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Any, cast
@@ -31,6 +31,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from .. import _validate as check
 from .._errors import RunnerCrashed, RunnerUnavailable, TaskCancelled, TaskFailed, TrioRunnerError
 from .._state import RunnerState
 from .._supervisor import Supervisor, TaskHandle
@@ -72,20 +73,20 @@ class ServeOptions:
     ready_wait: float = 5.0
     max_body_size: int = MAX_BODY_SIZE
     api_key: str | None = None
-    allow_origins: tuple[str, ...] = ()
+    #: Kept as a tuple; any sequence of origins is accepted (but not one string).
+    allow_origins: Sequence[str] = ()
 
     def __post_init__(self) -> None:
+        # Checked by hand: the shared checks quote the value, and a key must not reach a log.
         key = cast(object, self.api_key)
-        if key is not None and (not isinstance(key, str) or not key or not key.isprintable()):
+        if key is not None and not isinstance(key, str):
+            raise TypeError(f"api_key must be a string or None, not {type(key).__name__}")
+        if key is not None and (not key or not key.isprintable()):
             raise ValueError("api_key must be a non-empty string of printable characters, or None")
-        origins = cast(tuple[object], self.allow_origins)
-        if isinstance(origins, str) or not all(isinstance(o, str) and o for o in origins):
-            raise ValueError(f"allow_origins={self.allow_origins!r} must be a sequence of origins, or '*'")
-        if not (isinstance(self.ready_wait, int | float) and 0 <= self.ready_wait < float("inf")):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"ready_wait={self.ready_wait!r} must be a finite number of seconds >= 0")
-        size = cast(object, self.max_body_size)
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"max_body_size={self.max_body_size!r} must be an int >= 1 (bytes)")
+        origins = check.names("allow_origins", self.allow_origins, example="['https://a.example'] or ['*']")
+        object.__setattr__(self, "allow_origins", origins)
+        check.seconds("ready_wait", self.ready_wait)
+        check.integer("max_body_size", self.max_body_size, minimum=1, what="an int number of bytes")
 
 
 def _json(body: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Literal, cast
 
 from ..mlx._tools import ToolChat, ToolCompletion
-from ..mlx._types import MAX_LOGPROBS, MAX_N, Choice, Completion, Generate, Token
+from ..mlx._types import MAX_LOGPROBS, MAX_N, MAX_PENALTY, Choice, Completion, Generate, Token
 
 Kind = Literal["chat", "completion"]
 _ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
@@ -282,8 +282,8 @@ def _sampling(body: Mapping[str, Any], limits: Limits, max_tokens_names: Sequenc
         "stop": _stop(body),
         "seed": seed,
         "n": _int(body, "n", 1, MAX_N),
-        "presence_penalty": _number(body, "presence_penalty", -2.0, 2.0),
-        "frequency_penalty": _number(body, "frequency_penalty", -2.0, 2.0),
+        "presence_penalty": _number(body, "presence_penalty", -MAX_PENALTY, MAX_PENALTY),
+        "frequency_penalty": _number(body, "frequency_penalty", -MAX_PENALTY, MAX_PENALTY),
         "logit_bias": _logit_bias(body),
         "top_k": _int(body, "top_k", 0, 2**31 - 1),
         "min_p": _number(body, "min_p", 0.0, 1.0),
@@ -463,7 +463,7 @@ def _build(
     include_usage = _stream_options(body, stream)
     try:
         generate = request(**fields)
-    except ValueError as exc:  # Generate's own checks: the last word on what the runner accepts
+    except (TypeError, ValueError) as exc:  # Generate's own checks: the last word on what the runner accepts
         raise _invalid(str(exc), None) from None
     return ParsedRequest(kind, generate, stream, include_usage, model)
 

@@ -15,14 +15,15 @@ import functools
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import trio
 from hypercorn.config import Config, Sockets
 from hypercorn.trio.run import worker_serve
 from hypercorn.utils import wrap_app  # pyright: ignore[reportUnknownVariableType]
 
+from .. import _validate as check
 from .._errors import ExitReason
+from .._options import ForwardedOptions
 from .._policy import RestartPolicy
 from .._state import Exited, Ready
 from .._supervisor import Supervisor
@@ -37,6 +38,7 @@ DEMO_MODEL_ID = "trio-runner-demo"
 # After the grace period: hypercorn's own drain, then the hard stop.
 _CLOSE_MARGIN = 1.0
 _HARD_MARGIN = 2.0
+_MAX_PORT = 65535
 
 
 class OpenAIServer:
@@ -132,19 +134,21 @@ async def run_server(
             none by default, so browsers refuse cross-origin calls.
 
     Raises:
-        ValueError: an option is out of range (at the call).
+        TypeError: an option of the wrong type (at the call).
+        ValueError: an option out of range (at the call).
         OSError: the address cannot be bound.
 
     **Cancellation:** cancelling this task stops the server at once, without
     the grace period; :meth:`OpenAIServer.shutdown` is the graceful way.
     """
+    check.integer("default_max_tokens", default_max_tokens, minimum=1)
     limits = Limits(model_id, default_max_tokens=default_max_tokens, aliases=_names(served_model_names))
     options = ServeOptions(
         limits,
         ready_wait=ready_wait,
         max_body_size=max_body_size,
         api_key=api_key,
-        allow_origins=tuple(allow_origins),
+        allow_origins=allow_origins,
     )
     config = _config(host, port, grace)
     sockets = listen(config)
@@ -155,14 +159,13 @@ async def run_server(
 
 
 def _names(names: Sequence[str]) -> tuple[str, ...]:
-    if isinstance(names, str) or not all(isinstance(n, str) and n for n in names):  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise ValueError(f"served_model_names={names!r} must be a sequence of non-empty strings")
-    return tuple(names)
+    return check.names("served_model_names", names, example="['gpt-4o-mini']")
 
 
 def _config(host: str, port: int, grace: float) -> Config:
-    if isinstance(grace, bool) or not isinstance(grace, int | float) or not 0 <= grace < float("inf"):  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise ValueError(f"grace={grace!r} must be a finite number of seconds >= 0")
+    check.text("host", host)
+    check.integer("port", port, minimum=0, maximum=_MAX_PORT, fix="0 picks a free port")
+    check.seconds("grace", grace)
     config = Config()
     config.bind = [_bind(host, port)]
     config.graceful_timeout = grace + _CLOSE_MARGIN
@@ -264,13 +267,12 @@ async def serve_mlx(
         Limits(model_id, aliases=_names(served_model_names)),
         ready_wait=ready_wait,
         api_key=api_key,
-        allow_origins=tuple(allow_origins),
+        allow_origins=allow_origins,
     )
     config = _config(host, port, grace)
     sockets = listen(config)  # before the runner starts: an address in use fails at once
-    supervisor_options: dict[str, Any] = {"raise_on_give_up": False}
-    if policy is not None:
-        supervisor_options["policy"] = policy
+    # None keeps the default policy. The server answers 503 after a give-up instead of ending.
+    supervisor_options: ForwardedOptions = {"policy": policy, "raise_on_give_up": False}
     try:
         async with open_mlx_supervisor(
             model, start_method=start_method, name="serve", runner=ToolMlxLmRunner, **supervisor_options

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import trio
 
+from .. import _validate as check
 from .._errors import ExitReason, RunnerCrashed, RunnerUnavailable, TaskCancelled, TaskFailed
 from .._groups import reraise_unwrapped
 from .._policy import RestartPolicy
@@ -38,9 +39,7 @@ class LatenessMonitor:
     """
 
     def __init__(self, interval: float = 0.001) -> None:
-        if not interval > 0:
-            raise ValueError(f"interval={interval!r} must be a positive number of seconds")
-        self.interval = interval
+        self.interval = check.seconds("interval", interval, above_zero=True)
         self.worst = 0.0
         self.samples = 0
 

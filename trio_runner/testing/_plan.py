@@ -9,10 +9,10 @@ Hypothesis failure prints a plan you can paste into a regression test.
 
 from __future__ import annotations
 
-import math
 import signal
 from dataclasses import dataclass
 
+from .. import _validate as check
 from .._errors import ExitReason
 
 # -- triggers: where in the runner's life a fault fires ---------------------------------------
@@ -64,13 +64,13 @@ Trigger = InSetup | BeforeEvent | AfterEvent | InTeardown | OnShutdown
 
 def _check_position(trigger: BeforeEvent | AfterEvent) -> None:
     name = type(trigger).__name__
-    if isinstance(trigger.task, bool) or not isinstance(trigger.task, int) or trigger.task < 1:  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise ValueError(f"{name}(task={trigger.task!r}) counts tasks from 1: pass an int >= 1")
-    if isinstance(trigger.event, bool) or not isinstance(trigger.event, int) or trigger.event < 0:  # pyright: ignore[reportUnnecessaryIsInstance]
-        raise ValueError(f"{name}(event={trigger.event!r}) counts events from 0: pass an int >= 0")
+    check.integer(f"{name}.task", trigger.task, minimum=1, fix="tasks count from 1")
+    check.integer(f"{name}.event", trigger.event, minimum=0, fix="events count from 0")
 
 
 # -- kinds: what the fault does ---------------------------------------------------------------
+
+_MAX_EXIT_CODE = 255  # an exit status is one byte
 
 # Signals whose default action stops or ignores rather than terminates: not a crash.
 _NOT_FATAL = frozenset(
@@ -92,11 +92,12 @@ class Signal:
     name: str = "SIGKILL"
 
     def __post_init__(self) -> None:
-        if self.name not in fatal_signals():
-            raise ValueError(
-                f"Signal({self.name!r}) is not a signal that kills on this platform; pass one of "
-                f"{', '.join(fatal_signals())} (for SIGSTOP use Stop())"
-            )
+        check.one_of(
+            "Signal.name",
+            self.name,
+            fatal_signals(),
+            fix="the signals that kill on this platform (for SIGSTOP use Stop())",
+        )
 
 
 @dataclass(frozen=True)
@@ -106,8 +107,7 @@ class Exit:
     code: int = 1
 
     def __post_init__(self) -> None:
-        if isinstance(self.code, bool) or not isinstance(self.code, int) or not 0 <= self.code <= 255:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"Exit(code={self.code!r}) must be an int in [0, 255]")
+        check.integer("Exit.code", self.code, minimum=0, maximum=_MAX_EXIT_CODE)
 
 
 @dataclass(frozen=True)
@@ -133,11 +133,7 @@ class HoldGil:
     seconds: float | None = None
 
     def __post_init__(self) -> None:
-        seconds = self.seconds
-        if seconds is not None and (
-            isinstance(seconds, bool) or not isinstance(seconds, int | float) or not 0 <= seconds < math.inf  # pyright: ignore[reportUnnecessaryIsInstance]
-        ):
-            raise ValueError(f"HoldGil(seconds={self.seconds!r}) must be a finite number >= 0, or None")
+        check.optional_seconds("HoldGil.seconds", self.seconds)
 
 
 @dataclass(frozen=True)
@@ -173,9 +169,7 @@ class SlowStartup:
     seconds: float = 1.0
 
     def __post_init__(self) -> None:
-        seconds: object = self.seconds
-        if isinstance(seconds, bool) or not isinstance(seconds, int | float) or not seconds >= 0:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"SlowStartup(seconds={self.seconds!r}) must be a number >= 0")
+        check.seconds("SlowStartup.seconds", self.seconds)
 
 
 @dataclass(frozen=True)
@@ -185,8 +179,7 @@ class StderrFlood:
     lines: int = 100_000
 
     def __post_init__(self) -> None:
-        if isinstance(self.lines, bool) or not isinstance(self.lines, int) or self.lines < 0:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"StderrFlood(lines={self.lines!r}) must be an int >= 0")
+        check.integer("StderrFlood.lines", self.lines, minimum=0)
 
 
 @dataclass(frozen=True)
@@ -200,10 +193,8 @@ class OversizePayload:
     result: bool = False
 
     def __post_init__(self) -> None:
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"OversizePayload(size={self.size!r}) must be an int >= 0 (bytes)")
-        if not isinstance(self.result, bool):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise TypeError(f"OversizePayload(result={self.result!r}) must be a bool")
+        check.integer("OversizePayload.size", self.size, minimum=0, what="an int number of bytes")
+        check.boolean("OversizePayload.result", self.result)
 
 
 @dataclass(frozen=True)
@@ -217,10 +208,8 @@ class HostileException:
     size: int = 80 * 1024 * 1024
 
     def __post_init__(self) -> None:
-        if self.how not in HOSTILE_WAYS:
-            raise ValueError(f"HostileException(how={self.how!r}) must be one of {', '.join(HOSTILE_WAYS)}")
-        if isinstance(self.size, bool) or not isinstance(self.size, int) or self.size < 0:  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"HostileException(size={self.size!r}) must be an int >= 0 (characters)")
+        check.one_of("HostileException.how", self.how, HOSTILE_WAYS)
+        check.integer("HostileException.size", self.size, minimum=0, what="an int number of characters")
 
 
 HOSTILE_WAYS = ("str_raises", "huge_message")
@@ -317,11 +306,14 @@ class Fault:
         trigger: where it fires, e.g. ``BeforeEvent(task=2, event=0)``.
         incarnation: the incarnation (1 = the first process, 2 = the first restart ...)
             in which the fault fires, or None for every incarnation.
+        rank: in a group (``ranks=N``), the rank in which the fault fires, or None
+            for every rank. A lone runner is rank 0.
     """
 
     kind: FaultKind
     trigger: Trigger
     incarnation: int | None = 1
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, FAULT_KINDS):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -335,12 +327,18 @@ class Fault:
         why = fault_not_allowed(self.kind, self.trigger)
         if why is not None:
             raise ValueError(f"{self!r} cannot fire: {why}")
-        inc = self.incarnation
-        if inc is not None and (isinstance(inc, bool) or not isinstance(inc, int) or inc < 1):  # pyright: ignore[reportUnnecessaryIsInstance]
-            raise ValueError(f"Fault(incarnation={inc!r}) counts from 1; pass None for every incarnation")
+        if self.incarnation is not None:
+            check.integer(
+                "Fault.incarnation", self.incarnation, minimum=1, fix="they count from 1; None is every one"
+            )
+        if self.rank is not None:
+            check.integer("Fault.rank", self.rank, minimum=0, fix="ranks count from 0; None is every rank")
 
     def applies_to(self, incarnation: int) -> bool:
         return self.incarnation is None or self.incarnation == incarnation
+
+    def applies_to_rank(self, rank: int) -> bool:
+        return self.rank is None or self.rank == rank
 
     def exit_reasons(self) -> frozenset[ExitReason]:
         """How an incarnation this fault fires in may end (besides REQUESTED, always possible)."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .. import _validate as check
+
 
 @dataclass(frozen=True)
 class Submission:
@@ -27,8 +29,9 @@ class Submission:
     retry: bool = False
 
     def __post_init__(self) -> None:
-        if self.cancel_after is not None and (isinstance(self.cancel_after, bool) or self.cancel_after < 0):
-            raise ValueError(f"Submission(cancel_after={self.cancel_after!r}) must be None or an int >= 0")
+        if self.cancel_after is not None:
+            check.integer("Submission.cancel_after", self.cancel_after, minimum=0, fix="None never cancels")
+        check.boolean("Submission.retry", self.retry)
 
 
 @dataclass(frozen=True)
@@ -52,9 +55,11 @@ class RequestSequence:
     def __post_init__(self) -> None:
         if not isinstance(self.submissions, tuple):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise TypeError("RequestSequence(submissions=...) takes a tuple of Submission")
-        if self.shutdown_after is not None and (
-            isinstance(self.shutdown_after, bool) or self.shutdown_after < 0
-        ):
-            raise ValueError(
-                f"RequestSequence(shutdown_after={self.shutdown_after!r}) must be None or an int >= 0"
+        check.boolean("RequestSequence.concurrent", self.concurrent)
+        if self.shutdown_after is not None:
+            check.integer(
+                "RequestSequence.shutdown_after",
+                self.shutdown_after,
+                minimum=0,
+                fix="None waits for every task",
             )
