@@ -33,16 +33,14 @@ wait for the GIL is long when the thread holding it is itself preempted
 
 from __future__ import annotations
 
-import contextlib
 import threading
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import _payload_runner
 import trio
 import trio.abc
-from _common import MS, Config, Ticker, quiet_gc, row, summary
+from _common import MS, Config, Ticker, quiet_gc, row, summary, ticking
 
 from trio_runner import _pieces, open_supervisor
 
@@ -79,22 +77,10 @@ class OffCpuTicker(Ticker):
                     self.off_cpu.append(max(0.0, late - (now - queued)))
 
 
-@contextlib.asynccontextmanager
-async def ticking() -> AsyncIterator[OffCpuTicker]:
-    ticker = OffCpuTicker()
-    async with trio.open_nursery() as nursery:
-        await nursery.start(ticker.run)
-        ticker.recording = True
-        try:
-            yield ticker
-        finally:
-            ticker.recording = False
-            nursery.cancel_scope.cancel()
-
-
 async def idle(cfg: Config) -> tuple[list[float], list[float]]:
+    ticker = OffCpuTicker()
     with quiet_gc():
-        async with ticking() as ticker:
+        async with ticking(ticker):
             await trio.sleep(cfg.n(2.0, 0.2))
     return ticker.samples, ticker.off_cpu
 
@@ -204,8 +190,9 @@ async def _scenario(
         for _ in range(cfg.n(3, 1)):
             # Made before the ticker starts: filling 60 MiB is the application's cost.
             args = (b"\x5a" * cfg.n(60 << 20, 1 << 20),) if job is _request else ()
+            ticker = OffCpuTicker()
             with quiet_gc():
-                async with ticking() as ticker:
+                async with ticking(ticker):
                     steps.recording = True
                     received = await job(sup, cfg, *args)
                     await trio.sleep(0.02)  # the tail of the work, and the ticker's last ticks
