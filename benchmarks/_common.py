@@ -87,9 +87,9 @@ class Ticker:
 
 
 @contextlib.asynccontextmanager
-async def ticking() -> AsyncIterator[Ticker]:
-    """Run a :class:`Ticker` (recording) for the duration of the block."""
-    ticker = Ticker()
+async def ticking(ticker: Ticker | None = None) -> AsyncIterator[Ticker]:
+    """Run a :class:`Ticker` (or ``ticker``), recording, for the duration of the block."""
+    ticker = Ticker() if ticker is None else ticker
     async with trio.open_nursery() as nursery:
         await nursery.start(ticker.run)
         ticker.recording = True

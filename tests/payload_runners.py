@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import time
 import zlib
+from pathlib import Path
 from typing import Any
 
 from trio_runner import Runner, TaskContext, _child
@@ -70,6 +72,13 @@ class PayloadRunner(Runner[Any, Any, Any]):
             return list(range(args[1]))
         if command == "checksum":
             data = args[0]
+            return len(data), zlib.crc32(data)
+        if command == "checksum_crash_once":
+            # Dies on the first attempt only: the marker file survives the crash.
+            marker, data = Path(args[0]), args[1]
+            if not marker.exists():
+                marker.touch()
+                os._exit(1)
             return len(data), zlib.crc32(data)
         if command == "ints_with_unloadable":
             # Unpickles in the child's own pickle, but not in the parent.

@@ -445,6 +445,7 @@ class Incarnation:
             if self._timeouts.stall is not None:
                 self.poke_watchdog()  # only the stall check depends on what was sent
             await self._send_locked(data)
+            del data  # a big request's pieces: held by the task alone now, freed with it off the loop
 
     async def _send_control(self) -> None:
         """The cancel channel: cancels and credits, each write bounded by ``cancel_send``."""

@@ -37,6 +37,7 @@ from typing import Any, TypeAlias, cast
 
 from . import _protocol as proto
 from ._errors import TaskCancelled
+from ._pieces import cut, split_list, wire_size
 
 #: Bounds on an error report's message and traceback (each) and its type name,
 #: in bytes of UTF-8; ``_fit_error`` lowers them for a smaller ``max_frame_size``.
@@ -52,6 +53,8 @@ _HURRY_EVENTS = 256
 _BACKSTOP_SLACK = 0.002
 
 _Report: TypeAlias = "proto.Error | proto.Fatal"
+#: A pickled payload: bytes, or views of it in pieces if it is big (``_pieces.cut``).
+_Pickled: TypeAlias = "bytes | list[pickle.PickleBuffer]"
 
 #: What a rank other than 0 of a group sends for a result: only that it finished.
 #: The caller gets rank 0's result; the others' are never pickled.
@@ -471,7 +474,11 @@ class Outbox:
     def _pack_events(self, message: proto.Events) -> proto.Events | proto.Error:
         """Events with their payload pickled; events that cannot be sent fail their task instead."""
         task_id = message.task_id
-        data = self._pickle(task_id, message.payload, "events")
+        batch = message.payload
+        # An event emitted alone may be a big list (checking each of many would cost events/s).
+        if len(batch) == 1 and (alone := split_list(batch[0])) is not batch[0]:
+            batch = [alone]
+        data = self._pickle(task_id, batch, "events")
         if isinstance(data, proto.Error):
             slot = self._find_slot(task_id)
             if slot is not None:
@@ -481,23 +488,27 @@ class Outbox:
 
     def pack_result(self, task_id: int, value: Any) -> proto.Result | proto.Error:
         """A task's Result, its value pickled (by the task's own thread); an Error if it cannot be sent."""
-        data = self._pickle(task_id, value, "the result")
+        data = self._pickle(task_id, split_list(value), "the result")
         return data if isinstance(data, proto.Error) else proto.Result(task_id, data)
 
-    def _pickle(self, task_id: int, payload: Any, what: str) -> bytes | proto.Error:
-        """``payload`` pickled, or the Error that fails the task if it cannot be sent."""
+    def _pickle(self, task_id: int, payload: Any, what: str) -> _Pickled | proto.Error:
+        """``payload`` pickled (a big one in pieces), or the Error that fails its task if it cannot go."""
+        limit = self.max_frame - proto.MESSAGE_OVERHEAD
         try:
             data = pickle.dumps(payload, protocol=proto.PICKLE_PROTOCOL)
-            if len(data) > self.max_frame - proto.MESSAGE_OVERHEAD:
+            if len(data) > limit:
                 raise ValueError(
                     f"{what} pickled to {len(data)} bytes, "
-                    f"more than the {self.max_frame - proto.MESSAGE_OVERHEAD} that "
-                    f"max_frame_size={self.max_frame} allows"
+                    f"more than the {limit} that max_frame_size={self.max_frame} allows"
                 )
         except Exception as exc:
             name, text, tb = format_exception(exc)
             return proto.Error(task_id, name, f"could not send to the parent: {text}", tb)
-        return data
+        # In pieces, which the parent frees one at a time (one free of tens of
+        # MiB holds its GIL for milliseconds); whole if the pieces' own
+        # overhead would not fit the frame.
+        pieces = cut(data)
+        return pieces if wire_size(pieces) <= limit else data
 
 
 class FollowerEmitter:

@@ -11,20 +11,21 @@ them at least once per 64 KiB pickle frame, and they hand over views of the
 received buffers (or copy at most :data:`_CHUNK` bytes at a time) and release
 the GIL (``time.sleep(0)``) every half millisecond of work, so the trio thread
 gets in that often. What the thread unpickled from is freed in the thread too
-(see :func:`decode_in_thread`), and a big pickle is joined by ``bytes.join``,
-which copies without the GIL.
+(see :func:`decode_in_thread`), and a big request's pickle is held in pieces
+(:class:`RequestPickle`) that are freed in a thread when the task drops it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import pickle
-import time
 from collections.abc import Callable
 from typing import Any, Final, cast
 
 import trio
 
 from . import _protocol as proto
+from ._pieces import PIECE, Pacer, Pieces, framed_size
 
 #: Frames and payloads (pickled) of this many bytes or more are unpickled in a
 #: thread. Below it, a stream's event batches: a full default window of
@@ -39,25 +40,6 @@ LARGE_REQUEST: Final = 128 * 1024
 #: Bytes copied between two releases of the GIL: a fraction of a millisecond
 #: even into fresh pages.
 _CHUNK: Final = 256 * 1024
-#: Work between two releases of the GIL. Each release lets a waiting trio
-#: thread in at once, instead of after the interpreter's 5 ms switch interval;
-#: releasing more often only costs this thread time when the loop is busy.
-_YIELD_EVERY: Final = 0.0005
-
-
-class _Pacer:
-    """Releases the GIL (``time.sleep(0)``) once per ``_YIELD_EVERY`` of work."""
-
-    __slots__ = ("_last",)
-
-    def __init__(self) -> None:
-        self._last = time.perf_counter()
-
-    def tick(self) -> None:
-        now = time.perf_counter()
-        if now - self._last >= _YIELD_EVERY:
-            time.sleep(0)
-            self._last = time.perf_counter()
 
 
 class _ChunkedReader:
@@ -67,9 +49,9 @@ class _ChunkedReader:
         self._parts = [memoryview(part).cast("B") for part in parts]
         self._index = 0
         self._offset = 0
-        self._pacer = _Pacer()
+        self._pacer = Pacer()
 
-    def _take(self, size: int) -> list[memoryview]:
+    def take(self, size: int) -> list[memoryview]:
         """Views of the next ``size`` bytes (fewer at the end), one per part they span."""
         pieces: list[memoryview] = []
         parts = self._parts
@@ -94,7 +76,7 @@ class _ChunkedReader:
         # takes any buffer, and a fresh 64 KiB block per frame would sit in the
         # heap after the list being built, so that each time the list grows
         # its realloc could not extend it in place and would copy it whole.
-        pieces = self._take(size)
+        pieces = self.take(size)
         # (typeshed says bytes; the C unpickler takes any contiguous buffer.)
         chunk = cast(bytes, pieces[0]) if len(pieces) == 1 else b"".join(pieces)
         self._pacer.tick()
@@ -105,7 +87,7 @@ class _ChunkedReader:
         done = 0
         with memoryview(buffer) as raw, raw.cast("B") as target:
             while done < len(target):
-                pieces = self._take(min(_CHUNK, len(target) - done))
+                pieces = self.take(min(_CHUNK, len(target) - done))
                 if not pieces:
                     break
                 for piece in pieces:
@@ -126,29 +108,78 @@ class _ChunkedReader:
 
 
 class _ChunkedWriter:
-    """A write-only file for ``pickle.Pickler``: big bytes objects are kept by reference, not copied."""
+    """A write-only file for ``pickle.Pickler``: keeps what it is given; :meth:`pieces` copies it out once."""
 
     def __init__(self) -> None:
         self.parts: list[Any] = []
         self.size = 0
-        self._pacer = _Pacer()
+        self._pacer = Pacer()
 
     def write(self, data: Any) -> int:
         # The pickler hands over a finished 64 KiB frame, or a big bytes-like
-        # payload of the caller's own: kept as it is (the caller's object is not
-        # copied here), joined in chunks in ``join``.
+        # payload of the caller's own: kept as it is until ``pieces`` copies it.
         self.parts.append(data)
         size = memoryview(data).nbytes
         self.size += size
         self._pacer.tick()
         return size
 
-    def join(self) -> bytes:
-        # One allocation of the final size, and a copy that bytes.join makes
-        # without the GIL (it releases it for joins of 1 MiB or more). Growing
-        # a bytearray instead reallocates it as it grows: a realloc that cannot
-        # grow in place copies everything so far in one C call, GIL held.
-        return b"".join(self.parts)
+    def pieces(self, limit: int) -> bytes | RequestPickle:
+        """The pickle: bytes up to :data:`~trio_runner._pieces.PIECE`, else copied into pieces of that size.
+
+        Copies, so that the pickle shares no buffer with the request (the
+        caller may change a bytearray it sent) and is made only of pieces
+        that are cheap to free; one piece at a time, letting the loop in.
+        Whole if the pieces' own overhead would pass ``limit`` (the most a
+        frame can carry) where the bytes alone would not: such a request,
+        within a few hundred bytes of the limit, is freed on the loop.
+        """
+        if self.size <= PIECE or self.size <= limit < framed_size(self.size):
+            return b"".join(self.parts)
+        reader = _ChunkedReader(self.parts)
+        self.parts = []
+        pieces: list[bytes] = []
+        while views := reader.take(PIECE):
+            pieces.append(b"".join(views))
+            self._pacer.tick()
+        return RequestPickle(pieces)
+
+
+class RequestPickle(Pieces):
+    """A big request's pickle, whose pieces are freed in a worker thread, one at a time.
+
+    The task holds it until the runner acknowledges the task (until the
+    task settles, with retry=True), and drops it on the loop: freeing 60 MiB
+    there took about 5 ms in one go. Being freed, it hands its list of pieces
+    to a thread instead. What writes the pieces to the runner holds them only
+    while it writes.
+    """
+
+    __slots__ = ()
+
+    def __del__(self) -> None:
+        pieces = self.pieces
+        self.pieces = []
+        # At interpreter shutdown no thread can start: then they are freed here.
+        with contextlib.suppress(RuntimeError):
+            trio.lowlevel.start_thread_soon(lambda: _free(pieces), _ignore)
+
+
+def _free(pieces: list[bytes]) -> None:
+    pacer = Pacer()
+    while pieces:
+        pieces.pop()
+        pacer.tick()
+
+
+def _ignore(outcome: object) -> None:
+    pass
+
+
+def _dropped(pieces: list[bytes]) -> Loaded:
+    # For a task that no longer wants it: nothing reads it, but it is freed here.
+    _free(pieces)
+    return Loaded()
 
 
 class _TooBig(Exception):
@@ -206,14 +237,15 @@ class LoopPickler:
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
 
-def _dumps_chunked(obj: Any) -> bytes:
+def _dumps_chunked(obj: Any, limit: int) -> bytes | RequestPickle:
     writer = _ChunkedWriter()
     pickle.Pickler(writer, protocol=proto.PICKLE_PROTOCOL).dump(obj)
-    return writer.join()
+    return writer.pieces(limit)
 
 
-def _loads_chunked(data: bytes | bytearray | memoryview) -> Any:
-    return pickle.Unpickler(_ChunkedReader([data])).load()
+def _loads_chunked(payload: bytes | bytearray | memoryview | list[bytes]) -> Any:
+    parts: list[Any] = payload if isinstance(payload, list) else [payload]
+    return pickle.Unpickler(_ChunkedReader(parts)).load()
 
 
 def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
@@ -226,7 +258,7 @@ def _decode_chunked(frame: proto.BigFrame) -> list[Any]:
         # list, and tens of MiB of buffers must be freed here, not on the loop;
         # one at a time, letting the loop in (each is a munmap).
         parts = frame.parts
-        pacer = _Pacer()
+        pacer = Pacer()
         while parts:
             parts.pop()
             pacer.tick()
@@ -257,19 +289,25 @@ class Loaded:
         return value
 
 
-def _load_or_error(data: bytes | bytearray | memoryview) -> Loaded:
+def _load_or_error(payload: bytes | list[bytes]) -> Loaded:
+    """The payload unpickled; its pieces, if it came in pieces, freed one at a time."""
     try:
-        return Loaded(_loads_chunked(data))
+        return Loaded(_loads_chunked(payload))
     except Exception as exc:  # the payload's own classes run here: anything goes
         return Loaded(error=exc)
+    finally:
+        if isinstance(payload, list):
+            _free(payload)
 
 
-async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter) -> bytes:
-    """Pickle ``obj`` in a worker thread. Raises what pickling raises.
+async def dumps_in_thread(obj: Any, limiter: trio.CapacityLimiter, limit: int) -> bytes | RequestPickle:
+    """Pickle ``obj`` in a worker thread (a big pickle in pieces). Raises what pickling raises.
+
+    ``limit``: the most a frame carries beside the message; pieces only if they fit it.
 
     **Cancellation:** abandons the thread, which finishes pickling into the void.
     """
-    return await trio.to_thread.run_sync(_dumps_chunked, obj, abandon_on_cancel=True, limiter=limiter)
+    return await trio.to_thread.run_sync(_dumps_chunked, obj, limit, abandon_on_cancel=True, limiter=limiter)
 
 
 async def decode_in_thread(
@@ -297,12 +335,16 @@ def _decode_and_load(frame: proto.BigFrame, wants: Callable[[int], bool]) -> lis
     for index, wire in enumerate(messages):
         message = messages[index] = proto.check_from_child(wire)
         del wire
-        if (
-            isinstance(message, proto.Events | proto.Result)
-            and len(message.payload) >= LARGE
-            and wants(message.task_id)
-        ):
-            # The message holding the bytes goes here, and the bytes with it.
-            messages[index] = message._replace(payload=_load_or_error(message.payload))
+        if isinstance(message, proto.Events | proto.Result):
+            payload: Any = message.payload
+            if isinstance(payload, list):  # pieces: a big pickle, freed here in any case
+                pieces = cast("list[bytes]", payload)
+                loaded = _load_or_error(pieces) if wants(message.task_id) else _dropped(pieces)
+                del pieces
+                messages[index] = message._replace(payload=loaded)
+            elif len(payload) >= LARGE and wants(message.task_id):
+                # The message holding the bytes goes here, and the bytes with it.
+                messages[index] = message._replace(payload=_load_or_error(payload))
+            del payload
         del message
     return messages

@@ -19,6 +19,8 @@ import struct
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Final, NamedTuple, TypeAlias, cast
 
+from ._pieces import Pieces
+
 #: What a frame is written from: bytes, or a bytearray or memoryview of a payload.
 Buffer: TypeAlias = "bytes | bytearray | memoryview"
 
@@ -91,7 +93,11 @@ class Started(NamedTuple):
 
 
 class Events(NamedTuple):
-    """Child -> parent: a batch of events; a list in the child's outbox, its pickle on the wire."""
+    """Child -> parent: a batch of events; a list in the child's outbox, its pickle on the wire.
+
+    On the wire the pickle is bytes, or a list of bytes pieces if it is big
+    (``_pieces.cut``); likewise a Result's.
+    """
 
     task_id: int
     payload: Any
@@ -348,7 +354,7 @@ def _estimate(message: tuple[Any, ...]) -> int:
     """About what ``message`` adds to a frame: its bytes and strings, and a little for the rest."""
     size = 16
     for item in message:
-        if isinstance(item, (bytes, bytearray, str)):
+        if isinstance(item, (bytes, bytearray, str, Pieces)):
             size += len(item) + 9
         else:
             size += 10

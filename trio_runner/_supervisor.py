@@ -300,7 +300,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
             return None
         return self._submit_pickled(data, retry)
 
-    def _submit_pickled(self, data: bytes | bytearray, retry: bool) -> Task:
+    def _submit_pickled(self, data: bytes | bytearray | proto.Pieces, retry: bool) -> Task:
         if self._stop_requested or self._lifecycle.state in _TERMINAL:
             raise RunnerUnavailable(self._unavailable_reason())  # again: a thread pickled it meanwhile
         if len(data) > self._max_frame - proto.MESSAGE_OVERHEAD:
@@ -314,9 +314,11 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
             self._tasks.queue(task)
         return task
 
-    async def _pickle_in_thread(self, request: Any) -> bytes:
+    async def _pickle_in_thread(self, request: Any) -> bytes | proto.Pieces:
         try:
-            return await _payloads.dumps_in_thread(request, self._payload_limiter)
+            return await _payloads.dumps_in_thread(
+                request, self._payload_limiter, self._max_frame - proto.MESSAGE_OVERHEAD
+            )
         except Exception as exc:  # the request's own classes run there: anything goes
             raise unpicklable("the request", exc) from exc
 

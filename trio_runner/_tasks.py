@@ -18,7 +18,7 @@ import pickle
 import traceback
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Collection
-from typing import Any, Generic, TypeAlias, TypeVar
+from typing import Any, Generic, TypeAlias, TypeVar, cast
 
 import trio
 
@@ -67,9 +67,9 @@ class Task:
         "waiter",
     )
 
-    def __init__(self, task_id: int, request: bytes | bytearray, retry: bool) -> None:
+    def __init__(self, task_id: int, request: bytes | bytearray | proto.Pieces, retry: bool) -> None:
         self.id = task_id
-        self.request: bytes | bytearray | None = request
+        self.request: bytes | bytearray | proto.Pieces | None = request
         self.retry = retry
         self.events: deque[Any] = deque()
         self.done = False
@@ -141,7 +141,7 @@ class TaskTable:
 
     # -- submitting and sending ---------------------------------------------------
 
-    def new(self, request: bytes | bytearray, retry: bool) -> Task:
+    def new(self, request: bytes | bytearray | proto.Pieces, retry: bool) -> Task:
         """A task for a pickled request, with the next id; not yet in the table."""
         return Task(next(self._ids), request, retry)
 
@@ -187,7 +187,8 @@ class TaskTable:
             # runner never started is delivered again if it dies.
             assert task.request is not None
             big = big or len(task.request) >= _payloads.LARGE_REQUEST
-            messages.append(proto.Task(task.id, task.request, window))
+            # (Pieces pickle as the bytes they join to: the runner gets bytes.)
+            messages.append(proto.Task(task.id, cast(bytes, task.request), window))
         if big:
             return proto.encode_frame_parts(messages, self.max_frame)
         return proto.encode_frames(messages, self.max_frame)
