@@ -76,15 +76,16 @@ def _hold_gil(seconds: float | None) -> None:
 
     ``sum`` over ``itertools.repeat`` runs entirely in C and never reaches the
     eval loop, where a thread gives the GIL up. A short run first measures how
-    many items this machine sums per second.
+    many items this machine sums per second of CPU: timed in the thread's own
+    CPU time, so a probe preempted on a busy machine does not shorten the hold.
     """
     if seconds is None:
         sum(itertools.repeat(0))
         return
     probe = 1 << 20
-    began = time.perf_counter()
+    began = time.thread_time()
     sum(itertools.repeat(0, probe))
-    took = max(time.perf_counter() - began, 1e-9)
+    took = max(time.thread_time() - began, 1e-9)
     sum(itertools.repeat(0, int(probe * seconds / took)))
 
 
