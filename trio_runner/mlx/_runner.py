@@ -102,15 +102,15 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
             :func:`~trio_runner.mlx.demo_model`, built in the child if needed.
         warmup: generate a couple of tokens, greedy and sampled, in ``setup``,
             so the first request does not pay for loading and for compiling
-            MLX's CPU kernels (cached on disk, under ``$TMPDIR/mlx``).
+            MLX's CPU kernels (cached on disk, under ``$TMPDIR/mlx``); the
+            batch's own warm-up runs after ``setup``, while the runner is idle.
         preloaded: the runner is started by a forkserver that should have
             preloaded mlx-lm; if it did not (preload errors are silent), say so
             on stderr, which the supervisor logs.
         concurrency: the batch size: how many requests (counting each of a
             request's ``n`` choices as one sequence, up to this many
             sequences) decode together. Default 32. 1 serves one request at a
-            time on the single-stream path (``mlx_lm.stream_generate``), the
-            fastest for one client.
+            time on the single-stream path (``mlx_lm.stream_generate``).
         prompt_cache_bytes: the byte budget of the prompt cache, the KV states
             of finished sequences that later requests with the same prefix
             start from (least recently used evicted first; 0 disables it).
@@ -130,7 +130,9 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
 
     **Batching:** with ``concurrency > 1``, one decoding thread owns mlx-lm's
     ``BatchGenerator``; a request joins the batch at its next step and leaves
-    it the step after it ends or is cancelled. A slow consumer stalls only its
+    it the step after it ends or is cancelled. A request alone in the runner
+    is decoded outside the batch, without its per-step overhead, and moves
+    into it when a second request arrives, with the same tokens either way. A slow consumer stalls only its
     own request's stream: the batch keeps decoding it, and its tokens wait in
     the runner until its consumer catches up.
 
