@@ -446,13 +446,8 @@ COMMAND = [sys.executable, "-m", "trio_runner"]
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_stops_the_command_gracefully_exit_0_and_no_process_left(signum: int) -> None:
-    # Starting it does not block; its output is read through trio.to_thread.
-    with subprocess.Popen(  # noqa: ASYNC220
-        [*COMMAND, "serve", "--port", "0", "--grace", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
+    # Its output is read through trio.to_thread.
+    with _serve_process("--grace", "1") as proc:
         code, err, lines, runner_pid = await _serve_until_signal(proc, signum)
     assert code == 0, err
     assert "Traceback" not in err
@@ -461,6 +456,13 @@ async def test_a_signal_stops_the_command_gracefully_exit_0_and_no_process_left(
     events = _events(lines)
     assert events[-1] == "[DONE]" or events[-1]["error"]["code"] == "shutting_down"
     assert process_gone(runner_pid)
+
+
+def _serve_process(*args: str) -> subprocess.Popen[str]:
+    """``trio-runner serve --port 0 ARGS``, its output piped; starting it does not block."""
+    return subprocess.Popen(
+        [*COMMAND, "serve", "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
 
 
 async def _serve_until_signal(proc: subprocess.Popen[str], signum: int) -> tuple[int, str, list[str], int]:
@@ -517,12 +519,7 @@ async def test_serve_with_batch_size_1_serves_one_request_at_a_time(demo_dir: Pa
                     if _has_content(line) and long_seen_at_short_start < 0:
                         long_seen_at_short_start = long_seen
 
-    with subprocess.Popen(  # noqa: ASYNC220
-        [*COMMAND, "serve", "--port", "0", "--batch-size", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
+    with _serve_process("--batch-size", "1") as proc:
         try:
             url, _ = await _wait_for_server(proc)
             async with (
