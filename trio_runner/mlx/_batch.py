@@ -8,7 +8,9 @@ sequence in the batch per step, turns each sequence's token into
 the flow-control decision: a task whose consumer is slow blocks in its own
 ``ctx.emit`` while the batch keeps decoding the others, and its tokens wait
 in the runner (at most ``max_tokens`` of them) until its consumer catches up.
-A cancelled task's sequences leave the batch at the next step.
+A cancelled task's sequences leave the batch at the next step. A request
+that finds the runner idle is decoded alone, outside the batch, until a
+second one arrives (:mod:`._lone`).
 
 This module imports mlx: the runner loads it in the child, in ``setup``.
 """
