@@ -132,9 +132,10 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
     ``BatchGenerator``; a request joins the batch at its next step and leaves
     it the step after it ends or is cancelled. A request alone in the runner
     is decoded outside the batch, without its per-step overhead, and moves
-    into it when a second request arrives, with the same tokens either way. A slow consumer stalls only its
-    own request's stream: the batch keeps decoding it, and its tokens wait in
-    the runner until its consumer catches up.
+    into it when a second request arrives, with the same tokens either way.
+    A slow consumer stalls only its own request's stream: the batch keeps
+    decoding it, and its tokens wait in the runner until its consumer
+    catches up.
 
     Tokens that come less than 50 ms apart (``linger``) are sent to the parent
     in batches at most 50 ms apart (20 a second, which reads as smooth
