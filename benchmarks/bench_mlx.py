@@ -6,7 +6,8 @@ Side by side in the same run, on the same model:
   (submit to result, timed in the parent) against ``mlx_lm.stream_generate``
   in this process (call to last response), once with the runner as
   ``open_mlx_supervisor`` starts it (batched, ``concurrency`` 32: what
-  ``trio-runner serve`` runs) and once with ``concurrency=1`` (the
+  ``trio-runner serve`` runs; a request alone is decoded outside the batch,
+  so this row measures that lone path) and once with ``concurrency=1`` (the
   single-stream path). Each round runs one of each, back
   to back; the ratio judged is the median of the rounds' ratios, which
   cancels the machine's slow drift in load (the ratio of the two medians is

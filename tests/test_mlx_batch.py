@@ -91,6 +91,55 @@ async def test_batched_greedy_and_seeded_outputs_equal_the_single_stream_outputs
         assert "".join(t.text for t in tokens) == done.text
 
 
+@pytest.mark.parametrize(
+    "request_",
+    [
+        Generate(prompt=PROMPTS[0], max_tokens=60),
+        Generate(
+            prompt=PROMPTS[1],
+            max_tokens=60,
+            temperature=1.0,
+            top_k=40,
+            seed=5,
+            repetition_penalty=1.5,
+            frequency_penalty=0.5,
+            logprobs=2,
+        ),
+    ],
+    ids=["greedy", "seeded-penalised"],
+)
+async def test_a_request_that_starts_alone_and_is_joined_midway_gives_the_tokens_it_gives_alone(
+    demo_dir: Path, request_: Generate
+) -> None:
+    # A request alone is decoded outside the batch and moves into it when a
+    # second arrives: its tokens must not depend on that.
+    joiner = Generate(prompt=PROMPTS[2], max_tokens=10)
+    with trio.fail_after(BOUND):
+        async with _open(demo_dir, SlowMlxLmRunner) as sup:
+            alone, _ = await _collect(sup, request_)
+            joined: list[Token] = []
+            tokens_when_joiner_done = -1
+
+            async def join_after_five_tokens(five_seen: trio.Event) -> None:
+                nonlocal tokens_when_joiner_done
+                await five_seen.wait()
+                await sup.run(joiner)
+                tokens_when_joiner_done = len(joined)
+
+            async with trio.open_nursery() as nursery:
+                five_seen = trio.Event()
+                nursery.start_soon(join_after_five_tokens, five_seen)
+                async with sup.stream(request_) as task:
+                    async for token in task:
+                        joined.append(token)
+                        if len(joined) == 5:
+                            five_seen.set()
+    # The joiner ran beside it (it is 10 steps, the rest of the request 55), not after it.
+    assert 5 <= tokens_when_joiner_done < len(joined)
+    assert [t.token_id for t in joined] == [t.token_id for t in alone]
+    assert "".join(t.text for t in joined) == "".join(t.text for t in alone)
+
+
 async def test_concurrent_requests_with_different_sampling_settings_each_get_their_own(
     demo_dir: Path,
 ) -> None:

@@ -447,13 +447,8 @@ COMMAND = [sys.executable, "-m", "trio_runner"]
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 async def test_a_signal_stops_the_command_gracefully_exit_0_and_no_process_left(signum: int) -> None:
-    # Starting it does not block; its output is read through trio.to_thread.
-    with subprocess.Popen(  # noqa: ASYNC220
-        [*COMMAND, "serve", "--port", "0", "--grace", "1"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    ) as proc:
+    # Its output is read through trio.to_thread.
+    with _serve_process("--grace", "1") as proc:
         code, err, lines, runner_pid = await _serve_until_signal(proc, signum)
     assert code == 0, err
     assert "Traceback" not in err
@@ -464,20 +459,17 @@ async def test_a_signal_stops_the_command_gracefully_exit_0_and_no_process_left(
     assert process_gone(runner_pid)
 
 
+def _serve_process(*args: str) -> subprocess.Popen[str]:
+    """``trio-runner serve --port 0 ARGS``, its output piped; starting it does not block."""
+    return subprocess.Popen(
+        [*COMMAND, "serve", "--port", "0", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
 async def _serve_until_signal(proc: subprocess.Popen[str], signum: int) -> tuple[int, str, list[str], int]:
     """Wait for the server and its runner, stream a chat, signal the server mid-stream; let it exit."""
     try:
-        assert proc.stdout is not None
-        url = None
-        runner_pid = None
-        with trio.fail_after(BOUND):
-            while url is None or runner_pid is None:
-                line = await trio.to_thread.run_sync(proc.stdout.readline)
-                assert line, proc.stderr.read() if proc.stderr else ""
-                if found := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line):
-                    url = found[1]
-                if found := re.search(r"runner ready: pid (\d+)", line):
-                    runner_pid = int(found[1])
+        url, runner_pid = await _wait_for_server(proc)
         body = {**CHAT, "max_tokens": 100000 // 100, "stream": True}
         lines: list[str] = []
         async with httpx.AsyncClient(base_url=url, timeout=BOUND) as client:
@@ -494,6 +486,77 @@ async def _serve_until_signal(proc: subprocess.Popen[str], signum: int) -> tuple
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+async def _wait_for_server(proc: subprocess.Popen[str]) -> tuple[str, int]:
+    """The URL of a ``serve`` command started with ``--port 0``, and its runner's pid, once it is ready."""
+    assert proc.stdout is not None
+    url = None
+    runner_pid = None
+    with trio.fail_after(BOUND):
+        while url is None or runner_pid is None:
+            line = await trio.to_thread.run_sync(proc.stdout.readline)
+            assert line, proc.stderr.read() if proc.stderr else ""
+            if found := re.search(r"at (http://127\.0\.0\.1:\d+)/v1", line):
+                url = found[1]
+            if found := re.search(r"runner ready: pid (\d+)", line):
+                runner_pid = int(found[1])
+    return url, runner_pid
+
+
+async def test_serve_with_batch_size_1_serves_one_request_at_a_time(demo_dir: Path) -> None:
+    eos = json.loads((demo_dir / "config.json").read_text())["eos_token_id"]
+    # The long request cannot end early: its end-of-sequence token is banned.
+    long = {**CHAT, "max_tokens": 400, "stream": True, "logit_bias": {str(eos): -100}}
+    long_seen = 0
+    long_seen_at_short_start = -1
+
+    async def short(client: httpx.AsyncClient) -> None:
+        nonlocal long_seen_at_short_start
+        body = {**CHAT, "max_tokens": 4, "stream": True}
+        async with client.stream("POST", "/v1/chat/completions", json=body) as response:
+            async with aclosing(response.aiter_lines()) as stream:
+                async for line in stream:
+                    if _has_content(line) and long_seen_at_short_start < 0:
+                        long_seen_at_short_start = long_seen
+
+    with _serve_process("--batch-size", "1") as proc:
+        try:
+            url, _ = await _wait_for_server(proc)
+            async with (
+                httpx.AsyncClient(base_url=url, timeout=BOUND) as client,
+                trio.open_nursery() as nursery,
+            ):
+                async with client.stream("POST", "/v1/chat/completions", json=long) as response:
+                    async with aclosing(response.aiter_lines()) as stream:
+                        async for line in stream:
+                            if _has_content(line):
+                                long_seen += 1
+                                if long_seen == 1:
+                                    nursery.start_soon(short, client)
+        finally:
+            proc.terminate()
+            proc.communicate(timeout=BOUND)
+    # Batched, the short request's first token comes a few steps after it is
+    # sent, while the long one streams on; one at a time, only after the long one ended.
+    assert long_seen > 100
+    assert long_seen_at_short_start > long_seen // 2
+
+
+def _has_content(line: str) -> bool:
+    """Whether an SSE line of a streamed chat carries generated text (not the opening role chunk)."""
+    events = _events([line])
+    return bool(events) and events[0] != "[DONE]" and bool(events[0]["choices"][0]["delta"].get("content"))
+
+
+@pytest.mark.parametrize("value", ["0", "-2", "many"])
+def test_serve_batch_size_must_be_an_integer_of_1_or_more(value: str) -> None:
+    result = subprocess.run(
+        [*COMMAND, "serve", "--batch-size", value], capture_output=True, text=True, check=False, timeout=BOUND
+    )
+    assert result.returncode == 2
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert "argument --batch-size:" in result.stderr and "Traceback" not in result.stderr
 
 
 # -- packaging -------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from typing import NoReturn
 from . import __version__
 from ._errors import ExitRecord, RestartLimitExceeded, RunnerCrashed, TrioRunnerError
 from ._exits import install_command, modules_of_extra
+from .mlx._runner import DEFAULT_BATCH_SIZE
 
 PROG = "trio-runner"
 EXIT_OK = 0
@@ -185,6 +186,7 @@ async def _serve(args: argparse.Namespace) -> None:
             host=args.host,
             port=args.port,
             start_method=args.start_method,
+            concurrency=args.batch_size,
             policy=policy,
             ready_wait=args.ready_wait,
             grace=args.grace,
@@ -356,6 +358,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="ORIGIN",
         help="let browser pages from ORIGIN call the API, CORS (repeatable; '*' for any; default none)",
+    )
+    serve.add_argument(
+        "--batch-size",
+        type=_integer(1),
+        default=DEFAULT_BATCH_SIZE,
+        metavar="N",
+        help=f"sequences decoded together in one batch (default {DEFAULT_BATCH_SIZE}; a request with n "
+        "choices counts n); 1 serves one request at a time, single-stream",
     )
     serve.add_argument(
         "--ready-wait",

@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._batch import BatchEngine
@@ -66,7 +66,10 @@ def warm_up_once(model: str) -> None:
 
     Leaves MLX's compiled CPU kernels in its disk cache for every later runner.
     """
-    MlxLmRunner(model).setup()
+    runner = MlxLmRunner(model)
+    runner.setup()
+    # No teardown: ending the decoding thread before the process exits aborts it in MLX's C++ exit.
+    runner.wait_warm()
 
 
 def check_model_argument(model: str | os.PathLike[str] | None) -> str | None:
@@ -100,15 +103,15 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
             :func:`~trio_runner.mlx.demo_model`, built in the child if needed.
         warmup: generate a couple of tokens, greedy and sampled, in ``setup``,
             so the first request does not pay for loading and for compiling
-            MLX's CPU kernels (cached on disk, under ``$TMPDIR/mlx``).
+            MLX's CPU kernels (cached on disk, under ``$TMPDIR/mlx``); the
+            batch's own warm-up runs after ``setup``, while the runner is idle.
         preloaded: the runner is started by a forkserver that should have
             preloaded mlx-lm; if it did not (preload errors are silent), say so
             on stderr, which the supervisor logs.
         concurrency: the batch size: how many requests (counting each of a
             request's ``n`` choices as one sequence, up to this many
             sequences) decode together. Default 32. 1 serves one request at a
-            time on the single-stream path (``mlx_lm.stream_generate``), the
-            fastest for one client.
+            time on the single-stream path (``mlx_lm.stream_generate``).
         prompt_cache_bytes: the byte budget of the prompt cache, the KV states
             of finished sequences that later requests with the same prefix
             start from (least recently used evicted first; 0 disables it).
@@ -128,9 +131,12 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
 
     **Batching:** with ``concurrency > 1``, one decoding thread owns mlx-lm's
     ``BatchGenerator``; a request joins the batch at its next step and leaves
-    it the step after it ends or is cancelled. A slow consumer stalls only its
-    own request's stream: the batch keeps decoding it, and its tokens wait in
-    the runner until its consumer catches up.
+    it the step after it ends or is cancelled. A request alone in the runner
+    is decoded outside the batch, without its per-step overhead, and moves
+    into it when a second request arrives, with the same tokens either way.
+    A slow consumer stalls only its own request's stream: the batch keeps
+    decoding it, and its tokens wait in the runner until its consumer
+    catches up.
 
     Tokens that come less than 50 ms apart (``linger``) are sent to the parent
     in batches at most 50 ms apart (20 a second, which reads as smooth
@@ -208,10 +214,9 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
                 prompt_cache=self.prompt_cache,
                 step=self.batch_step,
                 handoff=min(HANDOFF_INTERVAL, self.linger),
+                warmup_prompt=self.encode(Generate(prompt=_WARMUP_PROMPT)) if self.warmup else None,
             )
             self._engine.start()
-            if self.warmup:
-                self._warm_up_batch()
         self.load_seconds = time.perf_counter() - began
 
     def teardown(self) -> None:
@@ -228,21 +233,10 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
             for _ in self.responses(ids, 2, make_sampler(temp=temperature)):
                 pass
 
-    def _warm_up_batch(self) -> None:
-        # Batched shapes and per-row sampling compile kernels of their own.
-        from ._batch import Job
-
-        engine = self._engine
-        assert engine is not None
-        engine.prompt_cache = PromptCache(0)  # the warm-up leaves nothing cached
-        ids = self.encode(Generate(prompt=_WARMUP_PROMPT))
-        for temperature in (0.0, 1.0):
-            request = Generate(prompt=_WARMUP_PROMPT, max_tokens=2, n=2, temperature=temperature)
-            job = Job(
-                request, cast(TaskContext[Token], _WarmUpContext()), ids, 2, time.perf_counter(), self.piece
-            )
-            engine.serve(job)
-        engine.prompt_cache = self.prompt_cache
+    def wait_warm(self) -> None:
+        """Block until the batch warm-up is done (the decoding thread runs it once idle, after ``setup``)."""
+        if self._engine is not None:
+            self._engine.warm.wait()
 
     def piece(self, token_id: int) -> str:
         """One token decoded on its own, as the top alternatives of ``logprobs`` show it."""
@@ -252,7 +246,10 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         return text
 
     def batch_step(self, generator: Any) -> Any:
-        """``generator.next()``: one step of the batch; a seam for tests that need a slower model."""
+        """``generator.next()``: one step of the batch, or of a request decoded alone.
+
+        A seam for tests that need a slower model.
+        """
         return generator.next()
 
     def encode(self, request: Generate) -> list[int]:
@@ -382,16 +379,3 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         held = getattr(state[0], "offset", None) if state else None
         if isinstance(held, int) and 0 < held <= len(tokens):
             self.prompt_cache.insert(tokens[:held], state)
-
-
-class _WarmUpContext:
-    """Stands in for a task's context while ``setup`` warms up the batch: no consumer, never cancelled."""
-
-    task_id = -1
-    cancelled = False
-
-    def emit_many(self, events: object) -> None:
-        pass
-
-    def raise_if_cancelled(self) -> None:
-        pass

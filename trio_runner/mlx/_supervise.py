@@ -16,7 +16,7 @@ from .._options import ForwardedOptions
 from .._supervisor import Supervisor, open_supervisor
 from ._model import demo_model, demo_model_location, demo_model_with_progress, verify_demo_model
 from ._runner import MlxLmRunner, check_model_argument, start_options, warm_up_once
-from ._types import Completion, Generate, Token
+from ._types import Completion, Generate, Token, check_int
 
 
 async def prepare_demo_model(*, progress: bool = False) -> Path:
@@ -106,6 +106,7 @@ async def open_mlx_supervisor(
     warmup: bool = True,
     name: str = "mlx",
     runner: type[MlxLmRunner] = MlxLmRunner,
+    concurrency: int | None = None,
     **supervisor_options: Unpack[ForwardedOptions],
 ) -> AsyncGenerator[Supervisor[Generate, Token, Completion]]:
     """Supervise an :class:`MlxLmRunner`: ``async with open_mlx_supervisor() as sup``.
@@ -122,6 +123,10 @@ async def open_mlx_supervisor(
         name: the supervisor's name, for logs.
         runner: :class:`MlxLmRunner` or a subclass, such as
             :class:`~trio_runner.mlx.ToolMlxLmRunner` (what ``trio-runner serve`` runs).
+        concurrency: the runner's batch size (:class:`MlxLmRunner`'s
+            ``concurrency``); ``None`` keeps the runner class's (32 for
+            :class:`MlxLmRunner`); 1 serves one request at a time on the
+            single-stream path.
         supervisor_options: the other :func:`trio_runner.open_supervisor`
             options: ``policy``, ``timeouts``, ``window``, ``max_frame_size``,
             ``raise_on_give_up`` (``start_method``, ``preload`` and the
@@ -130,6 +135,9 @@ async def open_mlx_supervisor(
     Raises:
         ValueError: ``model`` is a path that does not exist, or a bad option.
     """
+    runner_kwargs: dict[str, object] = {}
+    if concurrency is not None:
+        runner_kwargs["concurrency"] = check_int("concurrency", concurrency, 1)
     checked = check_model_argument(model)
     if checked is None:
         checked = str(await prepare_demo_model())
@@ -140,7 +148,7 @@ async def open_mlx_supervisor(
     async with open_supervisor(
         runner,
         checked,
-        kwargs={"warmup": warmup, "preloaded": preloaded},
+        kwargs={"warmup": warmup, "preloaded": preloaded, **runner_kwargs},
         name=name,
         **options,
         **supervisor_options,

@@ -248,6 +248,7 @@ async def serve_mlx(
     api_key: str | None = None,
     allow_origins: Sequence[str] = (),
     start_method: str = "auto",
+    concurrency: int | None = None,
     policy: RestartPolicy | None = None,
     ready_wait: float = 5.0,
     grace: float = 5.0,
@@ -258,6 +259,7 @@ async def serve_mlx(
 
     The server listens at once (``/health`` says ``starting`` while the model
     loads). Leaving shuts the server down gracefully, then the runner.
+    ``concurrency`` is the runner's batch size (``None``: the runner's default, 32).
     """
     from ..mlx._supervise import open_mlx_supervisor
     from ..mlx._tools import ToolMlxLmRunner
@@ -275,7 +277,12 @@ async def serve_mlx(
     supervisor_options: ForwardedOptions = {"policy": policy, "raise_on_give_up": False}
     try:
         async with open_mlx_supervisor(
-            model, start_method=start_method, name="serve", runner=ToolMlxLmRunner, **supervisor_options
+            model,
+            start_method=start_method,
+            name="serve",
+            runner=ToolMlxLmRunner,
+            concurrency=concurrency,
+            **supervisor_options,
         ) as sup:
             async with trio.open_nursery() as nursery:
                 server: OpenAIServer = await nursery.start(
