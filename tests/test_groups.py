@@ -295,7 +295,7 @@ async def test_a_drawn_fault_on_any_rank_ends_the_task_once_and_the_group_serves
 
 @pytest.mark.parametrize(("rank", "error"), [(-1, ValueError), (True, TypeError), (1.0, TypeError)])
 def test_a_fault_rank_must_be_an_int_from_0(rank: object, error: type[Exception]) -> None:
-    with pytest.raises(error, match="Fault.rank"):
+    with pytest.raises(error, match=r"Fault\.rank"):
         Fault(Signal("SIGKILL"), BeforeEvent(), rank=rank)  # type: ignore[arg-type]
 
 
