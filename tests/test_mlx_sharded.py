@@ -1,0 +1,184 @@
+"""Sharded MlxLmRunner (``parallel=``): two real rank processes, no supervisor, against one process.
+
+Each rank is a plain subprocess (tests/scripts/mlx_rank.py) that builds an
+``MlxLmRunner`` with its ``group`` set by hand, joins MLX's ring group on
+loopback ports, loads its shard and generates. ``import mlx_lm`` in two ranks
+at once takes 12-19 s on two cores, so one module-scoped run serves every
+test: the ranks and the single process run every scenario once, in order.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from trio_runner import GroupInfo
+from trio_runner.mlx import MlxLmRunner
+from trio_runner.mlx._sharded import check_group, check_parallel
+
+from .conftest import BUILD_BOUND
+
+pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
+
+SCRIPT = Path(__file__).parent / "scripts" / "mlx_rank.py"
+RANKS = 2
+# Generous: two ranks importing mlx_lm on a loaded 2-core machine; only a hang breaks it.
+BOUND = 240
+Outputs = dict[str, list[dict[str, Any]]]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def _lines(stdout: str) -> Outputs:
+    by_scenario: Outputs = {}
+    for line in stdout.splitlines():
+        record = json.loads(line)
+        by_scenario.setdefault(record["scenario"], []).append(record)
+    return by_scenario
+
+
+@pytest.fixture(scope="module")
+def runs(demo_dir: Path) -> Iterator[tuple[list[Outputs], Outputs]]:
+    """Each rank's outputs (by scenario) and the single process's."""
+    # Build the Qwen2 twin once here, not in three processes at once.
+    code = "from trio_runner.mlx import demo_model; print(demo_model('qwen2'))"
+    built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=BUILD_BOUND)
+    assert built.returncode == 0, built.stderr
+    addresses = json.dumps([f"127.0.0.1:{_free_port()}" for _ in range(RANKS)])
+    commands = [[sys.executable, str(SCRIPT), str(rank), addresses] for rank in range(RANKS)]
+    commands.append([sys.executable, str(SCRIPT), "single"])
+    processes = [
+        subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for command in commands
+    ]
+    try:
+        results = [process.communicate(timeout=BOUND) for process in processes]
+    finally:
+        for process in processes:
+            process.kill()
+            process.wait()
+    for process, (_, stderr) in zip(processes, results, strict=True):
+        assert process.returncode == 0, stderr
+    outputs = [_lines(stdout) for stdout, _ in results]
+    yield outputs[:RANKS], outputs[RANKS]
+
+
+def test_two_rank_tensor_sharded_llama_generates_the_single_process_tokens(
+    runs: tuple[list[Outputs], Outputs],
+) -> None:
+    ranks, single = runs
+    (expected,) = single["tensor"]
+    assert expected["outcome"] == "completed" and len(expected["tokens"]) == 40
+    (rank0,) = ranks[0]["tensor"]
+    assert rank0["tokens"] == expected["tokens"]
+
+
+def test_two_rank_pipeline_qwen2_generates_the_single_process_tokens(
+    runs: tuple[list[Outputs], Outputs],
+) -> None:
+    ranks, single = runs
+    (expected,) = single["pipeline"]
+    assert expected["outcome"] == "completed" and len(expected["tokens"]) == 40
+    (rank0,) = ranks[0]["pipeline"]
+    assert rank0["tokens"] == expected["tokens"]
+
+
+def test_ranks_other_than_zero_generate_as_many_tokens_and_emit_none(
+    runs: tuple[list[Outputs], Outputs],
+) -> None:
+    ranks, _ = runs
+    for scenario in ("tensor", "pipeline"):
+        (rank0,) = ranks[0][scenario]
+        (rank1,) = ranks[1][scenario]
+        assert rank1["outcome"] == "completed"
+        assert rank1["generated"] == rank0["generated"] == 40
+        assert rank1["tokens"] == []
+
+
+def test_a_cancel_seen_by_one_rank_stops_every_rank_at_the_same_token(
+    runs: tuple[list[Outputs], Outputs],
+) -> None:
+    ranks, _ = runs
+    (rank0,) = ranks[0]["cancel"]
+    (rank1,) = ranks[1]["cancel"]
+    # Only the last rank's context says cancelled, at its sixth check.
+    assert rank0["outcome"] == rank1["outcome"] == "cancelled"
+    assert rank0["generated"] == rank1["generated"] == 6
+    assert len(rank0["tokens"]) == 5
+
+
+def test_a_task_another_rank_skipped_is_dropped_and_the_next_task_runs_on_every_rank(
+    runs: tuple[list[Outputs], Outputs],
+) -> None:
+    ranks, single = runs
+    dropped, served = ranks[0]["skipped"]
+    assert dropped["outcome"] == "cancelled" and dropped["tokens"] == []
+    assert served["outcome"] == "completed"
+    assert served["tokens"] == single["pipeline"][0]["tokens"]
+    (other,) = ranks[1]["skipped"]
+    assert other["outcome"] == "completed" and other["generated"] == 40
+
+
+def test_the_qwen2_demo_model_generates_what_the_llama_demo_model_generates(
+    runs: tuple[list[Outputs], Outputs],
+) -> None:
+    _, single = runs
+    assert single["pipeline"][0]["tokens"] == single["tensor"][0]["tokens"]
+
+
+def test_the_qwen2_demo_tokenizer_round_trips_any_text(runs: tuple[list[Outputs], Outputs]) -> None:
+    _, single = runs
+    (round_trip,) = single["round-trip"]
+    assert round_trip["text"] == "Beautiful is better than ugly: ünïcode ✓, tabs\tand\nnewlines"
+
+
+def test_pipeline_parallel_on_a_llama_model_is_refused_with_what_to_use_instead(
+    runs: tuple[list[Outputs], Outputs],
+) -> None:
+    _, single = runs
+    (refused,) = single["refused"]
+    assert "parallel='pipeline': mlx-lm cannot split a llama model that way" in refused["error"]
+    assert "try parallel='tensor'" in refused["error"]
+
+
+# -- arguments are checked where they are written --------------------------------------
+
+
+def test_parallel_must_be_tensor_or_pipeline() -> None:
+    with pytest.raises(ValueError, match=r"parallel='data' must be one of 'tensor', 'pipeline'"):
+        MlxLmRunner(parallel="data")
+    with pytest.raises(TypeError, match=r"parallel=2 must be one of"):
+        check_parallel(2)
+
+
+def test_a_sharded_runner_serves_one_request_at_a_time() -> None:
+    assert MlxLmRunner(parallel="tensor").concurrency == 1
+    assert MlxLmRunner(parallel="tensor", concurrency=1).concurrency == 1
+    with pytest.raises(ValueError, match=r"concurrency=4 with parallel='tensor'.*pass concurrency=1"):
+        MlxLmRunner(parallel="tensor", concurrency=4)
+
+
+def test_parallel_without_a_group_is_refused_with_how_to_get_one() -> None:
+    with pytest.raises(
+        ValueError, match=r"parallel='tensor' shards the model over the ranks of a group.*ranks=2"
+    ):
+        check_group("tensor", None)
+
+
+def test_a_group_without_parallel_is_refused_with_what_to_pass() -> None:
+    group = GroupInfo(rank=1, size=2, generation=1, addresses=("127.0.0.1:1", "127.0.0.1:2"))
+    with pytest.raises(ValueError, match=r"rank 1 of a group of 2, but parallel is None.*parallel='tensor'"):
+        check_group(None, group)
+    assert check_group("pipeline", group) is group
