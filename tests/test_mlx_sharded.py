@@ -21,7 +21,7 @@ import pytest
 
 from trio_runner import GroupInfo
 from trio_runner.mlx import MlxLmRunner
-from trio_runner.mlx._sharded import check_group, check_parallel
+from trio_runner.mlx._sharded import LOST_GROUP_EXIT, check_group, check_parallel
 
 from .conftest import BUILD_BOUND
 
@@ -50,8 +50,8 @@ def _lines(stdout: str) -> Outputs:
 
 
 @pytest.fixture(scope="module")
-def runs(demo_dir: Path) -> Iterator[tuple[list[Outputs], Outputs]]:
-    """Each rank's outputs (by scenario) and the single process's."""
+def processes(demo_dir: Path) -> Iterator[list[tuple[int, str, str]]]:
+    """Each rank's exit status, stdout and stderr, then the single process's."""
     # Build the Qwen2 twin once here, not in three processes at once.
     code = "from trio_runner.mlx import demo_model; print(demo_model('qwen2'))"
     built = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=BUILD_BOUND)
@@ -69,10 +69,16 @@ def runs(demo_dir: Path) -> Iterator[tuple[list[Outputs], Outputs]]:
         for process in processes:
             process.kill()
             process.wait()
-    for process, (_, stderr) in zip(processes, results, strict=True):
-        assert process.returncode == 0, stderr
-    outputs = [_lines(stdout) for stdout, _ in results]
-    yield outputs[:RANKS], outputs[RANKS]
+    yield [(process.returncode, *result) for process, result in zip(processes, results, strict=True)]
+
+
+@pytest.fixture(scope="module")
+def runs(processes: list[tuple[int, str, str]]) -> tuple[list[Outputs], Outputs]:
+    """Each rank's outputs (by scenario) and the single process's; rank 0 exits as it lost its group."""
+    for code, _, stderr in processes[1:]:
+        assert code == 0, stderr
+    outputs = [_lines(stdout) for _, stdout, _ in processes]
+    return outputs[:RANKS], outputs[RANKS]
 
 
 def test_two_rank_tensor_sharded_llama_generates_the_single_process_tokens(
@@ -95,16 +101,13 @@ def test_two_rank_pipeline_qwen2_generates_the_single_process_tokens(
     assert rank0["tokens"] == expected["tokens"]
 
 
-def test_ranks_other_than_zero_generate_as_many_tokens_and_emit_none(
-    runs: tuple[list[Outputs], Outputs],
-) -> None:
+def test_every_rank_generates_the_same_tokens(runs: tuple[list[Outputs], Outputs]) -> None:
     ranks, _ = runs
     for scenario in ("tensor", "pipeline"):
         (rank0,) = ranks[0][scenario]
         (rank1,) = ranks[1][scenario]
         assert rank1["outcome"] == "completed"
-        assert rank1["generated"] == rank0["generated"] == 40
-        assert rank1["tokens"] == []
+        assert rank1["tokens"] == rank0["tokens"]
 
 
 def test_a_cancel_seen_by_one_rank_stops_every_rank_at_the_same_token(
@@ -116,7 +119,7 @@ def test_a_cancel_seen_by_one_rank_stops_every_rank_at_the_same_token(
     # Only the last rank's context says cancelled, at its sixth check.
     assert rank0["outcome"] == rank1["outcome"] == "cancelled"
     assert rank0["generated"] == rank1["generated"] == 6
-    assert len(rank0["tokens"]) == 5
+    assert len(rank0["tokens"]) == len(rank1["tokens"]) == 5
 
 
 def test_a_task_another_rank_skipped_is_dropped_and_the_next_task_runs_on_every_rank(
@@ -129,6 +132,15 @@ def test_a_task_another_rank_skipped_is_dropped_and_the_next_task_runs_on_every_
     assert served["tokens"] == single["pipeline"][0]["tokens"]
     (other,) = ranks[1]["skipped"]
     assert other["outcome"] == "completed" and other["generated"] == 40
+
+
+def test_a_rank_whose_peer_died_exits_instead_of_failing_every_later_task(
+    processes: list[tuple[int, str, str]], runs: tuple[list[Outputs], Outputs]
+) -> None:
+    code, _, stderr = processes[0]
+    assert code == LOST_GROUP_EXIT, stderr
+    assert "trio_runner.mlx: rank 0 lost its group ([ring]" in stderr
+    assert "lost" not in runs[0][0]
 
 
 def test_the_qwen2_demo_model_generates_what_the_llama_demo_model_generates(

@@ -13,6 +13,8 @@ Scenarios, in order (every rank runs them in the same order):
   at its sixth token (``generated`` counts the tokens checked).
 - ``skipped``: task 10 runs on rank 0 only (the others skipped it, as a
   task cancelled before it started there), then task 11 on every rank.
+- ``lost``: the last rank exits; rank 0 starts task 12, finds its ring
+  broken and exits (status 75, ``LOST_GROUP_EXIT``), never printing.
 
 ``single`` also prints ``{"scenario": "round-trip", "text": ...}``, the Qwen2
 demo tokenizer's decoding of its encoding of ``ROUND_TRIP``, and
@@ -21,6 +23,7 @@ in pipeline stages raises.
 """
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -39,8 +42,7 @@ CANCEL_AFTER = 5
 class Context:
     """A task's context for a runner driven by hand: cancelled once ``cancel_after`` tokens were checked.
 
-    Counted where the flag is read (once per token), not by events: ranks
-    other than 0 emit none.
+    Counted where the flag is read (once per token, on every rank).
     """
 
     def __init__(self, task_id: int, cancel_after: int | None = None) -> None:
@@ -106,6 +108,9 @@ def main() -> None:
     if rank == 0:
         run("skipped", runner, Context(10))
     run("skipped", runner, Context(11))
+    if last:
+        os._exit(0)
+    run("lost", runner, Context(12))
 
 
 if __name__ == "__main__":

@@ -345,8 +345,8 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         if not isinstance(request, Generate):  # pyright: ignore[reportUnnecessaryIsInstance]
             kind = type(request).__name__
             raise TypeError(f"MlxLmRunner serves trio_runner.mlx.Generate requests, not {kind}")
-        if self._sync is not None:
-            ctx = cast(TaskContext[Token], self._sync.begin(ctx))
+        if self._sync is not None and not self._sync.agreed(ctx):
+            return self._sync.serve(ctx, lambda agreed: self.handle(request, agreed))
         ids = self.encode(request)
         max_tokens = request.max_tokens
         context = self.context_length

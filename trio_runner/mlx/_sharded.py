@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import tempfile
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, NoReturn, TypeVar, cast
 
 from .. import _validate as check
 from .._errors import TaskCancelled
@@ -28,6 +29,9 @@ from .._runner import GroupInfo, TaskContext
 from ._types import Token
 
 PARALLEL_MODES = ("tensor", "pipeline")
+#: How a rank exits when its ring is broken (the ``os._exit`` status).
+LOST_GROUP_EXIT = 75
+ResultT = TypeVar("ResultT")
 
 
 def check_parallel(parallel: object) -> str | None:
@@ -144,6 +148,30 @@ class RankSync:
         self.rank = rank
         self.size = size
 
+    def serve(
+        self,
+        ctx: TaskContext[Token],
+        handle: Callable[[TaskContext[Token]], ResultT],
+    ) -> ResultT:
+        """Run ``handle`` with the agreed context, once every rank is about to run this task.
+
+        A rank whose ring is broken (a peer died: MLX raises ``RuntimeError:
+        [ring] ...``) exits at once, instead of failing this task and every
+        later one: ``init`` in the same process returns the broken group, so
+        only a new group of processes recovers, which the supervisor starts.
+        """
+        try:
+            return handle(cast(TaskContext[Token], self.begin(ctx)))
+        except RuntimeError as exc:
+            if "[ring]" not in str(exc):
+                raise
+            lost_the_group(self.rank, exc)
+
+    @staticmethod
+    def agreed(ctx: object) -> bool:
+        """True for the context :meth:`serve` hands ``handle``."""
+        return isinstance(ctx, AgreedContext)
+
     def begin(self, ctx: TaskContext[Token]) -> AgreedContext:
         """Wait until every rank is about to run this task; returns the context ``handle`` uses.
 
@@ -160,9 +188,20 @@ class RankSync:
             mine[self.rank] = task_id
             ids = _all_sum(mine)
             if min(ids) == max(ids):
-                return AgreedContext(ctx, self.rank)
+                return AgreedContext(ctx)
             if task_id == min(ids):
                 raise TaskCancelled(f"task {task_id} was cancelled on another rank before it started there")
+
+
+def lost_the_group(rank: int, exc: BaseException) -> NoReturn:
+    """Exit this rank at once, saying why on stderr: its ring is broken for good."""
+    print(
+        f"trio_runner.mlx: rank {rank} lost its group ({exc}); exiting, as a broken ring cannot be "
+        "joined again in this process",
+        file=sys.stderr,
+        flush=True,
+    )
+    os._exit(LOST_GROUP_EXIT)
 
 
 class AgreedContext:
@@ -171,13 +210,13 @@ class AgreedContext:
     ``raise_if_cancelled`` is a collective (called once per token by the
     generation loop, the same number of times on every rank), and an emit
     never raises: a rank that sees the cancel first goes on to the next
-    agreement, where every rank stops together. Ranks other than 0 emit
-    nothing: the supervisor forwards only rank 0's events.
+    agreement, where every rank stops together. (The supervisor forwards only
+    rank 0's events; on the other ranks an emit sends nothing but a sign of
+    progress, and never blocks.)
     """
 
-    def __init__(self, ctx: TaskContext[Token], rank: int) -> None:
+    def __init__(self, ctx: TaskContext[Token]) -> None:
         self._ctx = ctx
-        self._rank = rank
 
     @property
     def task_id(self) -> int:
@@ -191,8 +230,6 @@ class AgreedContext:
         self.emit_many((event,))
 
     def emit_many(self, events: Iterable[Token]) -> None:
-        if self._rank != 0:
-            return
         # Dropped, as the cancel drops them; the next agreement stops every rank together.
         with contextlib.suppress(TaskCancelled):
             self._ctx.emit_many(events)

@@ -230,7 +230,7 @@ async def _serve(
 
 def model_id_for(model: str | None) -> str:
     """The name ``/v1/models`` gives a model: the demo's, a directory's name, or the repo id."""
-    if model is None:
+    if model is None or model == "demo":
         return DEMO_MODEL_ID
     path = Path(model)
     return path.name if path.is_dir() else model
@@ -250,11 +250,15 @@ async def serve_mlx(
     grace: float = 5.0,
     stop: trio.Event,
     say: Callable[[str], None] = print,
+    parallel: str | None = None,
+    ranks: int = 1,
 ) -> None:
     """``trio-runner serve``: supervise an MLX runner and serve it until ``stop`` is set.
 
     The server listens at once (``/health`` says ``starting`` while the model
-    loads). Leaving shuts the server down gracefully, then the runner.
+    loads). Leaving shuts the server down gracefully, then the runner. With
+    ``ranks`` of 2 or more, the model is sharded over a group of that many
+    runners (``parallel``, see :func:`~trio_runner.mlx.open_mlx_supervisor`).
     """
     from ..mlx._supervise import open_mlx_supervisor
     from ..mlx._tools import ToolMlxLmRunner
@@ -271,9 +275,16 @@ async def serve_mlx(
     supervisor_options: dict[str, Any] = {"raise_on_give_up": False}
     if policy is not None:
         supervisor_options["policy"] = policy
+    if ranks > 1:
+        supervisor_options["ranks"] = ranks
     try:
         async with open_mlx_supervisor(
-            model, start_method=start_method, name="serve", runner=ToolMlxLmRunner, **supervisor_options
+            model,
+            start_method=start_method,
+            name="serve",
+            runner=ToolMlxLmRunner,
+            parallel=parallel,
+            **supervisor_options,
         ) as sup:
             async with trio.open_nursery() as nursery:
                 server: OpenAIServer = await nursery.start(
