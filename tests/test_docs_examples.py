@@ -45,6 +45,13 @@ EXPECTED: dict[str, list[str]] = {
         r"lifecycle: Spawned Ready Exited\(signaled\) BackingOff\(0.1s\) Spawned Ready "
         r"Exited\(signaled\) BackingOff\(0.2s\) Spawned Ready Exited\(requested\) Stopped",
     ],
+    "groups.py": [
+        r"sum: 4950, events: \['rank 0 has 2450'\]",
+        r"pids, one per rank: 2",
+        r"every rank replaced: True",
+        r"last exit: rank 1 signaled \(SIGKILL\)",
+        r"served again: 45",
+    ],
     "mlx_generate.py": [
         r"streamed (\d+) tokens; generation_tokens=\1",
         r"the tokens join into the text: True",

@@ -39,8 +39,8 @@ from typing import Any, NoReturn
 from . import _guardian
 from . import _protocol as proto
 from ._errors import TaskCancelled
-from ._outbox import Outbox, TaskSlot, format_exception
-from ._runner import Runner, TaskContext, check_serving
+from ._outbox import FOLLOWER_RESULT, FollowerEmitter, Outbox, TaskSlot, format_exception
+from ._runner import GroupInfo, Runner, TaskContext, check_serving
 
 
 class Child:
@@ -61,6 +61,8 @@ class Child:
         self.lock = threading.Lock()
         self.slots: dict[int, TaskSlot] = {}
         self.outbox = Outbox(sock, max_frame, heartbeat_interval, self.slots.get)
+        # What ``ctx.emit`` goes through: a rank other than 0 of a group sends no events.
+        self.emitter: Outbox | FollowerEmitter = self.outbox
         self.tasks: queue.SimpleQueue[TaskSlot | None] = queue.SimpleQueue()
         self.shutdown_requested = False
         self.reader_stalled = threading.Event()
@@ -171,7 +173,7 @@ class Child:
             # On the wire before handle() runs: if the runner dies, the parent
             # fails the tasks it saw start and delivers the others again.
             self.outbox.send_now(proto.Started(task_id))
-            ctx: TaskContext[Any] = TaskContext(slot, self.outbox)
+            ctx: TaskContext[Any] = TaskContext(slot, self.emitter)
             try:
                 request = pickle.loads(request_bytes)
                 del request_bytes
@@ -186,7 +188,10 @@ class Child:
                 else:
                     outcome = proto.Error(task_id, *format_exception(exc))
             else:
-                outcome = self.outbox.pack_result(task_id, result)
+                if self.emitter is self.outbox:
+                    outcome = self.outbox.pack_result(task_id, result)
+                else:  # a rank other than 0: the caller gets rank 0's result
+                    outcome = proto.Result(task_id, FOLLOWER_RESULT)
                 del result
         # Forgotten before its outcome goes out: once the parent has it, the
         # child holds nothing more for this task.
@@ -283,6 +288,11 @@ def main(
         runner = _load_runner(module, qualname, args_bytes)
     except BaseException as exc:
         child.die(proto.STAGE_LOAD, exc, proto.EXIT_LOAD_FAILED)
+    group: GroupInfo | None = config.get("group")
+    if group is not None:
+        runner.group = group  # its place, before setup() (which may connect the ranks)
+        if group.rank > 0:
+            child.emitter = FollowerEmitter(outbox)
     # Sent synchronously, before setup runs: a setup that dies at once must still
     # be seen as loaded, or it would pass for a runner that can never start.
     outbox.send_now(proto.Hello(os.getpid()))

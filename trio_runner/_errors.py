@@ -63,6 +63,8 @@ class ExitRecord:
         stderr_tail: the last lines the child wrote to stderr.
         remote_traceback: the traceback the child sent before dying, if any.
         reaped: False if the process could not be reaped within the kill timeout.
+        rank: in a group (``ranks=N``), the rank whose exit this is: for the
+            group's record, the rank that went first. None for a lone runner.
     """
 
     reason: ExitReason
@@ -75,6 +77,7 @@ class ExitRecord:
     stderr_tail: tuple[str, ...] = field(default=(), repr=False)
     remote_traceback: str | None = field(default=None, repr=False)
     reaped: bool = True
+    rank: int | None = None
 
     @property
     def signal_name(self) -> str | None:
@@ -89,6 +92,8 @@ class ExitRecord:
         else:
             how = "not reaped" if not self.reaped else "no exit status"
         text = f"{self.reason.value} ({how})"
+        if self.rank is not None:
+            text = f"rank {self.rank} {text}"
         if self.detail:
             text += f": {self.detail}"
         return text

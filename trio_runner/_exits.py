@@ -50,6 +50,7 @@ class ExitFacts:
         stopped_by: what finally made the process exit.
         stderr_tail: the last lines the child wrote to stderr.
         kill_timeout: ``Timeouts.kill``, named when the process could not be reaped.
+        rank: its rank in a group, None for a lone runner.
     """
 
     incarnation: int
@@ -63,6 +64,7 @@ class ExitFacts:
     stopped_by: StoppedBy = StoppedBy.SELF
     stderr_tail: tuple[str, ...] = ()
     kill_timeout: float = 0.0
+    rank: int | None = None
 
 
 #: The top-level modules that come with one of trio-runner's extras (pyproject.toml).
@@ -136,6 +138,7 @@ def classify_exit(facts: ExitFacts, status: ExitStatus) -> ExitRecord:
         stderr_tail=facts.stderr_tail,
         remote_traceback=None if fatal is None else fatal[3],
         reaped=status.reaped,
+        rank=facts.rank,
     )
 
 

@@ -65,10 +65,12 @@ class Incarnation:
         child_log: ChildLog,
         on_ready: Callable[[Incarnation, float], None],
         on_exit: Callable[[Incarnation, ExitRecord], None],
+        rank: int | None = None,
     ) -> None:
         self.number = number
         self.worker = worker
-        self._name = name
+        self.rank = rank  # its rank in a group (``_group``), None alone
+        self.name = name
         self._tasks = tasks
         self._timeouts = timeouts
         self._max_frame = max_frame
@@ -104,6 +106,11 @@ class Incarnation:
         self.death_scope = trio.CancelScope()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL)
 
+    @property
+    def pids(self) -> tuple[int | None]:
+        """Its process id, as a group gives one per rank."""
+        return (self.worker.pid,)
+
     def poke_watchdog(self) -> None:
         self.watch_wake.set()
 
@@ -126,6 +133,7 @@ class Incarnation:
             stopped_by=self.stopped_by,
             stderr_tail=tuple(self.stderr_tail),
             kill_timeout=self._timeouts.kill,
+            rank=self.rank,
         )
 
     # -- start, run, stop ---------------------------------------------------------
@@ -141,10 +149,11 @@ class Incarnation:
             return ExitRecord(
                 ExitReason.STARTUP_FAILED,
                 incarnation=self.number,
+                rank=self.rank,
                 detail=f"could not start the runner process: {type(exc).__name__}: {exc}",
             )
         self.spawned_at = self.last_progress = trio.current_time()
-        logger.info("runner %r spawned (pid %s, incarnation %d)", self._name, self.worker.pid, self.number)
+        logger.info("runner %r spawned (pid %s, incarnation %d)", self.name, self.worker.pid, self.number)
         return None
 
     async def run(self) -> ExitRecord:
@@ -180,10 +189,14 @@ class Incarnation:
             # Grandchildren survive a graceful exit: the whole group goes.
             worker.signal(signal.SIGKILL)
 
+    async def aclose(self) -> None:
+        """Release the transport and the process object, once the exit is decided on."""
+        await self.worker.aclose()
+
     def _kill(self, reason: ExitReason, detail: str) -> None:
         if self.kill_reason is not None or self.exited.is_set():
             return
-        logger.warning("runner %r (pid %s): %s; killing it", self._name, self.worker.pid, detail)
+        logger.warning("runner %r (pid %s): %s; killing it", self.name, self.worker.pid, detail)
         self.kill_reason = reason
         self.kill_detail = detail
         self.stopped_by = StoppedBy.SIGKILL
@@ -205,7 +218,7 @@ class Incarnation:
             logger.warning(
                 "runner %r (pid %s) did not exit within Timeouts(graceful=%s) of Shutdown; "
                 "sending SIGTERM to its process group",
-                self._name,
+                self.name,
                 worker.pid,
                 timeouts.graceful,
             )
@@ -217,7 +230,7 @@ class Incarnation:
                 return
             logger.warning(
                 "runner %r (pid %s) ignored SIGTERM for Timeouts(terminate=%s); sending SIGKILL",
-                self._name,
+                self.name,
                 worker.pid,
                 timeouts.terminate,
             )
@@ -228,7 +241,7 @@ class Incarnation:
         if not self.exited.is_set():
             logger.error(
                 "runner %r (pid %s) survived SIGKILL for Timeouts(kill=%s); no longer waiting for it",
-                self._name,
+                self.name,
                 worker.pid,
                 timeouts.kill,
             )

@@ -37,6 +37,7 @@ class ForwardedOptions(TypedDict, total=False):
     window: int
     max_frame_size: int
     raise_on_give_up: bool
+    ranks: int
 
 
 class SupervisorOptions(ForwardedOptions, total=False):
@@ -65,6 +66,8 @@ class Options:
     window: int = 8192
     max_frame_size: int = proto.DEFAULT_MAX_FRAME
     raise_on_give_up: bool = True
+    #: Processes of the runner class run as one group (see docs/groups.md); 1 is a lone runner.
+    ranks: int = 1
 
     def __post_init__(self) -> None:
         check.instance_of("policy", self.policy, RestartPolicy)
@@ -89,6 +92,7 @@ class Options:
             default=proto.DEFAULT_MAX_FRAME,
         )
         check.boolean("raise_on_give_up", self.raise_on_give_up)
+        check.integer("ranks", self.ranks, minimum=1, fix="it counts the processes of the group")
 
     @classmethod
     def from_keywords(cls, caller: str, options: SupervisorOptions) -> Options:

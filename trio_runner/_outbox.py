@@ -53,6 +53,13 @@ _BACKSTOP_SLACK = 0.002
 
 _Report: TypeAlias = "proto.Error | proto.Fatal"
 
+#: What a rank other than 0 of a group sends for a result: only that it finished.
+#: The caller gets rank 0's result; the others' are never pickled.
+FOLLOWER_RESULT = pickle.dumps(None, protocol=proto.PICKLE_PROTOCOL)
+#: How often a rank other than 0 tells the parent that a task still emits
+#: (an empty batch of events), so that ``Timeouts.stall`` sees its progress.
+_FOLLOWER_PROGRESS = 0.1
+
 
 class TaskSlot:
     """One task's state in the child; its lock guards every field but ``task_id``.
@@ -490,3 +497,31 @@ class Outbox:
             name, text, tb = format_exception(exc)
             return proto.Error(task_id, name, f"could not send to the parent: {text}", tb)
         return data
+
+
+class FollowerEmitter:
+    """``ctx.emit`` on a rank other than 0 of a group: its events go nowhere.
+
+    Only rank 0's events reach the caller, so the others' are neither pickled
+    nor sent, and an emit never waits for credits. A cancelled task still
+    raises TaskCancelled, as on rank 0, and an empty batch goes out every
+    ``_FOLLOWER_PROGRESS`` seconds at most, as a sign of progress for the
+    parent's stall check.
+    """
+
+    __slots__ = ("_outbox", "_progress_at")
+
+    def __init__(self, outbox: Outbox) -> None:
+        self._outbox = outbox
+        self._progress_at = 0.0
+
+    def emit(self, slot: TaskSlot, event: Any) -> None:
+        if slot.cancelled:
+            raise TaskCancelled(f"task {slot.task_id} was cancelled")
+        now = time.monotonic()
+        if now >= self._progress_at:
+            self._progress_at = now + _FOLLOWER_PROGRESS
+            self._outbox.send(proto.Events(slot.task_id, []))
+
+    def emit_many(self, slot: TaskSlot, events: Iterable[Any]) -> None:
+        self.emit(slot, None)

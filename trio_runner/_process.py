@@ -29,6 +29,7 @@ import trio
 from . import _child, _guardian
 from ._childlog import MAX_LINE
 from ._exits import ExitStatus as ExitStatus
+from ._runner import GroupInfo
 
 _RECEIVE_SIZE = 256 * 1024
 _READS_PER_YIELD = 8
@@ -57,6 +58,8 @@ class SpawnSpec:
     #: The supervisor's guardian process (see ``_guardian``), shared by all its
     #: runners. None only in benchmarks that measure what the guardian costs.
     guardian: GuardianLink | None = field(default_factory=lambda: GuardianLink())
+    #: The rank's place, for one rank of a group (set per rank and generation); None alone.
+    group: GroupInfo | None = None
 
 
 class GuardianLink:
@@ -301,6 +304,8 @@ class ProcessWorker:
             "heartbeat_interval": spec.heartbeat_interval,
             "incarnation": self._incarnation,
         }
+        if spec.group is not None:
+            config["group"] = spec.group
         process = ctx.Process(  # type: ignore[attr-defined]
             target=_child.main,
             args=(
@@ -312,7 +317,8 @@ class ProcessWorker:
                 spec.args_bytes,
                 config,
             ),
-            name=f"trio-runner:{spec.name}:{self._incarnation}",
+            name=f"trio-runner:{spec.name}:{self._incarnation}"
+            + ("" if spec.group is None else f":rank{spec.group.rank}"),
             daemon=True,
         )
         self._process = process

@@ -15,7 +15,7 @@ from . import _validate as check
 from ._errors import TaskCancelled
 
 if TYPE_CHECKING:
-    from ._outbox import Outbox, TaskSlot
+    from ._outbox import FollowerEmitter, Outbox, TaskSlot
 
 RequestT = TypeVar("RequestT")
 EventT = TypeVar("EventT")
@@ -37,7 +37,7 @@ class TaskContext(Generic[EventT]):
 
     __slots__ = ("_outbox", "_slot")
 
-    def __init__(self, slot: TaskSlot, outbox: Outbox) -> None:
+    def __init__(self, slot: TaskSlot, outbox: Outbox | FollowerEmitter) -> None:
         self._slot = slot
         self._outbox = outbox
 

@@ -27,19 +27,26 @@ class RunnerState(enum.Enum):
 
 @dataclass(frozen=True)
 class Spawned:
-    """A runner process was started."""
+    """A runner process was started (in a group, one per rank)."""
 
     incarnation: int
     pid: int | None
+    #: Its rank in a group (``ranks=N``); 0 for a lone runner.
+    rank: int = 0
 
 
 @dataclass(frozen=True)
 class Ready:
-    """The runner's ``setup`` returned; it serves tasks."""
+    """The runner's ``setup`` returned; it serves tasks.
+
+    A group reports one per rank, in rank order, once every rank is ready.
+    """
 
     incarnation: int
     pid: int | None
     startup_seconds: float
+    #: Its rank in a group (``ranks=N``); 0 for a lone runner.
+    rank: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,10 @@ class SupervisorStatistics:
             handlers fell more than 1 MiB of output behind.
         events_dropped: events of cancelled tasks dropped instead of delivered
             (cancel means stop), in the runner or in this process.
+        pids: every rank's pid, in rank order (one for a lone runner; empty
+            between incarnations). ``pid`` is the first of them.
+        failed_rank: in a group, the rank that went first in the last exit
+            (``last_exit.rank``); None for a lone runner or before any exit.
     """
 
     state: RunnerState
@@ -109,3 +120,5 @@ class SupervisorStatistics:
     tasks_completed: int
     log_lines_dropped: int = 0
     events_dropped: int = 0
+    pids: tuple[int | None, ...] = ()
+    failed_rank: int | None = None

@@ -31,6 +31,7 @@ from ._errors import (
     RunnerUnavailable,
 )
 from ._exits import never_restarts
+from ._group import GroupIncarnation, GroupTable
 from ._groups import reraise_unwrapped
 from ._incarnation import DRAIN_BOUND, Incarnation
 from ._lifecycle import Lifecycle
@@ -126,8 +127,12 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         )
         self._tracker = RestartTracker(options.policy)
         self._lifecycle = Lifecycle()
-        self._tasks = TaskTable(options.window, options.max_frame_size)
-        self._inc: Incarnation | None = None
+        self._tasks = (
+            TaskTable(options.window, options.max_frame_size)
+            if options.ranks == 1
+            else GroupTable(options.window, options.max_frame_size, options.ranks)
+        )
+        self._inc: Incarnation | GroupIncarnation | None = None
         self._incarnations = 0
         self._last_exit: ExitRecord | None = None
         self._stop_requested = False
@@ -151,14 +156,14 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         return self._spec.start_method
 
     def statistics(self) -> SupervisorStatistics:
-        """A frozen snapshot: pid, incarnation, restarts, tasks in flight, uptime, last exit."""
+        """A frozen snapshot: pids, incarnation, restarts, tasks in flight, uptime, last exit."""
         inc = self._inc
         uptime = 0.0
         if inc is not None and inc.ready and self._lifecycle.state is RunnerState.READY:
             uptime = trio.current_time() - inc.ready_at
         return SupervisorStatistics(
             state=self._lifecycle.state,
-            pid=None if inc is None else inc.worker.pid,
+            pid=None if inc is None else inc.pids[0],
             incarnation=self._incarnations,
             restarts=self._tracker.total_restarts,
             consecutive_failures=self._tracker.failures,
@@ -169,6 +174,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
             tasks_completed=self._tasks.completed,
             log_lines_dropped=self._child_log.dropped,
             events_dropped=self._tasks.events_dropped,
+            pids=() if inc is None else inc.pids,
+            failed_rank=None if self._last_exit is None else self._last_exit.rank,
         )
 
     def watch(self, *, replay: bool = False) -> AsyncIterator[LifecycleChange]:
@@ -381,19 +388,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
                 )
             while not self._stop_requested:
                 self._incarnations += 1
-                worker = self._worker_factory(self._spec, self._incarnations)
-                inc = self._inc = Incarnation(
-                    self._incarnations,
-                    worker,
-                    name=self.name,
-                    tasks=self._tasks,
-                    timeouts=self._timeouts,
-                    max_frame=self._max_frame,
-                    payload_limiter=self._payload_limiter,
-                    child_log=self._child_log,
-                    on_ready=self._on_ready,
-                    on_exit=self._report_exit,
-                )
+                inc = self._inc = self._new_incarnation(self._incarnations)
                 if not started:
                     task_status.started(self)
                     started = True
@@ -407,7 +402,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
                     # transport and the process object is bookkeeping, not part
                     # of detecting a crash.
                     with trio.CancelScope(shield=True):
-                        await worker.aclose()
+                        await inc.aclose()
                 if delay is None:
                     break
                 with trio.move_on_after(delay):
@@ -426,7 +421,33 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         if failure is not None:
             raise failure
 
-    def _decide(self, inc: Incarnation, record: ExitRecord) -> tuple[float | None, BaseException | None]:
+    def _new_incarnation(self, number: int) -> Incarnation | GroupIncarnation:
+        """The next spawn: one runner process, or one generation of a group (``_group``)."""
+        make = functools.partial(
+            Incarnation,
+            name=self.name,
+            timeouts=self._timeouts,
+            max_frame=self._max_frame,
+            payload_limiter=self._payload_limiter,
+            child_log=self._child_log,
+        )
+        tasks = self._tasks
+        if isinstance(tasks, GroupTable):
+            return GroupIncarnation(
+                number,
+                self._spec,
+                self._worker_factory,
+                make,
+                tasks=tasks,
+                on_ready=self._on_ready,
+                on_exit=self._report_exit,
+            )
+        worker = self._worker_factory(self._spec, number)
+        return make(number, worker, tasks=tasks, on_ready=self._on_ready, on_exit=self._report_exit)
+
+    def _decide(
+        self, inc: Incarnation | GroupIncarnation, record: ExitRecord
+    ) -> tuple[float | None, BaseException | None]:
         """Apply the policy to an exit: (the backoff before a restart or None to stop, the error to raise)."""
         if never_restarts(inc.facts(), record):
             self._lifecycle.set_state(RunnerState.FAILED)
@@ -465,17 +486,18 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
 
     # -- one incarnation ----------------------------------------------------------
 
-    async def _run_incarnation(self, inc: Incarnation) -> ExitRecord:
+    async def _run_incarnation(self, inc: Incarnation | GroupIncarnation) -> ExitRecord:
         self._lifecycle.set_state(RunnerState.STARTING)
         if self._stop_requested:
             inc.request_stop()
         record = await inc.start()
         if record is not None:
             return record
-        self._lifecycle.emit(Spawned(inc.number, inc.worker.pid))
+        for rank, pid in enumerate(inc.pids):
+            self._lifecycle.emit(Spawned(inc.number, pid, rank))
         return await inc.run()
 
-    def _report_exit(self, inc: Incarnation, record: ExitRecord) -> None:
+    def _report_exit(self, inc: Incarnation | GroupIncarnation, record: ExitRecord) -> None:
         """Once per incarnation: report the exit, settle the tasks in flight on it, apply the policy.
 
         The state leaves READY here, so nobody who saw ``Exited`` finds the
@@ -491,15 +513,17 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         if not self._stop_requested:
             inc.decision = self._decide(inc, record)
 
-    def _on_ready(self, inc: Incarnation, now: float) -> None:
+    def _on_ready(self, inc: Incarnation | GroupIncarnation, now: float) -> None:
         inc.ready = True
         inc.ready_at = inc.last_progress = now
         self._tracker.on_ready(now)
         startup = now - inc.spawned_at
-        logger.info("runner %r ready (pid %s) after %.3f s", self.name, inc.worker.pid, startup)
+        pids = " ".join(map(str, inc.pids))
+        logger.info("runner %r ready (pid %s) after %.3f s", self.name, pids, startup)
         if not inc.stop_requested:
             self._lifecycle.set_state(RunnerState.READY)
-        self._lifecycle.emit(Ready(inc.number, inc.worker.pid, startup))
+        for rank, pid in enumerate(inc.pids):
+            self._lifecycle.emit(Ready(inc.number, pid, startup, rank))
         inc.ready_event.set()
         inc.poke_watchdog()
 

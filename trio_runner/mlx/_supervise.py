@@ -8,7 +8,7 @@ import tempfile
 from collections.abc import AsyncGenerator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Unpack, cast
+from typing import Unpack
 
 import trio
 
@@ -158,7 +158,7 @@ async def open_mlx_supervisor(
             ``parallel`` and ``ranks`` that do not go together.
     """
     parallel = check_parallel(parallel)
-    check_parallel_ranks(parallel, cast(dict[str, Any], supervisor_options).get("ranks", 1))
+    check_parallel_ranks(parallel, supervisor_options.get("ranks", 1))
     checked = await resolve_model(model)
     if warmup:
         await warm_kernel_cache(checked)
