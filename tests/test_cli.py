@@ -151,6 +151,14 @@ async def test_generate_with_the_qwen2_demo_model_prints_what_the_llama_demo_mod
     assert qwen2 == llama and len(qwen2) > 20
 
 
+async def test_generate_over_two_pipeline_ranks_prints_what_one_process_prints() -> None:
+    args = ["--model", "demo-qwen2", "--max-tokens", "20", "Beautiful is"]
+    code, grouped, err = await _run("generate", "--ranks", "2", "--parallel", "pipeline", *args)
+    assert code == 0, err
+    _, alone, _ = await _run("generate", *args)
+    assert grouped == alone and len(grouped) > 20
+
+
 async def test_generate_with_a_model_that_cannot_load_prints_its_cause_and_exits_1(tmp_path: Path) -> None:
     code, _, err = await _run("generate", "--model", str(tmp_path), "Hi")
     assert code == 1, err

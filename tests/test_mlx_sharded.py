@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from trio_runner import GroupInfo
-from trio_runner.mlx import MlxLmRunner
+from trio_runner.mlx import MlxLmRunner, open_mlx_supervisor
 from trio_runner.mlx._sharded import LOST_GROUP_EXIT, check_group, check_parallel
 
 from .conftest import BUILD_BOUND
@@ -194,3 +194,25 @@ def test_a_group_without_parallel_is_refused_with_what_to_pass() -> None:
     with pytest.raises(ValueError, match=r"rank 1 of a group of 2, but parallel is None.*parallel='tensor'"):
         check_group(None, group)
     assert check_group("pipeline", group) is group
+
+
+@pytest.mark.parametrize(
+    ("options", "complaint"),
+    [
+        (
+            {"parallel": "tensor"},
+            r"parallel='tensor' shards the model .*: pass ranks=2 or more \(not ranks=1\)",
+        ),
+        ({"parallel": "pipeline", "ranks": 1}, r"pass ranks=2 or more \(not ranks=1\)"),
+        (
+            {"ranks": 2},
+            r"ranks=2 runs the model in 2 processes: pass parallel='tensor' or parallel='pipeline'",
+        ),
+    ],
+)
+async def test_open_mlx_supervisor_refuses_parallel_and_ranks_apart_before_starting_anything(
+    options: dict[str, Any], complaint: str
+) -> None:
+    with pytest.raises(ValueError, match=complaint):
+        async with open_mlx_supervisor("/no/such/model", **options):
+            pass  # pragma: no cover - never reached
