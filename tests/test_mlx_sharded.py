@@ -81,23 +81,14 @@ def runs(processes: list[tuple[int, str, str]]) -> tuple[list[Outputs], Outputs]
     return outputs[:RANKS], outputs[RANKS]
 
 
-def test_two_rank_tensor_sharded_llama_generates_the_single_process_tokens(
-    runs: tuple[list[Outputs], Outputs],
+@pytest.mark.parametrize("scenario", ["tensor", "pipeline"], ids=["tensor-sharded llama", "pipelined qwen2"])
+def test_two_ranks_generate_the_single_process_tokens(
+    runs: tuple[list[Outputs], Outputs], scenario: str
 ) -> None:
     ranks, single = runs
-    (expected,) = single["tensor"]
+    (expected,) = single[scenario]
     assert expected["outcome"] == "completed" and len(expected["tokens"]) == 40
-    (rank0,) = ranks[0]["tensor"]
-    assert rank0["tokens"] == expected["tokens"]
-
-
-def test_two_rank_pipeline_qwen2_generates_the_single_process_tokens(
-    runs: tuple[list[Outputs], Outputs],
-) -> None:
-    ranks, single = runs
-    (expected,) = single["pipeline"]
-    assert expected["outcome"] == "completed" and len(expected["tokens"]) == 40
-    (rank0,) = ranks[0]["pipeline"]
+    (rank0,) = ranks[0][scenario]
     assert rank0["tokens"] == expected["tokens"]
 
 
