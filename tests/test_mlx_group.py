@@ -4,7 +4,8 @@ Contract tests against real processes. ``import mlx_lm`` in two ranks at once
 takes 12-19 s on two cores, so one module-scoped story runs the group once
 (in a trio run of its own, from a sync fixture) and the tests each check one
 part of what it recorded: the greedy output against a single process, then a
-SIGKILL of rank 1 mid-generation and the request after it.
+SIGKILL of rank 1 mid-generation and the request after it. Last, ``trio-runner
+serve --ranks 2 --parallel tensor`` answers a completion.
 """
 
 from __future__ import annotations
@@ -14,11 +15,14 @@ import signal
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 
 from trio_runner import ExitReason, RestartPolicy, RunnerCrashed, open_supervisor
 from trio_runner.mlx import Generate, MlxLmRunner, open_mlx_supervisor, start_options
+
+from .serve_process import serve_process
 
 pytest.importorskip("mlx_lm", reason="the mlx extra is not installed")
 
@@ -106,3 +110,20 @@ def test_after_a_rank_is_killed_the_group_restarts_whole_and_serves_the_next_req
     assert len(story.pids_after) == 2 and None not in story.pids_after
     assert not set(story.pids_after) & set(story.pids_before)
     assert story.after == story.single
+
+
+def test_serve_with_two_tensor_ranks_answers_a_completion(demo_dir: Path, tmp_path: Path) -> None:
+    args = ["--model", str(demo_dir), "--ranks", "2", "--parallel", "tensor"]
+    body = {
+        "model": "default_model",
+        "prompt": "Beautiful is better than",
+        "max_tokens": 12,
+        "temperature": 0,
+    }
+    with serve_process(args, tmp_path) as server:
+        response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=BOUND)
+        health = httpx.get(f"{server.url}/health", timeout=BOUND).json()
+    assert response.status_code == 200, response.text
+    completion = response.json()
+    assert completion["usage"]["completion_tokens"] >= 1 and completion["choices"][0]["text"]
+    assert health["state"] == "ready"
