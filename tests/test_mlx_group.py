@@ -127,3 +127,5 @@ def test_serve_with_two_tensor_ranks_answers_a_completion(demo_dir: Path, tmp_pa
     completion = response.json()
     assert completion["usage"]["completion_tokens"] >= 1 and completion["choices"][0]["text"]
     assert health["state"] == "ready"
+    said = server.output()
+    assert "(rank 0 of 2, incarnation 1)" in said and "(rank 1 of 2, incarnation 1)" in said, said

@@ -312,8 +312,10 @@ async def _report_runner(
     with scope:
         async for change in sup.watch(replay=True):
             if isinstance(change, Ready):
+                ranks = len(sup.statistics().pids)
+                place = f"rank {change.rank} of {ranks}, " if ranks > 1 else ""
                 say(
-                    f"runner ready: pid {change.pid} (incarnation {change.incarnation}), "
+                    f"runner ready: pid {change.pid} ({place}incarnation {change.incarnation}), "
                     f"{change.startup_seconds * 1000:.0f} ms after spawn"
                 )
             elif isinstance(change, Exited) and change.exit.reason is not ExitReason.REQUESTED:
