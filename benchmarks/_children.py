@@ -71,6 +71,12 @@ class BenchRunner(Runner[Any, Any, Any]):
             assert child is not None, "not in a runner process"
             child.reader_stalled.set()
             return "stalled"
+        if command == "until_cancelled":
+            # Every rank of a group runs it: one event, then a wait that a cancel (or Shutdown) ends.
+            ctx.emit("running")
+            while not ctx.cancelled:
+                time.sleep(0.001)
+            ctx.raise_if_cancelled()
         if command == "hang_ignoring_sigterm":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             ctx.emit("ignoring SIGTERM")

@@ -31,6 +31,7 @@ SUITES = [
     ("events", "bench_throughput"),
     ("roundtrip", "bench_roundtrip"),
     ("lifecycle", "bench_lifecycle"),
+    ("groups", "bench_groups"),
     ("guardian", "bench_guardian"),
     ("scaling", "bench_scaling"),
     ("cancel", "bench_cancel"),

@@ -87,6 +87,20 @@ class GroupRunner(Runner[Any, Any, Any]):
             for i in range(n):
                 ctx.emit((group.rank, i))
             return ("rank", group.rank, n)
+        if command == "slow_count":
+            # Every rank emits ``n`` events ``interval`` apart: a long task that keeps making progress.
+            n, interval = args
+            for i in range(n):
+                time.sleep(interval)
+                ctx.emit((group.rank, i))
+            return n
+        if command == "wait_in_generation_1":
+            # Waits for a cancel (or a kill) in the first generation; returns at once in later ones.
+            ctx.emit(group.rank)
+            while group.generation == 1 and not ctx.cancelled:
+                time.sleep(0.005)
+            ctx.raise_if_cancelled()
+            return group.generation
         if command == "fail_on":
             (rank,) = args
             if group.rank == rank:

@@ -5,27 +5,26 @@ Contract tests against real child processes (pure-Python ranks from
 the outcome rank 0 brings back, and one_for_all: whichever rank dies or hangs,
 the whole group is stopped, reaped, and started again on fresh ports. Timing
 bounds are generous: only a hang breaks them.
+
+At the end, a collaboration test of the one_for_all decision: the in-memory
+fake per rank (``tests/fakes.py``) under a MockClock, with exact times.
 """
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import signal
-import subprocess
-import sys
-from collections.abc import AsyncIterator
-from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 import trio
+from hypothesis import given
 
 from trio_runner import (
     Exited,
     ExitReason,
+    ExitRecord,
     LifecycleChange,
     Ready,
     RestartPolicy,
@@ -39,12 +38,29 @@ from trio_runner import (
     Timeouts,
     open_supervisor,
 )
+from trio_runner import _protocol as proto
+from trio_runner._options import Options
+from trio_runner._process import SpawnSpec
+from trio_runner._supervisor import _open, create_supervisor
+from trio_runner.testing import (
+    AfterEvent,
+    BeforeEvent,
+    Exit,
+    Fault,
+    FaultPlan,
+    FaultyRunner,
+    Raise,
+    Signal,
+    faults,
+    wait_no_leftover_processes,
+)  # pyright: ignore[reportPrivateUsage]
 
+from .fakes import SERVE, FakeFactory, FakeRunner, FakeWorker, crash_after_ready, lifecycle, wait_for_change
 from .group_runners import GroupRunner
+from .test_property_support import examples, real_process_settings
 
 FAST = RestartPolicy(initial_delay=0.05, max_delay=0.2, max_restarts=100)
 QUICK = Timeouts(heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
-SCRIPTS = Path(__file__).parent / "scripts"
 BOUND = 60
 
 GroupSupervisor = Supervisor[Any, Any, Any]
@@ -141,6 +157,27 @@ async def test_sigkill_of_either_rank_mid_task_fails_it_with_runner_crashed_nami
     assert not set(after[0]["addresses"]) & set(before[0]["addresses"])  # fresh ports
 
 
+async def test_a_retry_task_in_flight_when_a_rank_dies_runs_again_on_the_next_generation() -> None:
+    async with open_supervisor(GroupRunner, ranks=2, policy=FAST, timeouts=QUICK) as sup:
+        pids = await _pids(sup)
+        async with sup.stream(("wait_in_generation_1",), retry=True) as task:
+            async for _ in task:
+                if task.attempt == 1:
+                    os.kill(pids[1], signal.SIGKILL)
+            assert task.attempt == 2
+            assert task.result == 2
+
+
+async def test_ranks_other_than_0_that_emit_count_as_progress_for_the_stall_timeout() -> None:
+    # Their events are not sent, but a sign of progress is: a long task that
+    # emits on every rank is not taken for a stalled one.
+    timeouts = Timeouts(stall=0.5, heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
+    async with open_supervisor(GroupRunner, ranks=2, policy=FAST, timeouts=timeouts) as sup:
+        await sup.wait_ready()
+        assert await sup.run(("slow_count", 40, 0.05)) == 40
+        assert sup.statistics().incarnation == 1
+
+
 async def test_the_surviving_ranks_are_stopped_by_the_supervisor_and_watch_names_each_rank() -> None:
     changes: list[LifecycleChange] = []
     async with open_supervisor(GroupRunner, ranks=2, policy=FAST, timeouts=QUICK) as sup:
@@ -189,31 +226,77 @@ async def test_twenty_kill_restart_cycles_leave_no_process_behind() -> None:
     # The autouse fixture checks that no child or zombie is left.
 
 
-async def test_a_rank_that_fails_setup_is_a_startup_failure_naming_it_with_its_stderr() -> None:
+async def _startup_failure(kwargs: dict[str, Any], timeouts: Timeouts) -> ExitRecord:
+    """The exit record of a group that cannot start, under a policy that does not restart."""
     policy = RestartPolicy(mode="temporary")
-    async with open_supervisor(
-        GroupRunner, kwargs={"fail_setup_rank": 1}, ranks=2, policy=policy, timeouts=QUICK
-    ) as sup:
+    async with open_supervisor(GroupRunner, kwargs=kwargs, ranks=2, policy=policy, timeouts=timeouts) as sup:
         await _until_stopped(sup)
         last = sup.statistics().last_exit
     assert last is not None
     assert last.reason is ExitReason.STARTUP_FAILED
+    return last
+
+
+async def test_a_rank_that_fails_setup_is_a_startup_failure_naming_it_with_its_stderr() -> None:
+    last = await _startup_failure({"fail_setup_rank": 1}, QUICK)
     assert last.rank == 1
     assert any("rank 1 failed its setup on purpose" in line for line in last.stderr_tail)
 
 
 async def test_a_rank_that_never_gets_ready_is_a_startup_failure_within_the_startup_timeout() -> None:
-    policy = RestartPolicy(mode="temporary")
     timeouts = Timeouts(startup=2, heartbeat=1.5, graceful=0.5, terminate=0.5, kill=1)
-    async with open_supervisor(
-        GroupRunner, kwargs={"hang_setup_rank": 1}, ranks=2, policy=policy, timeouts=timeouts
-    ) as sup:
-        await _until_stopped(sup)
-        last = sup.statistics().last_exit
-    assert last is not None
-    assert last.reason is ExitReason.STARTUP_FAILED
+    last = await _startup_failure({"hang_setup_rank": 1}, timeouts)
     assert last.rank == 1
     assert "Timeouts(startup=2" in last.detail
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+async def test_a_fault_plan_can_target_one_rank_of_a_group(rank: int) -> None:
+    plan = FaultPlan((Fault(Signal("SIGKILL"), BeforeEvent(task=1, event=1), rank=rank),))
+    async with open_supervisor(FaultyRunner, GroupRunner, plan, ranks=2, policy=FAST, timeouts=QUICK) as sup:
+        with pytest.raises(RunnerCrashed) as caught:
+            await sup.run(("count", 3))
+        assert caught.value.exit.rank == rank
+        assert caught.value.exit.signal == signal.SIGKILL
+        places = await sup.run(("places",))  # the wrapped runner got its place too
+        assert [place["generation"] for place in places] == [2, 2]
+
+
+@real_process_settings(examples("TRIO_RUNNER_GROUP_FAULT_EXAMPLES", 6))
+@given(
+    fault=faults(
+        kinds=(Signal, Exit, Raise),
+        trigger_kinds=(BeforeEvent, AfterEvent),
+        max_task=1,
+        max_event=2,
+        native_faults=False,
+        ranks=(0, 1, None),
+    )
+)
+async def test_a_drawn_fault_on_any_rank_ends_the_task_once_and_the_group_serves_again(fault: Fault) -> None:
+    plan = FaultPlan((fault,))
+    async with open_supervisor(FaultyRunner, GroupRunner, plan, ranks=2, policy=FAST, timeouts=QUICK) as sup:
+        try:
+            await sup.run(("count", 3))  # emits events 0, 1, 2 on every rank: the fault fires
+        except TaskFailed:
+            assert isinstance(fault.kind, Raise)
+            assert sup.statistics().incarnation == 1  # a handler's failure is not the group's
+        except RunnerCrashed as crashed:
+            assert not isinstance(fault.kind, Raise)
+            record = crashed.exit
+            assert record.rank in ((0, 1) if fault.rank is None else (fault.rank,))
+            assert record.reason in fault.exit_reasons()
+        else:
+            raise AssertionError(f"{fault!r} fired and the task succeeded")
+        assert await sup.run(("count", 1)) == ("rank", 0, 1)  # served again (a new generation after a crash)
+    spawned = [change.pid for change in await lifecycle(sup) if isinstance(change, Spawned)]
+    await wait_no_leftover_processes([pid for pid in spawned if pid is not None])
+
+
+@pytest.mark.parametrize("rank", [-1, True, 1.0])
+def test_a_fault_rank_must_be_an_int_from_0(rank: object) -> None:
+    with pytest.raises(ValueError, match="rank"):
+        Fault(Signal("SIGKILL"), BeforeEvent(), rank=rank)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("ranks", [0, -1])
@@ -222,57 +305,48 @@ def test_ranks_below_one_are_refused_at_the_call(ranks: int) -> None:
         open_supervisor(GroupRunner, ranks=ranks)
 
 
-@contextlib.asynccontextmanager
-async def _group_parent() -> AsyncIterator[tuple[trio.Process, list[int]]]:
-    """Run tests/scripts/group_parent_for_orphan_test.py; yield it and its ranks' pids.
-
-    On the way out, kills whatever is left: once the parent is dead the ranks
-    are no longer our descendants, so the autouse fixture cannot see them.
-    """
-    script = SCRIPTS / "group_parent_for_orphan_test.py"
-    proc = await trio.lowlevel.open_process([sys.executable, str(script)], stdout=subprocess.PIPE)
-    pids: list[int] = []
-    try:
-        assert proc.stdout is not None
-        line = b""
-        with trio.fail_after(BOUND):
-            while not line.endswith(b"\n"):
-                chunk = await proc.stdout.receive_some(4096)
-                assert chunk, "the parent script exited before printing its pids"
-                line += chunk
-        pids.extend(json.loads(line))
-        yield proc, pids
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
-        await proc.wait()
-        if proc.stdout is not None:
-            await proc.stdout.aclose()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+# -- collaboration: one_for_all under a MockClock, with the in-memory fake per rank ---------------
 
 
-def _running(pid: int) -> bool:
-    try:
-        proc = psutil.Process(pid)
-        return not (proc.status() == psutil.STATUS_ZOMBIE and proc.ppid() != os.getpid())
-    except psutil.NoSuchProcess:
-        return False
+class _RankFakes:
+    """A worker factory for a group: rank r's workers come from ``fakes[r]``, a FakeFactory of its own."""
+
+    def __init__(self, *fakes: FakeFactory) -> None:
+        self.fakes = fakes
+
+    def __call__(self, spec: SpawnSpec, incarnation: int) -> FakeWorker:
+        assert spec.group is not None
+        return self.fakes[spec.group.rank](spec, incarnation)
 
 
-async def test_parent_sigkill_with_one_rank_holding_the_gil_leaves_no_rank() -> None:
-    async with _group_parent() as (proc, pids):
-        assert len(pids) == 2 and all(_running(pid) for pid in pids)
-        proc.send_signal(signal.SIGKILL)
-        await proc.wait()
-        assert proc.stdout is not None
-        with trio.fail_after(10):
-            while await proc.stdout.receive_some(4096):  # held open by whatever outlives the parent
-                pass
-        # Polling: the death of a process that is not our child has no event to wait on.
-        for _ in range(500):
-            if not any(_running(pid) for pid in pids):
-                break
-            await trio.sleep(0.02)
-        assert [pid for pid in pids if _running(pid)] == []
+async def test_one_for_all_a_crash_fails_the_task_at_once_stops_the_others_and_restarts_all_after_backoff(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    survivor, crasher = (
+        FakeFactory([SERVE]),
+        FakeFactory([crash_after_ready(signal.SIGSEGV, after=5.0), SERVE]),
+    )
+    options = Options.from_keywords("test", {"ranks": 2})
+    sup: GroupSupervisor = create_supervisor(FakeRunner, (), None, options, _RankFakes(survivor, crasher))
+    async with _open(sup):
+        await sup.wait_ready()
+        with pytest.raises(RunnerCrashed) as caught:
+            await sup.run(("sleep", 100.0, "never"))
+        assert trio.current_time() == 5.0
+        assert caught.value.exit.rank == 1
+        assert caught.value.exit.signal == signal.SIGSEGV
+        await wait_for_change(sup, Ready, count=4)  # both ranks of generation 2
+        assert trio.current_time() == 5.0 + 2.0  # the policy's first backoff, then both spawn at once
+        assert await sup.run(("echo", "served")) == "served"
+    # The survivor was asked to stop the moment the crash was seen, and went.
+    first = survivor.workers[0]
+    assert [when for when, _ in first.frames(proto.Shutdown)] == [5.0]
+    assert first.died_at == 5.0
+    assert survivor.spawn_times == crasher.spawn_times == [0.0, 7.0]
+    changes = await lifecycle(sup)
+    exits = [change.exit for change in changes if isinstance(change, Exited)]
+    assert [record.reason for record in exits] == [ExitReason.SIGNALED, ExitReason.REQUESTED]
+    assert exits[0].rank == 1
+    assert exits[1].rank in (0, 1)  # leaving the block: every rank was asked; whichever went first
+    survivor.check()
+    crasher.check()

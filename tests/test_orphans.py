@@ -169,6 +169,15 @@ async def test_a_runner_holding_the_gil_and_its_whole_family_die_when_the_parent
         assert await _until_gone(list(pids.values()), within=10) == []
 
 
+async def test_every_rank_of_a_group_dies_when_the_parent_is_sigkilled_while_one_holds_the_gil() -> None:
+    # Each rank registers with the supervisor's one guardian, as a lone runner does.
+    async with _parent("group_gil") as (proc, pids):
+        assert set(pids) == {"rank0", "rank1"}
+        assert all(_running(pid) for pid in pids.values())
+        await _sigkill_and_communicate(proc)
+        assert await _until_gone(list(pids.values()), within=10) == []
+
+
 async def test_a_stopped_runner_and_its_whole_family_die_when_the_parent_is_sigkilled() -> None:
     async with _parent("stopped") as (proc, pids):
         runner = psutil.Process(pids["runner"])

@@ -93,7 +93,10 @@ class NoPublicConstructor(type):
 
 
 class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstructor):
-    """Supervises one runner process. Made by :func:`open_supervisor` or :func:`run_supervisor`."""
+    """Supervises one runner process, or one group of them (``ranks=N``).
+
+    Made by :func:`open_supervisor` or :func:`run_supervisor`.
+    """
 
     def __init__(
         self,
@@ -595,6 +598,10 @@ def open_supervisor(
         raise_on_give_up: when the policy gives up, raise
             :class:`RestartLimitExceeded` out of the block (the default, which
             cancels the body), or only move to FAILED.
+        ranks: run N processes of the runner as one group (default 1): each
+            request goes to every rank, rank 0's events and result come back,
+            and any rank's exit restarts the whole group on fresh ports
+            (one_for_all). Each runner sees its place as ``self.group``.
 
     The block is entered as soon as the first runner process is being spawned;
     tasks submitted before it is READY wait for it (``await sup.wait_ready()``

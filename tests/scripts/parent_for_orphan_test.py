@@ -7,7 +7,9 @@ line of pids, then sleeps until killed. Run by tests/test_orphans.py. Modes:
 - ``gil``: ``{"runner", "in_group", "new_session"}``, printed once the runner's
   handler holds the GIL in C (``sum`` over a huge range), so its reader thread
   cannot run;
-- ``stopped``: the same pids, printed once the runner has been SIGSTOPped.
+- ``stopped``: the same pids, printed once the runner has been SIGSTOPped;
+- ``group_gil``: ``{"rank0", "rank1"}`` of a 2-rank group, printed once both
+  run a task in which rank 1 holds the GIL in C (``sum`` over a huge range).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import trio
 
+from tests.group_runners import GroupRunner
 from tests.runners import EchoRunner, FamilyRunner
 from trio_runner import open_supervisor
 
@@ -32,6 +35,17 @@ def report(**pids: int) -> None:
 
 
 async def main(mode: str, start_method: str) -> None:
+    if mode == "group_gil":
+        async with open_supervisor(GroupRunner, ranks=2, start_method=start_method) as sup:
+            await sup.wait_ready()
+            async with sup.stream(("hold_gil_on", 1)) as task:
+                async for _ in task:
+                    break  # rank 0 has started it, and so, about now, has rank 1
+                await trio.sleep(0.5)
+                rank0, rank1 = sup.statistics().pids
+                assert rank0 is not None and rank1 is not None
+                report(rank0=rank0, rank1=rank1)
+                await trio.sleep_forever()
     if mode == "idle":
         async with open_supervisor(EchoRunner, start_method=start_method) as sup:
             grandchild = await sup.run(("grandchild",))

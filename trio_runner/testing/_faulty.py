@@ -181,8 +181,10 @@ class FaultyRunner(Runner[Any, Any, Any]):
 
     Each fault fires only in the incarnation it names (see
     :class:`~trio_runner.testing.Fault`), so a restarted runner behaves again
-    unless the plan says otherwise. Tasks are counted per incarnation, from 1,
-    in the order ``handle`` is entered.
+    unless the plan says otherwise, and in a group (``ranks=N``) only in the
+    rank it names. The wrapped runner gets ``group`` before its ``setup()``.
+    Tasks are counted per incarnation, from 1, in the order ``handle`` is
+    entered.
 
     Args:
         runner: the runner class to wrap; it must be importable by module path.
@@ -204,7 +206,15 @@ class FaultyRunner(Runner[Any, Any, Any]):
         self._lock = threading.Lock()
         self._reader_stalled = False
         self._child: Child | None = None
-        # Signal dispositions can only change in the main thread, which is here.
+
+    def _prepare(self) -> None:
+        """Keep this rank's faults, and set the signal dispositions they need.
+
+        In ``setup()``: a group's rank is known only then. Signal dispositions
+        can only change in the main thread, which runs ``setup()``.
+        """
+        rank = 0 if self.group is None else self.group.rank
+        self._faults = [fault for fault in self._faults if fault.applies_to_rank(rank)]
         kinds = [fault.kind for fault in self._faults]
         if any(isinstance(kind, Hang) for kind in kinds):
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -226,6 +236,8 @@ class FaultyRunner(Runner[Any, Any, Any]):
     # -- the runner's life -----------------------------------------------------------------
 
     def setup(self) -> None:
+        self._inner.group = self.group
+        self._prepare()
         self._child = find_child()
         child = self._child
         if child is not None:

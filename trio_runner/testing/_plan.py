@@ -317,11 +317,14 @@ class Fault:
         trigger: where it fires, e.g. ``BeforeEvent(task=2, event=0)``.
         incarnation: the incarnation (1 = the first process, 2 = the first restart ...)
             in which the fault fires, or None for every incarnation.
+        rank: in a group (``ranks=N``), the rank in which the fault fires, or None
+            for every rank. A lone runner is rank 0.
     """
 
     kind: FaultKind
     trigger: Trigger
     incarnation: int | None = 1
+    rank: int | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.kind, FAULT_KINDS):  # pyright: ignore[reportUnnecessaryIsInstance]
@@ -338,9 +341,15 @@ class Fault:
         inc = self.incarnation
         if inc is not None and (isinstance(inc, bool) or not isinstance(inc, int) or inc < 1):  # pyright: ignore[reportUnnecessaryIsInstance]
             raise ValueError(f"Fault(incarnation={inc!r}) counts from 1; pass None for every incarnation")
+        rank = self.rank
+        if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 0):  # pyright: ignore[reportUnnecessaryIsInstance]
+            raise ValueError(f"Fault(rank={rank!r}) counts from 0; pass None for every rank")
 
     def applies_to(self, incarnation: int) -> bool:
         return self.incarnation is None or self.incarnation == incarnation
+
+    def applies_to_rank(self, rank: int) -> bool:
+        return self.rank is None or self.rank == rank
 
     def exit_reasons(self) -> frozenset[ExitReason]:
         """How an incarnation this fault fires in may end (besides REQUESTED, always possible)."""

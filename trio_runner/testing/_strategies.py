@@ -129,8 +129,10 @@ def faults(
     max_event: int = 3,
     max_slow_startup: float = 0.2,
     native_faults: bool = True,
+    ranks: Sequence[int | None] = (None,),
 ) -> st.SearchStrategy[Fault]:
-    """Single faults: a kind, a trigger it can fire at, and an incarnation from ``incarnations``.
+    """Single faults: a kind, a trigger it can fire at, an incarnation from ``incarnations``
+    and a rank from ``ranks`` (for a group; None, the default, is every rank).
 
     ``native_faults``: see :func:`fault_kinds`.
     """
@@ -144,7 +146,8 @@ def faults(
 
             reject()
         trigger = draw(triggers(usable, max_task=max_task, max_event=max_event))
-        return Fault(kind, trigger, draw(st.sampled_from(list(incarnations))))
+        incarnation = draw(st.sampled_from(list(incarnations)))
+        return Fault(kind, trigger, incarnation, draw(st.sampled_from(list(ranks))))
 
     return build()
 
@@ -163,6 +166,7 @@ def fault_plans(
     max_event: int = 3,
     max_slow_startup: float = 0.2,
     native_faults: bool = True,
+    ranks: Sequence[int | None] = (None,),
 ) -> st.SearchStrategy[FaultPlan]:
     """Fault plans of 0 to ``max_faults`` faults; see :func:`faults` for the rest.
 
@@ -180,6 +184,7 @@ def fault_plans(
                 max_event=max_event,
                 max_slow_startup=max_slow_startup,
                 native_faults=native_faults,
+                ranks=ranks,
             ),
             max_size=max_faults,
         ).map(tuple),
