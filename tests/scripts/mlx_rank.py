@@ -13,8 +13,11 @@ Scenarios, in order (every rank runs them in the same order):
   at its sixth token (``generated`` counts the tokens checked).
 - ``skipped``: task 10 runs on rank 0 only (the others skipped it, as a
   task cancelled before it started there), then task 11 on every rank.
-- ``lost``: the last rank exits; rank 0 starts task 12, finds its ring
-  broken and exits (status 75, ``LOST_GROUP_EXIT``), never printing.
+- ``refused``: a request every rank refuses before generating (a
+  ``logit_bias`` outside the vocabulary): each rank raises, and goes on.
+- ``lost``: task 13, where the last rank's context raises at its third
+  token; that rank exits (status 75, ``LOST_GROUP_EXIT``), then rank 0 finds
+  its ring broken and exits too, neither printing.
 
 ``single`` also prints ``{"scenario": "round-trip", "text": ...}``, the Qwen2
 demo tokenizer's decoding of its encoding of ``ROUND_TRIP``, and
@@ -23,7 +26,6 @@ in pipeline stages raises.
 """
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -45,15 +47,18 @@ class Context:
     Counted where the flag is read (once per token, on every rank).
     """
 
-    def __init__(self, task_id: int, cancel_after: int | None = None) -> None:
+    def __init__(self, task_id: int, cancel_after: int | None = None, fail_after: int | None = None) -> None:
         self.task_id = task_id
         self.cancel_after = cancel_after
+        self.fail_after = fail_after
         self.checks = 0
         self.tokens: list[int] = []
 
     @property
     def cancelled(self) -> bool:
         self.checks += 1
+        if self.fail_after is not None and self.checks > self.fail_after:
+            raise OSError("this rank alone fails")
         return self.cancel_after is not None and self.checks > self.cancel_after
 
     def emit_many(self, events: Any) -> None:
@@ -68,13 +73,15 @@ class Context:
             raise TaskCancelled(f"task {self.task_id} was cancelled")
 
 
-def run(scenario: str, runner: MlxLmRunner, ctx: Context) -> None:
-    request = Generate(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0)
+def run(scenario: str, runner: MlxLmRunner, ctx: Context, request: Generate | None = None) -> None:
+    request = request or Generate(prompt=PROMPT, max_tokens=MAX_TOKENS, temperature=0.0)
     try:
         completion = runner.handle(request, ctx)  # type: ignore[arg-type]
         outcome, tokens = "completed", completion.generation_tokens
     except TaskCancelled:
         outcome, tokens = "cancelled", ctx.checks
+    except ValueError:
+        outcome, tokens = "error", ctx.checks
     line = {"scenario": scenario, "outcome": outcome, "tokens": ctx.tokens, "generated": tokens}
     print(json.dumps(line), flush=True)
 
@@ -108,9 +115,8 @@ def main() -> None:
     if rank == 0:
         run("skipped", runner, Context(10))
     run("skipped", runner, Context(11))
-    if last:
-        os._exit(0)
-    run("lost", runner, Context(12))
+    run("refused", runner, Context(12), Generate(prompt=PROMPT, logit_bias={100_000: 1.0}))
+    run("lost", runner, Context(13, fail_after=3 if last else None))
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from .._runner import GroupInfo, TaskContext
 from ._types import Token
 
 PARALLEL_MODES = ("tensor", "pipeline")
-#: How a rank exits when its ring is broken (the ``os._exit`` status).
+#: How a rank exits when its ring is broken or it fell out of step (the ``os._exit`` status).
 LOST_GROUP_EXIT = 75
 ResultT = TypeVar("ResultT")
 
@@ -159,13 +159,24 @@ class RankSync:
         [ring] ...``) exits at once, instead of failing this task and every
         later one: ``init`` in the same process returns the broken group, so
         only a new group of processes recovers, which the supervisor starts.
+
+        An error raised before the first token's agreement (the request's
+        checks) is raised alike by every rank, and fails the task as usual.
+        One raised later may be this rank's alone, while the others wait in
+        the next collective for ever: the rank exits, and the group restarts.
         """
+        agreed: AgreedContext | None = None
         try:
-            return handle(cast(TaskContext[Token], self.begin(ctx)))
-        except RuntimeError as exc:
-            if "[ring]" not in str(exc):
+            agreed = self.begin(ctx)
+            return handle(cast(TaskContext[Token], agreed))
+        except TaskCancelled:
+            raise
+        except Exception as exc:
+            if isinstance(exc, RuntimeError) and "[ring]" in str(exc):
+                lost_the_group(self.rank, exc)
+            if agreed is None or agreed.checks == 0:
                 raise
-            lost_the_group(self.rank, exc)
+            left_the_group(self.rank, exc)
 
     @staticmethod
     def agreed(ctx: object) -> bool:
@@ -195,12 +206,22 @@ class RankSync:
 
 def lost_the_group(rank: int, exc: BaseException) -> NoReturn:
     """Exit this rank at once, saying why on stderr: its ring is broken for good."""
-    print(
-        f"trio_runner.mlx: rank {rank} lost its group ({exc}); exiting, as a broken ring cannot be "
-        "joined again in this process",
-        file=sys.stderr,
-        flush=True,
+    _exit(
+        f"rank {rank} lost its group ({exc}); exiting, as a broken ring cannot be joined "
+        "again in this process"
     )
+
+
+def left_the_group(rank: int, exc: BaseException) -> NoReturn:
+    """Exit this rank at once, saying why on stderr: it failed mid-generation, out of step with the others."""
+    _exit(
+        f"rank {rank} failed mid-generation ({type(exc).__name__}: {exc}); exiting, as the other ranks "
+        "wait in a collective this rank will never join"
+    )
+
+
+def _exit(why: str) -> NoReturn:
+    print(f"trio_runner.mlx: {why}", file=sys.stderr, flush=True)
     os._exit(LOST_GROUP_EXIT)
 
 
@@ -217,6 +238,7 @@ class AgreedContext:
 
     def __init__(self, ctx: TaskContext[Token]) -> None:
         self._ctx = ctx
+        self.checks = 0  # agreements made: the same count on every rank
 
     @property
     def task_id(self) -> int:
@@ -235,6 +257,7 @@ class AgreedContext:
             self._ctx.emit_many(events)
 
     def raise_if_cancelled(self) -> None:
+        self.checks += 1
         (seen,) = _all_sum([int(self._ctx.cancelled)])
         if seen:
             raise TaskCancelled(f"task {self._ctx.task_id} was cancelled")
