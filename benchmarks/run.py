@@ -36,11 +36,16 @@ SUITES = [
     ("scaling", "bench_scaling"),
     ("cancel", "bench_cancel"),
     ("mlx", "bench_mlx"),
+    ("mlx_group", "bench_mlx_group"),
     ("serve", "bench_serve"),
 ]
 
 # Suites that run in an interpreter of their own (see _run_isolated), with what they need.
-ISOLATED = {"mlx": ("mlx", "mlx_lm"), "serve": ("mlx", "mlx_lm", "hypercorn", "starlette")}
+ISOLATED = {
+    "mlx": ("mlx", "mlx_lm"),
+    "mlx_group": ("mlx", "mlx_lm"),
+    "serve": ("mlx", "mlx_lm", "hypercorn", "starlette"),
+}
 
 
 def _isolated_available(name: str, module_name: str) -> tuple[bool, str]:
@@ -242,6 +247,36 @@ def _serve_rows(results: dict) -> tuple[list[dict], dict]:
     return rows, {"serve": results}
 
 
+def _mlx_group_rows(results: dict) -> tuple[list[dict], dict]:
+    """Rows for bench_mlx_group.py: the 2-rank MLX group against one process (reported, not judged)."""
+    import _common
+
+    t, r = results["throughput"], results["restart"]
+    rows = [
+        _common.row(
+            "mlx_group_tps",
+            "MLX demo model tokens/s, 2-rank tensor group (supervised)",
+            f"{t['group_tps']:.0f} tok/s",
+            f"one supervised process, concurrency=1: {t['one_tps']:.0f} tok/s",
+            f"{t['tps_ratio']:.3f}x one process (median of {t['rounds']} paired rounds)",
+            "reported (on 2 cores the group is not expected to be faster)",
+            None,
+            **t,
+        ),
+        _common.row(
+            "mlx_group_restart",
+            f"MLX 2-rank group restart to ready after a rank SIGKILL ({r['start_method']}, median)",
+            f"{r['restart_ms']:.0f} ms kill -> READY (new ranks)",
+            f"bare start of the group {r['bare_start_ms']:.0f} ms open -> READY",
+            f"{r['restart_ratio']:.2f}x a bare start",
+            "reported",
+            None,
+            **r,
+        ),
+    ]
+    return rows, {"mlx_group": results}
+
+
 def main(argv: list[str] | None = None) -> int:
     import argparse
     import importlib
@@ -306,6 +341,8 @@ def main(argv: list[str] | None = None) -> int:
             continue
         elif name == "mlx":
             suite_rows, suite_raw = _mlx_rows(_run_isolated(module_name))
+        elif name == "mlx_group":
+            suite_rows, suite_raw = _mlx_group_rows(_run_isolated(module_name, smoke=args.smoke))
         else:
             suite_rows, suite_raw = _serve_rows(_run_isolated(module_name, smoke=args.smoke))
         timings[name] = time.perf_counter() - begun

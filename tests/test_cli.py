@@ -117,6 +117,10 @@ async def test_generate_escapes_control_characters_in_text_written_to_a_pipe() -
         (["--seed", "-2", "Hi"], "argument --seed: '-2' must be 0 or more"),
         (["--model", "/no/such/model", "Hi"], "argument --model: model path '/no/such/model' does not exist"),
         ([], "the following arguments are required: PROMPT"),
+        (["--ranks", "0", "Hi"], "argument --ranks: '0' must be 1 or more"),
+        (["--parallel", "data", "Hi"], "argument --parallel: invalid choice: 'data'"),
+        (["--parallel", "tensor", "Hi"], "--parallel tensor shards the model over a group: add --ranks 2"),
+        (["--ranks", "2", "Hi"], "--ranks 2 needs --parallel tensor or --parallel pipeline"),
     ],
 )
 async def test_generate_usage_errors_print_one_line_and_exit_2(args: list[str], complaint: str) -> None:
@@ -124,6 +128,35 @@ async def test_generate_usage_errors_print_one_line_and_exit_2(args: list[str], 
     assert (code, out) == (2, "")
     assert len(err.splitlines()) == 1, err
     assert complaint in err
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--parallel", "pipeline"], "--parallel pipeline shards the model over a group: add --ranks 2"),
+        (["--ranks", "3"], "--ranks 3 needs --parallel tensor or --parallel pipeline"),
+    ],
+)
+async def test_serve_group_usage_errors_print_one_line_and_exit_2(args: list[str], complaint: str) -> None:
+    code, out, err = await _run("serve", *args)
+    assert (code, out) == (2, "")
+    assert len(err.splitlines()) == 1, err
+    assert complaint in err
+
+
+async def test_generate_with_the_qwen2_demo_model_prints_what_the_llama_demo_model_prints() -> None:
+    code, qwen2, err = await _run("generate", "--model", "demo-qwen2", "--max-tokens", "20", "Beautiful is")
+    assert code == 0, err
+    _, llama, _ = await _run("generate", "--max-tokens", "20", "Beautiful is")
+    assert qwen2 == llama and len(qwen2) > 20
+
+
+async def test_generate_over_two_pipeline_ranks_prints_what_one_process_prints() -> None:
+    args = ["--model", "demo-qwen2", "--max-tokens", "20", "Beautiful is"]
+    code, grouped, err = await _run("generate", "--ranks", "2", "--parallel", "pipeline", *args)
+    assert code == 0, err
+    _, alone, _ = await _run("generate", *args)
+    assert grouped == alone and len(grouped) > 20
 
 
 async def test_generate_with_a_model_that_cannot_load_prints_its_cause_and_exits_1(tmp_path: Path) -> None:

@@ -61,6 +61,11 @@ EXPECTED: dict[str, list[str]] = {
         r"rejected at the call: max_tokens=0 must be an int >= 1",
         r"cancelled mid-generation",
     ],
+    "mlx_group.py": [
+        r"pids, one per rank: 2",
+        r"streamed 30 tokens: True",
+        r"same text as one process: True",
+    ],
     "mlx_batching.py": [
         r"greedy in the batch, same text as alone: True",
         r"seeded requests batch too, same seed same text: True",

@@ -14,7 +14,7 @@ import logging
 import signal
 import sys
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from . import __version__
 from ._errors import ExitRecord, RestartLimitExceeded, RunnerCrashed, TrioRunnerError
@@ -94,21 +94,24 @@ async def _generate(args: argparse.Namespace) -> None:
     from ._policy import RestartPolicy
     from ._state import Exited, Ready
     from .mlx import Generate, demo_model_location, open_mlx_supervisor, prepare_demo_model
-    from .mlx._model import verify_demo_model
+    from .mlx._model import DEMO_MODEL_NAMES, verify_demo_model
     from .mlx._supervise import kernel_cache_cold, warm_kernel_cache
 
     request = Generate(
         prompt=args.prompt, max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
     )
     began = trio.current_time()
-    model = args.model
-    if model is None and await trio.to_thread.run_sync(verify_demo_model, demo_model_location()) is None:
-        model = str(demo_model_location())
-    if model is None:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(show_progress, _note, "building the demo model (first run only)")
-            model = str(await prepare_demo_model(progress=True))
-            nursery.cancel_scope.cancel()
+    model: str = "demo" if args.model is None else args.model
+    architecture = DEMO_MODEL_NAMES.get(model)
+    if architecture is not None:
+        location = demo_model_location(architecture)
+        if await trio.to_thread.run_sync(verify_demo_model, location, architecture) is None:
+            model = str(location)
+        else:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(show_progress, _note, "building the demo model (first run only)")
+                model = str(await prepare_demo_model(architecture, progress=True))
+                nursery.cancel_scope.cancel()
     if await trio.to_thread.run_sync(kernel_cache_cold):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(show_progress, _note, "compiling MLX's CPU kernels (first run only)")
@@ -117,7 +120,12 @@ async def _generate(args: argparse.Namespace) -> None:
     # One request: a crash is reported, not retried.
     policy = RestartPolicy(mode="temporary")
     async with open_mlx_supervisor(
-        model, start_method=args.start_method, policy=policy, name="generate"
+        model,
+        start_method=args.start_method,
+        policy=policy,
+        name="generate",
+        parallel=args.parallel,
+        **_group_options(args),
     ) as sup:
         changes = sup.watch(replay=True)
         async with trio.open_nursery() as nursery:
@@ -192,10 +200,37 @@ async def _serve(args: argparse.Namespace) -> None:
             grace=args.grace,
             stop=stop,
             say=_say,
+            parallel=args.parallel,
+            ranks=args.ranks,
         )
     except OSError as exc:
         # A bare OSError comes from before anything runs: the address cannot be bound, say.
         raise CommandError(exc.strerror or str(exc)) from None
+
+
+_MODEL_HELP = (
+    "a model directory or a Hugging Face repo id "
+    "(default: the offline demo model; demo-qwen2: its Qwen2 twin)"
+)
+
+
+def _group_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The supervisor's ``ranks`` option, when the command runs a group."""
+    return {"ranks": args.ranks} if args.ranks > 1 else {}
+
+
+def check_group_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """A usage error unless ``--parallel`` and ``--ranks`` (2 or more) come together."""
+    ranks: int | None = getattr(args, "ranks", None)
+    if ranks is None:
+        return
+    parallel: str | None = args.parallel
+    if parallel is not None and ranks < 2:
+        parser.error(f"--parallel {parallel} shards the model over a group: add --ranks 2 (or more)")
+    if parallel is None and ranks >= 2:
+        parser.error(
+            f"--ranks {ranks} needs --parallel tensor or --parallel pipeline (how the ranks share the model)"
+        )
 
 
 def _port(text: str) -> int:
@@ -278,6 +313,21 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="how runner processes start: forkserver with mlx-lm preloaded (auto on Linux) or spawn",
     )
+    group = _Parser(add_help=False)
+    group.add_argument(
+        "--ranks",
+        type=_integer(1),
+        default=1,
+        metavar="N",
+        help="run the model sharded over N processes, one supervised group (default 1; needs --parallel)",
+    )
+    group.add_argument(
+        "--parallel",
+        choices=("tensor", "pipeline"),
+        default=None,
+        help="how the ranks share the model: tensor (Llama, Qwen2, ...) or pipeline (Qwen2 and others, "
+        "not Llama; try --model demo-qwen2)",
+    )
     demo = commands.add_parser(
         "demo",
         parents=[verbosity, start],
@@ -291,7 +341,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(command=_demo)
     generate = commands.add_parser(
         "generate",
-        parents=[verbosity, start],
+        parents=[verbosity, start, group],
         help="generate text with an MLX model in a supervised runner",
         description=(
             "Load a model in a supervised runner process and stream the generated text to stdout; "
@@ -304,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_model,
         default=None,
         metavar="M",
-        help="a model directory or a Hugging Face repo id (default: the offline demo model)",
+        help=_MODEL_HELP,
     )
     generate.add_argument(
         "--max-tokens", type=_integer(1), default=100, metavar="N", help="tokens to generate (default 100)"
@@ -316,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(command=_generate)
     serve = commands.add_parser(
         "serve",
-        parents=[verbosity, start],
+        parents=[verbosity, start, group],
         help="serve an MLX model over an OpenAI-compatible HTTP API that stays up while the runner crashes",
         description=(
             "Serve an MLX model in a supervised runner over an OpenAI-compatible API "
@@ -329,7 +379,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=_model,
         default=None,
         metavar="M",
-        help="a model directory or a Hugging Face repo id (default: the offline demo model)",
+        help=_MODEL_HELP,
     )
     serve.add_argument(
         "--served-model-name",
@@ -456,7 +506,9 @@ async def _run(command: Command, args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """The ``trio-runner`` entry point; returns the process exit code."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    check_group_arguments(parser, args)
     missing = _missing_extras(args.command_name)
     if missing is not None:
         _report(CommandError(missing))

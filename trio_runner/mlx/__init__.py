@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._model import DEMO_MODEL_ENV as DEMO_MODEL_ENV
+from ._model import DEMO_QWEN2_MODEL_ENV as DEMO_QWEN2_MODEL_ENV
 from ._model import demo_model as demo_model
 from ._model import demo_model_location as demo_model_location
 from ._runner import MlxLmRunner as MlxLmRunner

@@ -1,4 +1,4 @@
-"""The offline demo model: a tiny Llama trained for seconds on the Zen of Python, built once and cached.
+"""The offline demo models: a tiny Llama trained for seconds on the Zen of Python, and its Qwen2 twin.
 
 Its tokenizer and weights are both trained on the Zen of Python, as the
 standard library's ``this`` module keeps it, so greedy generation streams
@@ -10,6 +10,11 @@ into place, and a manifest of file hashes is its last file: a directory
 without a matching manifest is partial or corrupt, and is rebuilt. Two
 processes building at once both succeed; one rename wins and the other
 process uses the winner's copy.
+
+The Qwen2 twin (``demo_model("qwen2")``) holds the Llama's trained weights
+in Qwen2's architecture, which mlx-lm can split into pipeline stages
+(``model.model.pipeline``): it is built from the Llama in seconds, and
+generates the same text.
 
 Building imports mlx and mlx-lm (about 1.2 s) and evaluates MLX. Do not call
 :func:`demo_model` on a trio thread, nor in a process that will later fork:
@@ -38,9 +43,18 @@ logger = logging.getLogger("trio_runner.mlx")
 
 #: Environment variable naming the directory of the demo model (built there if missing).
 DEMO_MODEL_ENV = "TRIO_RUNNER_DEMO_MODEL"
+#: Environment variable naming the directory of the Qwen2 demo model (built there if missing).
+DEMO_QWEN2_MODEL_ENV = "TRIO_RUNNER_DEMO_QWEN2_MODEL"
 # Recipe 1 was an untrained model; a cache of another recipe is rebuilt.
 _RECIPE = 2
-_DIR_NAME = f"demo-model-v{_RECIPE}"
+# The Qwen2 twin is converted from the Llama: a new Llama recipe is a new twin.
+_QWEN2_RECIPE = f"qwen2-1-from-llama-{_RECIPE}"
+#: The demo models' architectures, each with its model name (``--model demo-qwen2``).
+DEMO_MODEL_NAMES = {"demo": "llama", "demo-qwen2": "qwen2"}
+_ARCHITECTURES = {
+    "llama": (DEMO_MODEL_ENV, f"demo-model-v{_RECIPE}", _RECIPE),
+    "qwen2": (DEMO_QWEN2_MODEL_ENV, "demo-qwen2-v1", _QWEN2_RECIPE),
+}
 _MANIFEST = "trio-runner-demo.json"
 VOCAB_SIZE = 512
 CONTEXT_LENGTH = 2048
@@ -81,20 +95,29 @@ def _cache_root() -> Path:
     return base / "trio-runner"
 
 
-def demo_model_location() -> Path:
+def _architecture(architecture: str) -> tuple[str, str, int | str]:
+    try:
+        return _ARCHITECTURES[architecture]
+    except (KeyError, TypeError):
+        raise ValueError(f"architecture={architecture!r} must be 'llama' or 'qwen2'") from None
+
+
+def demo_model_location(architecture: str = "llama") -> Path:
     """Where :func:`demo_model` keeps the model: ``$TRIO_RUNNER_DEMO_MODEL``, or the user cache dir.
 
     The default is ``~/.cache/trio-runner/demo-model-v2`` on Linux (honouring
     ``XDG_CACHE_HOME``) and ``~/Library/Caches/trio-runner/demo-model-v2`` on
-    macOS. Nothing is built or checked.
+    macOS. The Qwen2 twin (``architecture="qwen2"``) lives in ``demo-qwen2-v1``
+    beside it, or at ``$TRIO_RUNNER_DEMO_QWEN2_MODEL``. Nothing is built or checked.
     """
-    override = os.environ.get(DEMO_MODEL_ENV)
+    env, name, _ = _architecture(architecture)
+    override = os.environ.get(env)
     if override:
         return Path(override).expanduser().absolute()
-    return _cache_root() / _DIR_NAME
+    return _cache_root() / name
 
 
-def demo_model() -> Path:
+def demo_model(architecture: str = "llama") -> Path:
     """The directory of the offline demo model, built on first use. Returns at once when cached.
 
     The model is a 2-layer Llama with hidden size 64 and a 512-token
@@ -107,15 +130,26 @@ def demo_model() -> Path:
     A partial or corrupt cache is detected (a manifest of file hashes is written
     last) and rebuilt, with a warning on the ``trio_runner.mlx`` logger.
 
+    ``architecture="qwen2"`` is the same model, weights and tokenizer, in
+    mlx-lm's Qwen2 architecture (zero biases on the attention projections
+    make it compute exactly what the Llama computes): Qwen2 models can be
+    split into pipeline stages (``MlxLmRunner(parallel="pipeline")``), Llama
+    models only sharded by tensor. It is built from the Llama (built first if
+    needed) in about 3 s, mostly ``import mlx_lm``.
+
     **Blocking:** the first call takes 11-13 s of CPU time, mostly training,
     plus ``import mlx_lm``. From trio, use ``await trio_parallel.run_sync(demo_model,
     kill_on_cancel=True)``.
 
+    Args:
+        architecture: ``"llama"`` (the default) or ``"qwen2"``.
+
     Raises:
         OSError: the location cannot be written.
+        ValueError: another architecture.
     """
-    target = demo_model_location()
-    problem = verify_demo_model(target)
+    target = demo_model_location(architecture)
+    problem = verify_demo_model(target, architecture)
     if problem is None:
         return target
     if target.exists():
@@ -124,24 +158,28 @@ def demo_model() -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.building-", dir=target.parent))
     try:
-        _build(staging)
+        if architecture == "qwen2":
+            _build_qwen2(staging)
+        else:
+            _build(staging)
         try:
             os.rename(staging, target)
         except OSError:
             # Another process renamed its build into place first; use theirs if it is sound.
-            if verify_demo_model(target) is not None:
+            if verify_demo_model(target, architecture) is not None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
-def verify_demo_model(path: Path) -> str | None:
-    """None if ``path`` holds a complete demo model, else what is wrong with it."""
+def verify_demo_model(path: Path, architecture: str = "llama") -> str | None:
+    """None if ``path`` holds a complete demo model of ``architecture``, else what is wrong with it."""
+    recipe = _architecture(architecture)[2]
     try:
         manifest = json.loads((path / _MANIFEST).read_text())
         files: dict[str, str] = manifest["files"]
-        if manifest.get("recipe") != _RECIPE or not files:
+        if manifest.get("recipe") != recipe or not files:
             return "it was built by another version of trio-runner"
         for name, digest in files.items():
             if _sha256(path / name) != digest:
@@ -208,11 +246,49 @@ def _build(out: Path) -> None:
             time.monotonic() - began,
         )
         _build_weights(out, ids)
+    _seal(out, _RECIPE)
+
+
+def _seal(out: Path, recipe: int | str) -> None:
+    """Write the manifest of ``out``'s files, last: a directory without it is incomplete."""
     files = {p.name: _sha256(p) for p in sorted(out.iterdir()) if p.is_file()}
-    manifest = {"recipe": _RECIPE, "files": files}
+    manifest = {"recipe": recipe, "files": files}
     (out / _MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     # The directory's mode comes from mkdtemp (0700); give it the usual one.
     os.chmod(out, 0o755)
+
+
+def _build_qwen2(out: Path) -> None:
+    """Write the Qwen2 twin of the Llama demo model into the empty directory ``out``.
+
+    Qwen2's attention projections have biases where Llama's have none; with
+    zero biases and the same rope settings, the two compute the same function.
+    The byte-level BPE tokenizer is copied as it is: transformers 5 loads it as
+    a ``Qwen2Tokenizer``, which round-trips any text (a WordLevel tokenizer
+    would encode everything to no tokens at all).
+    """
+    source = demo_model()
+    with _hub_offline():
+        import mlx.core as mx
+        from mlx_lm.models import qwen2
+        from mlx_lm.utils import save_config, save_model  # pyright: ignore[reportUnknownVariableType]
+
+        began = time.monotonic()
+        for name in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copyfile(source / name, out / name)
+        config = {**_MODEL_CONFIG, "model_type": "qwen2"}
+        saved: Any = mx.load(str(source / "model.safetensors"))
+        weights: dict[str, Any] = dict(saved)
+        for key, value in list(weights.items()):
+            if key.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight")):
+                weights[key.removesuffix("weight") + "bias"] = mx.zeros((value.shape[0],), dtype=value.dtype)
+        with mx.stream(mx.cpu):
+            model = qwen2.Model(qwen2.ModelArgs.from_dict(dict(config)))  # pyright: ignore[reportUnknownMemberType]
+            model.load_weights(list(weights.items()), strict=True)  # pyright: ignore[reportUnknownMemberType]
+        save_model(out, model)  # pyright: ignore[reportUnknownArgumentType]
+        save_config(config, out / "config.json")
+        logger.info("demo model: Qwen2 twin of %s built in %.1f s", source, time.monotonic() - began)
+    _seal(out, _QWEN2_RECIPE)
 
 
 def _build_tokenizer(out: Path, text: str) -> list[int]:
@@ -284,7 +360,7 @@ def _build_weights(out: Path, ids: list[int]) -> None:
     save_config(dict(_MODEL_CONFIG), out / "config.json")
 
 
-def demo_model_with_progress() -> Path:
+def demo_model_with_progress(architecture: str = "llama") -> Path:
     """:func:`demo_model`, writing each build stage as a line on stderr.
 
     For a throwaway worker process (see ``prepare_demo_model(progress=True)``):
@@ -296,7 +372,7 @@ def demo_model_with_progress() -> Path:
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
     try:
-        return demo_model()
+        return demo_model(architecture)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(saved)

@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from ._batch import BatchEngine
+    from ._sharded import RankSync
 
 from .. import _validate as check
 from .._runner import Runner, TaskContext
 from ._batch_text import ChoiceText
+from ._model import DEMO_MODEL_NAMES
 from ._prompt_cache import DEFAULT_PROMPT_CACHE_BYTES, PromptCache
+from ._sharded import check_parallel
 from ._types import Completion, Generate, Token
 
 __all__ = ["MlxLmRunner", "check_model_argument", "start_options", "warm_up_once"]
@@ -77,7 +80,9 @@ def check_model_argument(model: str | os.PathLike[str] | None) -> str | None:
 
     A path that exists is made absolute (the child may run elsewhere). A string
     shaped like a Hugging Face repo id (``org/name``) is kept for
-    ``mlx_lm.load`` to resolve. Anything else is a missing local path.
+    ``mlx_lm.load`` to resolve, and so is the name of a demo model
+    (``"demo"``, ``"demo-qwen2"``) that no directory of that name shadows.
+    Anything else is a missing local path.
     """
     if model is None:
         return None
@@ -89,6 +94,8 @@ def check_model_argument(model: str | os.PathLike[str] | None) -> str | None:
         if not path.is_dir():
             raise ValueError(f"model path {text!r} is not a directory; give the model's directory")
         return str(path.absolute())
+    if text in DEMO_MODEL_NAMES:
+        return text
     if isinstance(model, str) and _REPO_ID.fullmatch(text) and not text.startswith("."):
         return text
     raise ValueError(f"model path {text!r} does not exist; give a model directory or a Hugging Face repo id")
@@ -100,7 +107,8 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
     Args:
         model: a local model directory or a Hugging Face repo id, for
             ``mlx_lm.load``. ``None`` (the default) is the offline demo model,
-            :func:`~trio_runner.mlx.demo_model`, built in the child if needed.
+            :func:`~trio_runner.mlx.demo_model`, built in the child if needed;
+            ``"demo-qwen2"`` its Qwen2 twin (``demo_model("qwen2")``).
         warmup: generate a couple of tokens, greedy and sampled, in ``setup``,
             so the first request does not pay for loading and for compiling
             MLX's CPU kernels (cached on disk, under ``$TMPDIR/mlx``); the
@@ -120,6 +128,18 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
             request's prompt is processed in chunks of this size between
             decoding steps, so it holds up the others at most one chunk at a
             time. Default 512.
+        parallel: ``"tensor"`` or ``"pipeline"`` to shard the model over the
+            ranks of a group (``ranks=N`` on the supervisor); None (the
+            default) for a runner on its own. Each rank joins MLX's ``ring``
+            group at the addresses of :attr:`~trio_runner.Runner.group` and
+            loads its shard with ``mlx_lm.utils.sharded_load``. Tensor
+            sharding needs a model with ``shard`` (Llama, Qwen2, ...),
+            pipelining one with ``model.model.pipeline`` (Qwen2 and some 16
+            other families, not Llama). A group serves one request at a time
+            on the single-stream path, without the prompt cache: every rank
+            must run the same steps in the same order, and a batch's makeup
+            (or a cache hit) would depend on when each rank's requests
+            arrive. So ``concurrency`` must be 1 or unset.
 
     Each request is a :class:`Generate`; each event a :class:`Token`; the
     result a :class:`Completion`. The cancel flag is checked at every token
@@ -158,12 +178,22 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         concurrency: int | None = None,
         prompt_cache_bytes: int = DEFAULT_PROMPT_CACHE_BYTES,
         prefill_step_size: int = DEFAULT_PREFILL_STEP_SIZE,
+        parallel: str | None = None,
     ) -> None:
         self.model_arg = None if model is None else os.fspath(model)
         self.warmup = warmup
         self._missing_preload = preloaded and _PRELOAD_MODULE not in sys.modules
+        self.parallel = check_parallel(parallel)
         if concurrency is not None:
             self.concurrency = check.integer("concurrency", concurrency, minimum=1, fix="the batch size")
+        if self.parallel is not None:
+            if concurrency not in (None, 1):
+                raise ValueError(
+                    f"concurrency={concurrency!r} with parallel={self.parallel!r}: a sharded model serves "
+                    "one request at a time (every rank must run the same steps in the same order); "
+                    "pass concurrency=1 or leave it out"
+                )
+            self.concurrency = 1
         self.prefill_step_size = check.integer("prefill_step_size", prefill_step_size, minimum=1)
         self.prompt_cache = PromptCache(
             check.integer("prompt_cache_bytes", prompt_cache_bytes, minimum=0, what="an int number of bytes")
@@ -174,6 +204,7 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         self.vocab_size: int | None = None
         self.load_seconds = 0.0
         self._engine: BatchEngine | None = None
+        self._sync: RankSync | None = None
         self._pieces: dict[int, str] = {}
         self.stream_options: dict[str, Any] = {}
 
@@ -188,13 +219,15 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         import mlx.core as mx
         import mlx_lm
 
-        if self.model_arg is None:
-            from ._model import demo_model
+        path = self._model_path()
+        seed = int.from_bytes(os.urandom(8), "little")
+        if self.parallel is None:
+            from ._sharded import check_group
 
-            path = str(demo_model())
+            check_group(None, self.group)
+            loaded: Any = mlx_lm.load(path, return_config=True)  # pyright: ignore[reportUnknownMemberType]
         else:
-            path = check_model_argument(self.model_arg) or self.model_arg
-        loaded: Any = mlx_lm.load(path, return_config=True)  # pyright: ignore[reportUnknownMemberType]
+            loaded, seed = self._load_shard(path)
         self.model, self.tokenizer, config = loaded
         context = config.get("max_position_embeddings")
         self.context_length = context if isinstance(context, int) and context > 0 else None
@@ -202,7 +235,7 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         self.vocab_size = vocab if isinstance(vocab, int) and vocab > 0 else None
         if self.warmup:
             self._warm_up()
-        mx.random.seed(int.from_bytes(os.urandom(8), "little"))
+        mx.random.seed(seed)
         if self.concurrency > 1:
             from ._batch import HANDOFF_INTERVAL, BatchEngine
 
@@ -218,6 +251,32 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
             )
             self._engine.start()
         self.load_seconds = time.perf_counter() - began
+
+    def _model_path(self) -> str:
+        """The model directory to load: the demo models by name (built if needed), else the argument."""
+        name = "demo" if self.model_arg is None else self.model_arg
+        if name in DEMO_MODEL_NAMES and not Path(name).exists():
+            from ._model import demo_model
+
+            return str(demo_model(DEMO_MODEL_NAMES[name]))
+        return check_model_argument(name) or name
+
+    def _load_shard(self, path: str) -> tuple[Any, int]:
+        """Join the group's ring and load this rank's shard; returns what ``load`` would, and the shared seed.
+
+        Sampling must pick the same token on every rank, so rank 0 draws the
+        random seed and shares it; the prompt cache is off (see ``parallel``).
+        """
+        from ._sharded import RankSync, check_group, join_group, load_sharded, shared_seed
+
+        assert self.parallel is not None
+        group = check_group(self.parallel, self.group)
+        assert group is not None
+        world = join_group(group)
+        loaded = load_sharded(path, self.parallel, world)
+        self.prompt_cache = PromptCache(0)
+        self._sync = RankSync(group.rank, group.size)
+        return loaded, shared_seed(group.rank)
 
     def teardown(self) -> None:
         if self._engine is not None:
@@ -286,6 +345,8 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         if not isinstance(request, Generate):  # pyright: ignore[reportUnnecessaryIsInstance]
             kind = type(request).__name__
             raise TypeError(f"MlxLmRunner serves trio_runner.mlx.Generate requests, not {kind}")
+        if self._sync is not None and not self._sync.agreed(ctx):
+            return self._sync.serve(ctx, lambda agreed: self.handle(request, agreed))
         ids = self.encode(request)
         max_tokens = request.max_tokens
         context = self.context_length

@@ -233,7 +233,7 @@ async def _serve(
 
 def model_id_for(model: str | None) -> str:
     """The name ``/v1/models`` gives a model: the demo's, a directory's name, or the repo id."""
-    if model is None:
+    if model is None or model == "demo":
         return DEMO_MODEL_ID
     path = Path(model)
     return path.name if path.is_dir() else model
@@ -254,12 +254,16 @@ async def serve_mlx(
     grace: float = 5.0,
     stop: trio.Event,
     say: Callable[[str], None] = print,
+    parallel: str | None = None,
+    ranks: int = 1,
 ) -> None:
     """``trio-runner serve``: supervise an MLX runner and serve it until ``stop`` is set.
 
     The server listens at once (``/health`` says ``starting`` while the model
     loads). Leaving shuts the server down gracefully, then the runner.
     ``concurrency`` is the runner's batch size (``None``: the runner's default, 32).
+    With ``ranks`` of 2 or more, the model is sharded over a group of that many
+    runners (``parallel``, see :func:`~trio_runner.mlx.open_mlx_supervisor`).
     """
     from ..mlx._supervise import open_mlx_supervisor
     from ..mlx._tools import ToolMlxLmRunner
@@ -274,7 +278,7 @@ async def serve_mlx(
     config = _config(host, port, grace)
     sockets = listen(config)  # before the runner starts: an address in use fails at once
     # None keeps the default policy. The server answers 503 after a give-up instead of ending.
-    supervisor_options: ForwardedOptions = {"policy": policy, "raise_on_give_up": False}
+    supervisor_options: ForwardedOptions = {"policy": policy, "raise_on_give_up": False, "ranks": ranks}
     try:
         async with open_mlx_supervisor(
             model,
@@ -282,6 +286,7 @@ async def serve_mlx(
             name="serve",
             runner=ToolMlxLmRunner,
             concurrency=concurrency,
+            parallel=parallel,
             **supervisor_options,
         ) as sup:
             async with trio.open_nursery() as nursery:
@@ -310,8 +315,10 @@ async def _report_runner(
     with scope:
         async for change in sup.watch(replay=True):
             if isinstance(change, Ready):
+                ranks = len(sup.statistics().pids)
+                place = f"rank {change.rank} of {ranks}, " if ranks > 1 else ""
                 say(
-                    f"runner ready: pid {change.pid} (incarnation {change.incarnation}), "
+                    f"runner ready: pid {change.pid} ({place}incarnation {change.incarnation}), "
                     f"{change.startup_seconds * 1000:.0f} ms after spawn"
                 )
             elif isinstance(change, Exited) and change.exit.reason is not ExitReason.REQUESTED:
