@@ -135,6 +135,10 @@ async def test_generate_usage_errors_print_one_line_and_exit_2(args: list[str], 
     [
         (["--parallel", "pipeline"], "--parallel pipeline shards the model over a group: add --ranks 2"),
         (["--ranks", "3"], "--ranks 3 needs --parallel tensor or --parallel pipeline"),
+        (
+            ["--ranks", "2", "--parallel", "tensor", "--batch-size", "8"],
+            "--batch-size 8 with --ranks 2: a sharded model serves one request at a time",
+        ),
     ],
 )
 async def test_serve_group_usage_errors_print_one_line_and_exit_2(args: list[str], complaint: str) -> None:

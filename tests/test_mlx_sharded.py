@@ -230,6 +230,10 @@ def test_a_group_without_parallel_is_refused_with_what_to_pass() -> None:
             {"ranks": 2},
             r"ranks=2 runs the model in 2 processes: pass parallel='tensor' or parallel='pipeline'",
         ),
+        (
+            {"parallel": "tensor", "ranks": 2, "concurrency": 4},
+            r"concurrency=4 with ranks=2: a sharded model serves one request at a time",
+        ),
     ],
 )
 async def test_open_mlx_supervisor_refuses_parallel_and_ranks_apart_before_starting_anything(

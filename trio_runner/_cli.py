@@ -231,6 +231,12 @@ def check_group_arguments(parser: argparse.ArgumentParser, args: argparse.Namesp
         parser.error(
             f"--ranks {ranks} needs --parallel tensor or --parallel pipeline (how the ranks share the model)"
         )
+    batch_size: int | None = getattr(args, "batch_size", None)
+    if ranks >= 2 and batch_size not in (None, 1):
+        parser.error(
+            f"--batch-size {batch_size} with --ranks {ranks}: a sharded model serves one request at a "
+            "time; leave --batch-size out"
+        )
 
 
 def _port(text: str) -> int:
@@ -412,10 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--batch-size",
         type=_integer(1),
-        default=DEFAULT_BATCH_SIZE,
+        default=None,
         metavar="N",
-        help=f"sequences decoded together in one batch (default {DEFAULT_BATCH_SIZE}; a request with n "
-        "choices counts n); 1 serves one request at a time, single-stream",
+        help=f"sequences decoded together in one batch (default {DEFAULT_BATCH_SIZE}, and 1 with --ranks; a "
+        "request with n choices counts n); 1 serves one request at a time, single-stream",
     )
     serve.add_argument(
         "--ready-wait",

@@ -169,7 +169,7 @@ async def open_mlx_supervisor(
             "concurrency", concurrency, minimum=1, fix="the batch size"
         )
     parallel = check_parallel(parallel)
-    check_parallel_ranks(parallel, supervisor_options.get("ranks", 1))
+    check_parallel_ranks(parallel, supervisor_options.get("ranks", 1), concurrency)
     if parallel is not None:
         runner_kwargs["parallel"] = parallel
     checked = await resolve_model(model)
@@ -188,13 +188,19 @@ async def open_mlx_supervisor(
         yield sup
 
 
-def check_parallel_ranks(parallel: str | None, ranks: object) -> None:
-    """A ValueError unless ``parallel`` is given exactly when ``ranks`` is 2 or more.
+def check_parallel_ranks(parallel: str | None, ranks: object, concurrency: int | None = None) -> None:
+    """A ValueError unless ``parallel`` is given exactly when ``ranks`` is 2 or more,
+    and the batch size of a group (``concurrency``) is left out or 1.
 
     A group's ranks must share the model (each would load all of it otherwise),
-    and sharding needs other ranks.
+    sharding needs other ranks, and a sharded model serves one request at a time.
     """
     grouped = isinstance(ranks, int) and ranks >= 2
+    if grouped and concurrency not in (None, 1):
+        raise ValueError(
+            f"concurrency={concurrency!r} with ranks={ranks!r}: a sharded model serves one request at a "
+            "time; pass concurrency=1 or leave it out"
+        )
     if parallel is not None and not grouped:
         raise ValueError(
             f"parallel={parallel!r} shards the model over the ranks of a group: pass ranks=2 or more "
