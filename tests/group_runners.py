@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import pickle
 import socket
+import sys
 import threading
 import time
 from typing import Any
@@ -44,6 +45,7 @@ class GroupRunner(Runner[Any, Any, Any]):
     def setup(self) -> None:
         group = self.group
         assert isinstance(group, GroupInfo)
+        print(f"rank {group.rank} of {group.size} in setup", file=sys.stderr, flush=True)
         if group.rank == self.fail_setup_rank:
             raise RuntimeError(f"rank {group.rank} failed its setup on purpose")
         if group.rank == self.hang_setup_rank:

@@ -248,6 +248,9 @@ async def test_a_rank_that_never_gets_ready_is_a_startup_failure_within_the_star
     last = await _startup_failure({"hang_setup_rank": 1}, timeouts)
     assert last.rank == 1
     assert "Timeouts(startup=2" in last.detail
+    # Every rank's last lines, marked with its rank, the rank that went first's first.
+    assert last.stderr_tail[0] == "[rank 1] rank 1 of 2 in setup"
+    assert "[rank 0] rank 0 of 2 in setup" in last.stderr_tail
 
 
 @pytest.mark.parametrize("rank", [0, 1])

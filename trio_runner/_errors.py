@@ -60,7 +60,8 @@ class ExitRecord:
         pid: the process id of that incarnation.
         incarnation: 1 for the first spawn, then counting up.
         detail: one sentence on what happened, including hints for fixing it.
-        stderr_tail: the last lines the child wrote to stderr.
+        stderr_tail: the last lines the child wrote to stderr. For a group that
+            could not start, every rank's, each line marked ``[rank N]``.
         remote_traceback: the traceback the child sent before dying, if any.
         reaped: False if the process could not be reaped within the kill timeout.
         rank: in a group (``ranks=N``), the rank whose exit this is: for the

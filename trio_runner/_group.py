@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import trio
 
 from . import _protocol as proto
-from ._errors import ExitRecord, RunnerUnavailable, TaskError
+from ._errors import ExitReason, ExitRecord, RunnerUnavailable, TaskError
 from ._exits import ExitFacts
 from ._incarnation import Incarnation
 from ._process import SpawnSpec, Worker, WorkerFactory
@@ -404,9 +404,23 @@ class GroupIncarnation:
                 record.describe(),
             )
             return
+        if record.reason is ExitReason.STARTUP_FAILED:
+            record = dataclasses.replace(record, stderr_tail=self._every_tail(inc, record))
         # one_for_all: the first rank to go takes the group with it.
         self._first, self._record = inc, record
         for other in self.ranks:
             if other is not inc:
                 other.request_stop()
         self._on_exit(self, record)
+
+    def _every_tail(self, first: Incarnation, record: ExitRecord) -> tuple[str, ...]:
+        """Every rank's stderr tail, each line marked with its rank, the rank that went first's first.
+
+        A group that cannot start often fails on one rank because of another
+        (a rank that never connects): the others' last lines say why.
+        """
+        lines = [f"[rank {first.rank}] {line}" for line in record.stderr_tail]
+        for other in self.ranks:
+            if other is not first:
+                lines.extend(f"[rank {other.rank}] {line}" for line in other.stderr_tail)
+        return tuple(lines)
