@@ -189,6 +189,7 @@ class Incarnation:
         await self.worker.aclose()
 
     def kill(self, reason: ExitReason, detail: str) -> None:
+        """SIGKILL the runner for ``reason`` (a timeout, a protocol error, a stuck cancel); first wins."""
         if self.kill_reason is not None or self.exited.is_set():
             return
         logger.warning("runner %r (pid %s): %s; killing it", self.name, self.worker.pid, detail)
