@@ -36,8 +36,8 @@ from trio_runner import (
 from trio_runner import _protocol as proto
 from trio_runner._errors import StoppedBy
 from trio_runner._incarnation import DRAIN_BOUND
+from trio_runner._restarts import Restarts
 from trio_runner._state import BackingOff, Exited, GaveUp, Ready, Spawned, Stopped
-from trio_runner._supervisor import Supervisor
 
 from .fakes import (
     SERVE,
@@ -120,7 +120,7 @@ async def test_a_bug_in_routing_a_message_raises_as_itself_not_as_a_protocol_err
     def broken(*args: object, **kwargs: object) -> None:
         raise KeyError("a bug in the supervisor")
 
-    monkeypatch.setattr(Supervisor, "_on_ready", broken)
+    monkeypatch.setattr(Restarts, "on_ready", broken)
     fake = FakeFactory([SERVE])
     # The bug leaves the block (inside the group of the nursery it broke), not
     # caught and turned into a killed runner and ten restarts.

@@ -2,8 +2,9 @@
 
 :class:`Incarnation` owns what happens between the spawn and the exit record:
 one nursery of tasks that forward the runner's messages (to the task table, or
-to the lifecycle), send it tasks, cancels and credits, enforce the timeouts
-(the watchdog) and carry out a stop (Shutdown, SIGTERM, SIGKILL). When the
+to the lifecycle), send it tasks, cancels and credits (its :class:`Sender`,
+``_sender``), enforce the timeouts (the watchdog) and carry out a stop
+(Shutdown, SIGTERM, SIGKILL). When the
 process is gone and its socket and pipes are drained, :func:`classify_exit`
 turns what was seen into the :class:`ExitRecord` that :meth:`Incarnation.run`
 returns. Restarting is the supervisor's business, not this module's.
@@ -15,7 +16,6 @@ import logging
 import signal
 from collections import deque
 from collections.abc import Callable
-from typing import cast
 
 import trio
 
@@ -25,7 +25,8 @@ from ._childlog import ChildLog, last_lines
 from ._errors import ExitReason, ExitRecord, StoppedBy, TaskCancelled, TaskError, TaskFailed
 from ._exits import UNKNOWN_STATUS, ExitFacts, ExitStatus, Fatal, classify_exit
 from ._process import Worker
-from ._tasks import Task, TaskTable
+from ._sender import Sender
+from ._tasks import TaskTable
 from ._timeouts import Timeouts
 
 logger = logging.getLogger("trio_runner")
@@ -36,11 +37,6 @@ DRAIN_BOUND = 1.0  # after death: read the socket to EOF and stdio to the end, a
 # its death is seen.
 _EOF_GRACE = 1.0
 _STDERR_TAIL = 50
-_SEND_SLICE = 256 * 1024  # the most of a big request written to the socket in one call
-# The tasks the sender writes in one go add up to at most this share of
-# max_frame_size: a batch is pickled on the loop, so its size bounds the time
-# that takes, and it fits in one frame or two.
-_SEND_BATCH_SHARE = 0.5
 
 
 class Incarnation:
@@ -96,15 +92,14 @@ class Incarnation:
         self.escalate = trio.Event()
         self.ready_event = trio.Event()
         self.watch_wake = trio.Event()
-        self.send_lock = trio.StrictFIFOLock()
-        # The unsent end of a task frame that ``send_now`` wrote without waiting;
-        # whoever takes ``send_lock`` next sends it first.
-        self.backlog = b""
         self.reported = False  # its exit has been reported and its tasks settled
         # What the policy made of the exit: (backoff or None to stop, error to raise).
         self.decision: tuple[float | None, BaseException | None] = (None, None)
         self.death_scope = trio.CancelScope()
         self.stderr_tail: deque[str] = deque(maxlen=_STDERR_TAIL)
+        self.sender = Sender(self, tasks, timeouts, max_frame)
+        # An attribute, not a method: it is on every small task's round trip.
+        self.send_now = self.sender.send_now
 
     @property
     def pids(self) -> tuple[int | None]:
@@ -164,8 +159,8 @@ class Incarnation:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._forward)
                 nursery.start_soon(self._pump_output)
-                nursery.start_soon(self._send_tasks)
-                nursery.start_soon(self._send_control)
+                nursery.start_soon(self.sender.send_tasks)
+                nursery.start_soon(self.sender.send_control)
                 nursery.start_soon(self._watchdog)
                 nursery.start_soon(self._escalation)
                 with self.death_scope:
@@ -180,7 +175,7 @@ class Incarnation:
                     await self.output_done.wait()
                 # Report now, not after the incarnation's tasks have wound down
                 # (a loop pass or two): nothing can be put in flight on it any
-                # more (see _send_tasks and send_now).
+                # more (see ``Sender.send_tasks`` and ``send_now``).
                 nursery.cancel_scope.cancel()
                 record = classify_exit(self.facts(), status or UNKNOWN_STATUS)
                 self._on_exit(self, record)
@@ -193,7 +188,8 @@ class Incarnation:
         """Release the transport and the process object, once the exit is decided on."""
         await self.worker.aclose()
 
-    def _kill(self, reason: ExitReason, detail: str) -> None:
+    def kill(self, reason: ExitReason, detail: str) -> None:
+        """SIGKILL the runner for ``reason`` (a timeout, a protocol error, a stuck cancel); first wins."""
         if self.kill_reason is not None or self.exited.is_set():
             return
         logger.warning("runner %r (pid %s): %s; killing it", self.name, self.worker.pid, detail)
@@ -211,7 +207,7 @@ class Incarnation:
         if self.kill_reason is None:
             self.stopped_by = StoppedBy.SHUTDOWN
             with trio.move_on_after(timeouts.graceful):
-                await self._send_locked(proto.encode([proto.Shutdown()]))
+                await self.sender.send_locked(proto.encode([proto.Shutdown()]))
                 await self.exited.wait()
             if self.exited.is_set():
                 return
@@ -296,7 +292,7 @@ class Incarnation:
                 continue
             deadline, reason, detail = min(checks, key=lambda check: check[0])
             if trio.current_time() >= deadline:
-                self._kill(reason, detail)
+                self.kill(reason, detail)
                 return
             with trio.move_on_at(deadline):
                 await self.watch_wake.wait()
@@ -333,7 +329,7 @@ class Incarnation:
                     for message in messages:
                         self._route(message, now)
         except proto.FrameError as exc:
-            self._kill(ExitReason.PROTOCOL_ERROR, str(exc))
+            self.kill(ExitReason.PROTOCOL_ERROR, str(exc))
         finally:
             self.eof.set()
             self.poke_watchdog()
@@ -392,131 +388,3 @@ class Incarnation:
             self.stderr_tail.extend(last_lines(batch, _STDERR_TAIL))
             level = logging.WARNING
         self._child_log.put(level, self.worker.pid, stream, batch)
-
-    # -- to the runner -----------------------------------------------------------------
-
-    def send_now(self, task: Task) -> bool:
-        """Write the task straight to a ready runner's socket if nothing is ahead of it.
-
-        Handing it to the sender task instead costs a loop pass: a third of a
-        small task's round trip. False, having done nothing, if the task must
-        queue (not ready, tasks or bytes ahead of it, a send in progress).
-        """
-        tasks = self._tasks
-        if (
-            tasks.pending
-            or self.backlog
-            or not self.ready_event.is_set()
-            or self.stop_requested
-            or self.exited.is_set()
-            or self.send_lock.locked()
-            or task.request is None
-            or len(task.request) >= _payloads.LARGE_REQUEST  # sent in parts by _send_tasks, not copied
-        ):
-            return False
-        data = tasks.mark_sent([task], self.number)
-        assert isinstance(data, bytes)
-        self.last_progress = trio.current_time()
-        if self._timeouts.stall is not None:
-            self.poke_watchdog()  # only the stall check depends on what was sent
-        sent = self.worker.send_nowait(data)
-        if sent < len(data):
-            self.backlog = data[sent:]
-            tasks.wake_sender()  # the sender task writes the rest
-        return True
-
-    async def _send_tasks(self) -> None:
-        """Deliver pending tasks once the runner is READY, in submission order."""
-        await self.ready_event.wait()
-        limit = int(self._max_frame * _SEND_BATCH_SHARE)
-        tasks = self._tasks
-        while not self.stop_requested:
-            if not tasks.pending:
-                if self.backlog:
-                    await self._send_locked(b"")
-                    continue
-                await tasks.wait_pending()
-                continue
-            batch = tasks.next_batch(limit)
-            if self.exited.is_set():
-                return  # the exit is being reported: these wait for the next incarnation
-            data = tasks.mark_sent(batch, self.number)
-            self.last_progress = trio.current_time()
-            if self._timeouts.stall is not None:
-                self.poke_watchdog()  # only the stall check depends on what was sent
-            await self._send_locked(data)
-            del data  # a big request's pieces: held by the task alone now, freed with it off the loop
-
-    async def _send_control(self) -> None:
-        """The cancel channel: cancels and credits, each write bounded by ``cancel_send``."""
-        timeout = self._timeouts.cancel_send
-        tasks = self._tasks
-        control = tasks.control_recv
-        while True:
-            items = [await control.receive()]
-            while True:
-                try:
-                    items.append(control.receive_nowait())
-                except trio.WouldBlock:
-                    break
-            messages: list[proto.Cancel | proto.Credit] = []
-            for message, incarnation in items:
-                # Items are tagged with the incarnation they were meant for at the
-                # moment they were queued: one left over from a runner that died
-                # never reaches the next (a stale credit would over-grant a window).
-                if incarnation != self.number:
-                    continue
-                match message:
-                    case proto.Cancel():
-                        # Sent even for a task the parent already ended (say, its
-                        # event did not unpickle): the runner must stop working on it.
-                        messages.append(message)
-                    case proto.Credit(task_id) if task_id in tasks.in_flight:
-                        messages.append(message)
-                        if task_id in self.running:
-                            self.last_progress = trio.current_time()
-                    case proto.Credit():
-                        pass  # finished meanwhile
-            if not messages:
-                continue
-            with trio.move_on_after(timeout) as scope:
-                # A burst of cancels or credits is split like any other batch.
-                await self._send_locked(proto.encode_frames(messages, self._max_frame))
-            if scope.cancelled_caught:
-                self._kill(
-                    ExitReason.HUNG,
-                    f"a cancel could not be written within Timeouts(cancel_send={timeout}): "
-                    "the runner has stopped reading its control socket",
-                )
-                return
-
-    async def _send_locked(self, data: bytes | list[proto.Buffer]) -> None:
-        """``send_all`` under the send lock, without a schedule point when the lock is free.
-
-        ``async with lock`` yields once even uncontended: a whole loop pass per task sent.
-        The backlog a fast-path send left goes first. ``data`` may be a list of
-        parts (a big request), written in turn, never joined.
-        """
-        lock = self.send_lock
-        try:
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
-        try:
-            if isinstance(data, list):
-                if self.backlog:
-                    backlog, self.backlog = self.backlog, b""
-                    await self.worker.send_all(backlog)
-                for part in data:
-                    with memoryview(part) as view:
-                        # In slices: one send of a whole big payload to a peer that
-                        # keeps reading can copy for tens of milliseconds in one call.
-                        for offset in range(0, len(view), _SEND_SLICE):
-                            # Any bytes-like will do: trio's send_all writes from a memoryview of it.
-                            await self.worker.send_all(cast(bytes, view[offset : offset + _SEND_SLICE]))
-                return
-            if self.backlog:
-                data, self.backlog = self.backlog + data, b""
-            await self.worker.send_all(data)
-        finally:
-            lock.release()

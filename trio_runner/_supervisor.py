@@ -2,8 +2,9 @@
 
 The restart loop spawns an incarnation (``_incarnation``), runs it until its
 process is gone, reports the exit, settles the tasks in flight on it (in the
-task table, ``_tasks``) and lets the restart policy decide what comes next.
-Exit records are made by ``_exits``, lifecycle changes logged by ``_lifecycle``.
+task table, ``_tasks``) and lets the restart policy decide what comes next
+(``_restarts``). Exit records are made by ``_exits``, lifecycle changes logged
+by ``_lifecycle``.
 
 The restart loop runs in a shielded scope. Cancelling the supervisor from
 outside turns into a *request* to stop, which is carried out gracefully and
@@ -26,17 +27,13 @@ from ._childlog import ChildLog
 from ._describe import check_main_script, check_not_bootstrapping, runner_arguments, runner_path, unpicklable
 from ._errors import (
     ExitRecord,
-    RestartLimitExceeded,
-    RunnerCrashed,
     RunnerUnavailable,
 )
-from ._exits import never_restarts
 from ._group import GroupIncarnation, GroupTable
 from ._groups import reraise_unwrapped
 from ._incarnation import DRAIN_BOUND, Incarnation
 from ._lifecycle import Lifecycle
 from ._options import Options, SupervisorOptions
-from ._policy import RestartTracker
 from ._process import (
     SpawnSpec,
     WorkerFactory,
@@ -44,13 +41,11 @@ from ._process import (
     private_limiter,
     process_worker,
 )
+from ._restarts import Restarts
 from ._runner import Runner
 from ._state import (
-    BackingOff,
     Exited,
-    GaveUp,
     LifecycleChange,
-    Ready,
     RunnerState,
     Spawned,
     Stopped,
@@ -63,7 +58,6 @@ EventT = TypeVar("EventT")
 ResultT = TypeVar("ResultT")
 T = TypeVar("T")
 
-logger = logging.getLogger("trio_runner")
 
 _STOP_MARGIN = 5.0  # slack over Timeouts.shutdown_bound for the whole of a stop
 # Wall-clock seconds the log thread gets to hand the child's last lines to their handlers.
@@ -111,12 +105,10 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         name = runner.__name__ if options.name is None else options.name
 
         self.name = name
-        self._policy = options.policy
         self._timeouts = options.timeouts
         self._max_frame = options.max_frame_size
         self._payload_limiter = trio.CapacityLimiter(_PAYLOAD_THREADS)
         self._loop_pickler = _payloads.LoopPickler()
-        self._raise_on_give_up = options.raise_on_give_up
         self._worker_factory = worker_factory
         self._spec = SpawnSpec(
             module=module,
@@ -128,8 +120,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
             max_frame=options.max_frame_size,
             heartbeat_interval=options.timeouts.heartbeat_interval,
         )
-        self._tracker = RestartTracker(options.policy)
         self._lifecycle = Lifecycle()
+        self._restarts = Restarts(name, options, self._lifecycle)
         self._tasks = (
             TaskTable(options.window, options.max_frame_size)
             if options.ranks == 1
@@ -143,8 +135,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         self._done = trio.Event()
         self._main_scope: trio.CancelScope | None = None
         self._deferred_failure: Callable[[], RunnerUnavailable] | None = None
-        self._child_logger = logging.getLogger(f"trio_runner.runner.{name}")
-        self._child_log = ChildLog(self._child_logger)
+        self._child_log = ChildLog(logging.getLogger(f"trio_runner.runner.{name}"))
 
     # -- public API ---------------------------------------------------------
 
@@ -168,8 +159,8 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
             state=self._lifecycle.state,
             pid=None if inc is None else inc.pids[0],
             incarnation=self._incarnations,
-            restarts=self._tracker.total_restarts,
-            consecutive_failures=self._tracker.failures,
+            restarts=self._restarts.tracker.total_restarts,
+            consecutive_failures=self._restarts.tracker.failures,
             in_flight=len(self._tasks.in_flight),
             pending=len(self._tasks.pending),
             uptime=uptime,
@@ -444,50 +435,11 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
                 self._worker_factory,
                 make,
                 tasks=tasks,
-                on_ready=self._on_ready,
+                on_ready=self._restarts.on_ready,
                 on_exit=self._report_exit,
             )
         worker = self._worker_factory(self._spec, number)
-        return make(number, worker, tasks=tasks, on_ready=self._on_ready, on_exit=self._report_exit)
-
-    def _decide(
-        self, inc: Incarnation | GroupIncarnation, record: ExitRecord
-    ) -> tuple[float | None, BaseException | None]:
-        """Apply the policy to an exit: (the backoff before a restart or None to stop, the error to raise)."""
-        if never_restarts(inc.facts(), record):
-            self._lifecycle.set_state(RunnerState.FAILED)
-            self._lifecycle.emit(GaveUp(self._tracker.failures, record))
-            return None, RunnerCrashed(record)
-        decision = self._tracker.on_exit(record.reason, trio.current_time())
-        if decision.action == "stop":
-            logger.info(
-                "runner %r exited (%s); policy %r does not restart it",
-                self.name,
-                record.describe(),
-                self._policy.mode,
-            )
-            self._lifecycle.set_state(RunnerState.STOPPED)
-            return None, None
-        if decision.action == "give_up":
-            logger.error(
-                "runner %r exited (%s); giving up after %d restarts in a row",
-                self.name,
-                record.describe(),
-                decision.restarts,
-            )
-            self._lifecycle.set_state(RunnerState.FAILED)
-            self._lifecycle.emit(GaveUp(decision.restarts, record))
-            failure = RestartLimitExceeded(decision.restarts, record) if self._raise_on_give_up else None
-            return None, failure
-        logger.warning(
-            "runner %r exited (%s); restarting in %.3g s",
-            self.name,
-            record.describe(),
-            decision.delay,
-        )
-        self._lifecycle.set_state(RunnerState.BACKING_OFF)
-        self._lifecycle.emit(BackingOff(decision.delay, self._tracker.total_restarts))
-        return decision.delay, None
+        return make(number, worker, tasks=tasks, on_ready=self._restarts.on_ready, on_exit=self._report_exit)
 
     # -- one incarnation ----------------------------------------------------------
 
@@ -516,21 +468,7 @@ class Supervisor(Generic[RequestT, EventT, ResultT], metaclass=NoPublicConstruct
         self._lifecycle.emit(Exited(record))
         self._tasks.settle_exit(inc.running, record)
         if not self._stop_requested:
-            inc.decision = self._decide(inc, record)
-
-    def _on_ready(self, inc: Incarnation | GroupIncarnation, now: float) -> None:
-        inc.ready = True
-        inc.ready_at = inc.last_progress = now
-        self._tracker.on_ready(now)
-        startup = now - inc.spawned_at
-        pids = " ".join(map(str, inc.pids))
-        logger.info("runner %r ready (pid %s) after %.3f s", self.name, pids, startup)
-        if not inc.stop_requested:
-            self._lifecycle.set_state(RunnerState.READY)
-        for rank, pid in enumerate(inc.pids):
-            self._lifecycle.emit(Ready(inc.number, pid, startup, rank))
-        inc.ready_event.set()
-        inc.poke_watchdog()
+            inc.decision = self._restarts.decide(inc, record, trio.current_time())
 
 
 def create_supervisor(
