@@ -169,6 +169,25 @@ def test_reads_of_exactly_one_frame_decode_like_any_other_and_keep_the_stream_in
     _assert_nothing_left(reader)
 
 
+def test_a_read_shaped_like_a_whole_frame_is_still_the_rest_of_the_frame_before_it() -> None:
+    # Pickle ignores bytes after its end, so a frame's body may end with bytes
+    # that would be a whole frame alone: read after the frame's start, they are its rest.
+    body = pickle.dumps([(proto.HEARTBEAT,)], protocol=proto.PICKLE_PROTOCOL)
+    lookalike = proto.encode([proto.Result(1, b"x")])
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    assert list(reader.feed(proto.HEADER.pack(len(body) + len(lookalike)) + body)) == []
+    batches = [[proto.check_from_child(wire) for wire in batch] for batch in reader.feed(lookalike)]
+    assert batches == [[proto.Heartbeat()]]
+    _assert_nothing_left(reader)
+    # Likewise the rest of a big frame, kept read by read instead of buffered.
+    big_body = pickle.dumps([(proto.RESULT, 2, b"y" * 2000)], protocol=proto.PICKLE_PROTOCOL)
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    assert list(reader.feed_big(proto.HEADER.pack(len(big_body) + len(lookalike)) + big_body, 1000)) == []
+    items = list(reader.feed_big(lookalike, 1000))
+    assert [type(item) for item in items] == [proto.BigFrame]
+    assert not reader.in_big_frame
+
+
 def test_a_read_of_exactly_one_oversize_or_corrupt_frame_is_a_frame_error() -> None:
     oversize = proto.encode([proto.Result(1, b"x" * proto.MIN_FRAME_SIZE)])
     with pytest.raises(proto.FrameError, match="exceeds the maximum"):
