@@ -149,6 +149,63 @@ def test_feed_big_hands_over_big_frames_whole_and_in_order_however_the_bytes_are
     _assert_nothing_left(reader)
 
 
+def test_reads_of_exactly_one_frame_decode_like_any_other_and_keep_the_stream_in_step() -> None:
+    # One whole frame per read is the round trip's read (decoded without the
+    # buffer); around it come a frame split across reads, a big one and two in one read.
+    big = 1000
+    frames = [proto.encode([proto.Result(i, b"x" * size)]) for i, size in enumerate([1, 2, 5000, 3, 4, 5])]
+    reads = [frames[0], frames[1][:3], frames[1][3:], frames[2], frames[3] + frames[4], frames[5]]
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    seen: list[Any] = []
+    for read in reads:
+        for item in reader.feed_big(read, big):
+            if isinstance(item, proto.BigFrame):
+                seen.extend(pickle.loads(b"".join(bytes(part) for part in item.parts)))
+            else:
+                seen.extend(item)
+    assert [proto.check_from_child(wire) for wire in seen] == [
+        proto.Result(i, b"x" * size) for i, size in enumerate([1, 2, 5000, 3, 4, 5])
+    ]
+    _assert_nothing_left(reader)
+
+
+def test_a_read_shaped_like_a_whole_frame_is_still_the_rest_of_the_frame_before_it() -> None:
+    # Pickle ignores bytes after its end, so a frame's body may end with bytes
+    # that would be a whole frame alone: read after the frame's start, they are its rest.
+    body = pickle.dumps([(proto.HEARTBEAT,)], protocol=proto.PICKLE_PROTOCOL)
+    lookalike = proto.encode([proto.Result(1, b"x")])
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    assert list(reader.feed(proto.HEADER.pack(len(body) + len(lookalike)) + body)) == []
+    batches = [[proto.check_from_child(wire) for wire in batch] for batch in reader.feed(lookalike)]
+    assert batches == [[proto.Heartbeat()]]
+    _assert_nothing_left(reader)
+    # Likewise the rest of a big frame, kept read by read instead of buffered.
+    big_body = pickle.dumps([(proto.RESULT, 2, b"y" * 2000)], protocol=proto.PICKLE_PROTOCOL)
+    reader = proto.FrameReader(proto.MIN_FRAME_SIZE)
+    assert list(reader.feed_big(proto.HEADER.pack(len(big_body) + len(lookalike)) + big_body, 1000)) == []
+    items = list(reader.feed_big(lookalike, 1000))
+    assert [type(item) for item in items] == [proto.BigFrame]
+    assert not reader.in_big_frame
+
+
+def test_a_read_of_exactly_one_oversize_or_corrupt_frame_is_a_frame_error() -> None:
+    oversize = proto.encode([proto.Result(1, b"x" * proto.MIN_FRAME_SIZE)])
+    with pytest.raises(proto.FrameError, match="exceeds the maximum"):
+        list(proto.FrameReader(proto.MIN_FRAME_SIZE).feed(oversize))
+    with pytest.raises(proto.FrameError, match="corrupt frame"):
+        list(proto.FrameReader(proto.MIN_FRAME_SIZE).feed(proto.HEADER.pack(7) + b"garbage"))
+
+
+def test_messages_built_as_wire_tuples_encode_and_parse_as_their_classes() -> None:
+    # The hot path builds Task, Started and Result as wire tuples; the far end
+    # must see exactly the typed message the class would have made.
+    typed = [proto.Task(3, b"request", 16), proto.Started(3), proto.Result(3, b"result")]
+    wire = [(proto.TASK, 3, b"request", 16), (proto.STARTED, 3), (proto.RESULT, 3, b"result")]
+    data = proto.encode_wire(wire, proto.MIN_FRAME_SIZE)
+    assert data == proto.encode_frames(typed, proto.MIN_FRAME_SIZE)
+    assert _parsed(_frames(data, proto.MIN_FRAME_SIZE)) == _typed(typed)
+
+
 def test_in_big_frame_is_true_exactly_while_a_big_frame_is_partly_received() -> None:
     big = 1000
     stream = proto.encode([proto.Result(1, b"x" * 5000)]) + proto.encode([proto.Heartbeat()])

@@ -53,6 +53,10 @@ _HURRY_EVENTS = 256
 _BACKSTOP_SLACK = 0.002
 
 _Report: TypeAlias = "proto.Error | proto.Fatal"
+#: What the outbox queues and sends: a message, or one built as its wire tuple
+#: where it is made (the round trip's Started and Result: a message class
+#: costs more to make, and to flatten, than the rest of its way out).
+_Outgoing: TypeAlias = "proto.FromChild | proto.Wire"
 #: A pickled payload: bytes, or views of it in pieces if it is big (``_pieces.cut``).
 _Pickled: TypeAlias = "bytes | list[pickle.PickleBuffer]"
 
@@ -65,7 +69,8 @@ _FOLLOWER_PROGRESS = 0.1
 
 
 class TaskSlot:
-    """One task's state in the child; its lock guards every field but ``task_id``.
+    """One task's state in the child; its lock guards every field but ``task_id`` and ``request``
+    (which only the reader thread sets, before the slot is queued, and the task's thread takes).
 
     The thread that runs the task emits into it, the reader thread grants
     credits and cancels, and whoever sends takes its queued events.
@@ -201,7 +206,7 @@ class Outbox:
         self.linger = 0.0
         self.heartbeat_paused = False
         # Slots with events, and other messages, in the order they were queued.
-        self._queue: deque[TaskSlot | proto.FromChild] = deque()
+        self._queue: deque[TaskSlot | _Outgoing] = deque()
         # Held by whoever writes to the socket, while it takes the queue, so
         # batches go out in the order they were taken.
         self._send_lock = threading.Lock()
@@ -228,7 +233,7 @@ class Outbox:
         self._queue.append(message)
         self._wake_writer()
 
-    def send_now(self, message: proto.FromChild) -> None:
+    def send_now(self, message: _Outgoing) -> None:
         """Write ``message``, after everything queued, from this thread; waits out a send in progress."""
         with self._send_lock:
             batch = self._take()
@@ -243,7 +248,7 @@ class Outbox:
                 self._send_batch(batch)
             self.sock.sendall(data)
 
-    def finish(self, slot: TaskSlot, outcome: proto.FromChild) -> None:
+    def finish(self, slot: TaskSlot, outcome: _Outgoing) -> None:
         """Send a task's outcome, after its events; Cancelled if a cancel came first."""
         with slot.lock:
             if slot.cancelled:
@@ -339,11 +344,11 @@ class Outbox:
 
     # -- sending --------------------------------------------------------------------
 
-    def _take(self) -> list[proto.FromChild]:
+    def _take(self) -> list[_Outgoing]:
         """With the send lock held: everything queued, each slot's events as one message."""
         self._taken_at = next(self._emitted)
         queue = self._queue
-        batch: list[proto.FromChild] = []
+        batch: list[_Outgoing] = []
         while queue:
             item = queue.popleft()
             if not isinstance(item, TaskSlot):
@@ -429,30 +434,36 @@ class Outbox:
                         return
                     if self.heartbeat_paused or time.monotonic() - self._last_sent < self.heartbeat_interval:
                         continue
-                    batch = [cast(proto.FromChild, proto.Heartbeat())]
+                    batch = [cast(_Outgoing, proto.Heartbeat())]
                 if not self._send_batch(batch):
                     return  # the parent is gone; the reader thread handles that
                 if closing:
                     return
 
-    def _send_batch(self, batch: list[proto.FromChild]) -> bool:
+    def _send_batch(self, batch: list[_Outgoing]) -> bool:
         """Write one batch; called with the send lock held. False if the socket is gone.
 
         Events are pickled here one message at a time (an Error instead if they
-        cannot be sent), error reports cut to fit, and the frames kept under the
-        size limit. One method, not two: it runs twice per round trip.
+        cannot be sent), error reports cut to fit, each message flattened to its
+        wire tuple, and the frames kept under the size limit. One method, not
+        two: it runs twice per round trip.
         """
-        messages: list[proto.FromChild] = []
+        tags = proto.TAGS
+        messages: list[proto.Wire] = []
         for message in batch:
             kind = type(message)
+            if kind is tuple:  # built as its wire tuple (Started, Result): as it is
+                messages.append(message)
+                continue
             if kind is proto.Events:
                 message = self._pack_events(cast(proto.Events, message))
                 kind = type(message)  # an Error if they cannot be sent
             if kind is proto.Error or kind is proto.Fatal:
                 message = self._fit_error(cast(_Report, message))
-            messages.append(message)
+            # Concatenation runs in C: the cheapest way to prepend the tag.
+            messages.append((tags[kind],) + message)  # noqa: RUF005
         try:
-            self.sock.sendall(proto.encode_frames(messages, self.max_frame))
+            self.sock.sendall(proto.encode_wire(messages, self.max_frame))
         except OSError:
             return False
         self._last_sent = time.monotonic()
@@ -486,10 +497,11 @@ class Outbox:
             return data
         return proto.Events(task_id, data)
 
-    def pack_result(self, task_id: int, value: Any) -> proto.Result | proto.Error:
-        """A task's Result, its value pickled (by the task's own thread); an Error if it cannot be sent."""
+    def pack_result(self, task_id: int, value: Any) -> proto.Wire | proto.Error:
+        """A task's Result as its wire tuple, its value pickled (by the task's own thread);
+        an Error if it cannot be sent."""
         data = self._pickle(task_id, split_list(value), "the result")
-        return data if isinstance(data, proto.Error) else proto.Result(task_id, data)
+        return data if isinstance(data, proto.Error) else (proto.RESULT, task_id, data)
 
     def _pickle(self, task_id: int, payload: Any, what: str) -> _Pickled | proto.Error:
         """``payload`` pickled (a big one in pieces), or the Error that fails its task if it cannot go."""
@@ -508,7 +520,7 @@ class Outbox:
         # MiB holds its GIL for milliseconds); whole if the pieces' own
         # overhead would not fit the frame.
         pieces = cut(data)
-        return pieces if wire_size(pieces) <= limit else data
+        return pieces if pieces is data or wire_size(pieces) <= limit else data
 
 
 class FollowerEmitter:
