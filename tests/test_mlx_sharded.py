@@ -232,7 +232,7 @@ def test_a_group_without_parallel_is_refused_with_what_to_pass() -> None:
         ),
         (
             {"parallel": "tensor", "ranks": 2, "concurrency": 4},
-            r"concurrency=4 with ranks=2: a sharded model serves one request at a time",
+            r"concurrency=4 with parallel='tensor': a sharded model serves one request at a time",
         ),
     ],
 )

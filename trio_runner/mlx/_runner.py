@@ -24,7 +24,7 @@ from .._runner import Runner, TaskContext
 from ._batch_text import ChoiceText
 from ._model import DEMO_MODEL_NAMES
 from ._prompt_cache import DEFAULT_PROMPT_CACHE_BYTES, PromptCache
-from ._sharded import check_parallel
+from ._sharded import check_parallel, check_sharded_concurrency
 from ._types import Completion, Generate, Token
 
 __all__ = ["MlxLmRunner", "check_model_argument", "start_options", "warm_up_once"]
@@ -186,13 +186,8 @@ class MlxLmRunner(Runner[Generate, Token, Completion]):
         self.parallel = check_parallel(parallel)
         if concurrency is not None:
             self.concurrency = check.integer("concurrency", concurrency, minimum=1, fix="the batch size")
+        check_sharded_concurrency(self.parallel, concurrency)
         if self.parallel is not None:
-            if concurrency not in (None, 1):
-                raise ValueError(
-                    f"concurrency={concurrency!r} with parallel={self.parallel!r}: a sharded model serves "
-                    "one request at a time (every rank must run the same steps in the same order); "
-                    "pass concurrency=1 or leave it out"
-                )
             self.concurrency = 1
         self.prefill_step_size = check.integer("prefill_step_size", prefill_step_size, minimum=1)
         self.prompt_cache = PromptCache(

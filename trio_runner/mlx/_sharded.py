@@ -41,6 +41,16 @@ def check_parallel(parallel: object) -> str | None:
     return check.one_of("parallel", parallel, PARALLEL_MODES, fix="or None for a runner on its own")
 
 
+def check_sharded_concurrency(parallel: str | None, concurrency: object) -> None:
+    """A ValueError for a batch size (``concurrency``) other than 1 on a sharded runner."""
+    if parallel is not None and concurrency not in (None, 1):
+        raise ValueError(
+            f"concurrency={concurrency!r} with parallel={parallel!r}: a sharded model serves "
+            "one request at a time (every rank must run the same steps in the same order); "
+            "pass concurrency=1 or leave it out"
+        )
+
+
 def check_group(parallel: str | None, group: GroupInfo | None) -> GroupInfo | None:
     """The group to shard over, or a ValueError when ``parallel`` and the group do not go together."""
     if parallel is not None and (group is None or group.size < 2):

@@ -23,7 +23,7 @@ from ._model import (
     verify_demo_model,
 )
 from ._runner import MlxLmRunner, check_model_argument, start_options, warm_up_once
-from ._sharded import check_parallel
+from ._sharded import check_parallel, check_sharded_concurrency
 from ._types import Completion, Generate, Token
 
 
@@ -169,7 +169,8 @@ async def open_mlx_supervisor(
             "concurrency", concurrency, minimum=1, fix="the batch size"
         )
     parallel = check_parallel(parallel)
-    check_parallel_ranks(parallel, supervisor_options.get("ranks", 1), concurrency)
+    check_parallel_ranks(parallel, supervisor_options.get("ranks", 1))
+    check_sharded_concurrency(parallel, concurrency)  # at the call, not in every rank's startup
     if parallel is not None:
         runner_kwargs["parallel"] = parallel
     checked = await resolve_model(model)
@@ -188,19 +189,13 @@ async def open_mlx_supervisor(
         yield sup
 
 
-def check_parallel_ranks(parallel: str | None, ranks: object, concurrency: int | None = None) -> None:
-    """A ValueError unless ``parallel`` is given exactly when ``ranks`` is 2 or more,
-    and the batch size of a group (``concurrency``) is left out or 1.
+def check_parallel_ranks(parallel: str | None, ranks: object) -> None:
+    """A ValueError unless ``parallel`` is given exactly when ``ranks`` is 2 or more.
 
     A group's ranks must share the model (each would load all of it otherwise),
-    sharding needs other ranks, and a sharded model serves one request at a time.
+    and sharding needs other ranks.
     """
     grouped = isinstance(ranks, int) and ranks >= 2
-    if grouped and concurrency not in (None, 1):
-        raise ValueError(
-            f"concurrency={concurrency!r} with ranks={ranks!r}: a sharded model serves one request at a "
-            "time; pass concurrency=1 or leave it out"
-        )
     if parallel is not None and not grouped:
         raise ValueError(
             f"parallel={parallel!r} shards the model over the ranks of a group: pass ranks=2 or more "
