@@ -142,19 +142,13 @@ class GroupTable(TaskTable):
         self._reports.pop(task.id, None)
         super().finish(task, result, error)
 
-    def busy(self, running: Collection[int]) -> bool:
-        """As for a lone runner, but only over the tasks rank 0 has not ended yet."""
-        owed = [
+    def owed(self) -> list[Task]:
+        """The tasks rank 0 has not ended yet (the others' are the followers' to owe)."""
+        return [
             task
             for task in self.in_flight.values()
             if (reports := self._reports.get(task.id)) is None or 0 not in reports.ranks
         ]
-        if not owed:
-            return False
-        started = [task for task in owed if task.id in running]
-        if not started:
-            return True
-        return any(task.received - task.returned < self.window for task in started)
 
     def settle_exit(self, running: Collection[int], record: ExitRecord) -> None:
         """The group is gone: a task a rank failed ends with that failure, the others as for a lone runner.

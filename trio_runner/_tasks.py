@@ -378,12 +378,16 @@ class TaskTable:
             self.pending = {**dict(sorted(retried.items())), **self.pending}
             self._pending_wake.set()
 
+    def owed(self) -> Collection[Task]:
+        """The tasks sent whose outcome the runner still owes: every one in flight."""
+        return self.in_flight.values()
+
     def busy(self, running: Collection[int]) -> bool:
         """Whether the runner should be making progress: a task runs and its consumer keeps up."""
-        in_flight = self.in_flight
-        if not in_flight:
+        owed = self.owed()
+        if not owed:
             return False
-        started = [task for task_id in running if (task := in_flight.get(task_id)) is not None]
+        started = [task for task in owed if task.id in running]
         if not started:
             return True  # tasks sent, none acknowledged yet
         # A task whose window is full waits for its consumer, not for the runner.
